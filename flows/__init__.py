@@ -1,0 +1,1 @@
+"""The flows users run and deploy: the shared model session, batch inference."""

@@ -1,0 +1,82 @@
+"""The model session every flow shares: allocate → warm → tunnel → gate … tear down.
+
+Teardown is guaranteed three ways: the ``finally`` of ``model_session`` (success, failure,
+Ctrl-C, Prefect cancellation in the flow's process), the flows' ``on_crashed`` /
+``on_cancellation`` hooks (``release_session``, which finds the run's servers by the flow run
+id recorded in their leases), and, for a flow process killed outright, the supervisor's parent
+watch plus ``release_leftovers`` at the start of the next session or ``llmflow cleanup``.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+from prefect import get_run_logger
+from prefect.runtime import flow_run as current_flow_run
+
+from llmflow.config import SessionConfig
+from llmflow.leases import release_leftovers
+from llmflow.placements import driver_for
+from llmflow.results import Allocation, Ready, ServerHandle, Tunnel
+from tasks import allocate_node, health_gate, open_tunnel, tear_down, warm_model
+
+
+@dataclass(frozen=True)
+class Session:
+    """A ready model server and how to reach it."""
+
+    config: SessionConfig
+    allocation: Allocation
+    handle: ServerHandle
+    tunnel: Tunnel
+    ready: Ready
+
+
+def new_run_id() -> str:
+    """Time-sortable and tied to the flow run, so leftovers can be traced to the run that made them."""
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    run = current_flow_run.get_id()
+    return f"{stamp}-{run[:8] if run else secrets.token_hex(4)}"
+
+
+@contextmanager
+def model_session(config: SessionConfig) -> Iterator[Session]:
+    """Hold a ready model server for the body of the ``with``; always tear it down after."""
+    logger = get_run_logger()
+    driver = driver_for(config)
+    driver.preflight()
+    for lease in release_leftovers(config.runs_dir):
+        logger.warning("released a server left by a dead run: %s (pgid %d)", lease.run_id, lease.pgid)
+    allocation = allocate_node(config, new_run_id())
+    logger.info("allocated %s on %s; run folder %s", allocation.run_id, allocation.node, allocation.run_dir)
+    try:
+        handle = warm_model(config, allocation)
+        tunnel = open_tunnel(config, handle)
+        ready = health_gate(config, handle, tunnel)
+        logger.info("%s ready at %s after %.1fs", handle.engine, tunnel.base_url, ready.seconds_to_ready)
+        yield Session(config, allocation, handle, tunnel, ready)
+    finally:
+        try:
+            released = tear_down(config, allocation)
+            logger.info("tear down: stopped %s", released.stopped_pids or "nothing (already gone)")
+        except BaseException:
+            # The task machinery can be unavailable while a run is being cancelled or
+            # interrupted; the release itself must still happen.
+            driver.teardown(allocation)
+            raise
+
+
+def release_session(flow: Any, flow_run: Any, state: Any) -> None:
+    """Flow hook for on_crashed / on_cancellation: release every server of this flow run.
+
+    Runs in the flow's process or in the runner's; either way it only needs the run folder
+    (from the flow's parameters) and the flow run id that the leases carry.
+    """
+    params = flow_run.parameters or {}
+    config = SessionConfig.model_validate(params.get("session") or {})
+    release_leftovers(config.runs_dir, flow_run_id=str(flow_run.id))

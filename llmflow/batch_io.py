@@ -1,0 +1,168 @@
+"""OpenAI batch JSONL in and out: streamed line by line, never loaded whole.
+
+Input lines: ``{"custom_id", "method": "POST", "url", "body"}``.
+Output lines (OpenAI batch output shape, appended as each request finishes):
+``{"id", "custom_id", "response": {"status_code", "request_id", "body"}, "error"}``.
+
+The output file is the checkpoint: every custom_id in it is finished and is never sent again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+SUPPORTED_URLS = ("/v1/completions", "/v1/chat/completions")
+
+
+class BatchRequest(BaseModel):
+    """One input line of an OpenAI batch file."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    custom_id: str = Field(min_length=1)
+    method: Literal["POST"]
+    url: Literal["/v1/completions", "/v1/chat/completions"]
+    body: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class ParsedLine:
+    """A line of input: either a request or the reason it cannot be sent."""
+
+    line: int
+    request: BatchRequest | None = None
+    error: str | None = None
+    custom_id: str | None = None
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """First problem of a line, naming the field: ``url: Input should be '/v1/completions' ...``."""
+    err = exc.errors(include_url=False)[0]
+    loc = ".".join(str(p) for p in err["loc"]) or "line"
+    if err["type"] == "json_invalid":
+        return f"not valid JSON ({err['msg'].removeprefix('Invalid JSON: ')})"
+    return f"{loc}: {err['msg']}"
+
+
+def _guess_custom_id(raw: str) -> str | None:
+    """Best effort, to name the record in an error even when the line is invalid."""
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        return None
+    cid = data.get("custom_id") if isinstance(data, dict) else None
+    return cid if isinstance(cid, str) else None
+
+
+def parse_lines(path: Path) -> Iterator[ParsedLine]:
+    """Yield every non-blank line of ``path`` as a request or a per-line error.
+
+    Duplicate custom_ids are errors on the later line; the first one is kept.
+    """
+    seen: set[str] = set()
+    with path.open("r", encoding="utf-8", errors="replace") as f:
+        for number, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            try:
+                req = BatchRequest.model_validate_json(raw)
+            except ValidationError as exc:
+                yield ParsedLine(line=number, error=describe_validation_error(exc), custom_id=_guess_custom_id(raw))
+                continue
+            if req.custom_id in seen:
+                yield ParsedLine(
+                    line=number,
+                    error=f"duplicate custom_id {req.custom_id!r} (an earlier line has it)",
+                    custom_id=req.custom_id,
+                )
+                continue
+            seen.add(req.custom_id)
+            yield ParsedLine(line=number, request=req)
+
+
+def count_lines(path: Path) -> int:
+    """Non-blank lines, for progress totals; a streaming pass."""
+    with path.open("rb") as f:
+        return sum(1 for raw in f if raw.strip())
+
+
+def load_finished(output_path: Path) -> set[str]:
+    """custom_ids already in the output; a torn last line (killed mid-write) is cut off.
+
+    Cutting it keeps the file valid JSONL, and its request is simply sent again.
+    """
+    done: set[str] = set()
+    if not output_path.exists():
+        return done
+    with output_path.open("rb+") as f:
+        good_end = 0
+        for raw in f:
+            if not raw.endswith(b"\n"):  # only the last line can be torn
+                f.truncate(good_end)
+                break
+            good_end += len(raw)
+            try:
+                cid = json.loads(raw).get("custom_id")
+            except (ValueError, AttributeError):
+                continue
+            if isinstance(cid, str):
+                done.add(cid)
+    return done
+
+
+def output_record(custom_id: str, status: int, request_id: str, body: Any) -> dict[str, Any]:
+    """One line of the OpenAI batch output format."""
+    error = None
+    if status >= 400:
+        message = body.get("error", body) if isinstance(body, dict) else body
+        error = {"code": str(status), "message": message if isinstance(message, str) else json.dumps(message)}
+    return {
+        "id": f"batch_req_{uuid.uuid4().hex}",
+        "custom_id": custom_id,
+        "response": {"status_code": status, "request_id": request_id, "body": body},
+        "error": error,
+    }
+
+
+class JsonlAppender:
+    """Append-only JSONL writer, one unbuffered ``write`` per record.
+
+    Each record reaches the OS in one system call, so a killed process loses at most the
+    record being written, and ``load_finished`` trims a torn tail.
+    """
+
+    def __init__(self, path: Path, truncate: bool = False) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if truncate else os.O_APPEND)
+        self._fd = os.open(path, flags, 0o640)
+        self.path = path
+
+    def write(self, record: dict[str, Any]) -> None:
+        os.write(self._fd, (json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n").encode())
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> "JsonlAppender":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def errors_path_for(output_path: Path) -> Path:
+    return output_path.with_name(output_path.stem + ".errors.jsonl")
+
+
+def summary_path_for(output_path: Path) -> Path:
+    return output_path.with_name(output_path.stem + ".summary.json")

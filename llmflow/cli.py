@@ -1,0 +1,147 @@
+"""Command line: run the batch flow on a file, the demo, write the tiny model, clean up leftovers.
+
+Exit codes: 0 every valid request finished; 3 finished, but some input lines were invalid
+(see the errors file); 1 the run failed (the message says why; rerun to resume).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from llmflow import progress
+from llmflow.config import DEFAULT_MODEL, PROJECT_ROOT, SAMPLE_INPUT, BatchConfig, SessionConfig
+
+EXIT_INVALID_LINES = 3
+
+
+def _session_config(args: argparse.Namespace) -> SessionConfig:
+    data: dict = json.loads(Path(args.config).read_text()).get("session", {}) if args.config else {}
+    engine = data.setdefault("engine", {})
+    if args.venv:
+        engine["venv"] = args.venv
+    if args.n_ctx:
+        engine["n_ctx"] = args.n_ctx
+    if args.model:
+        data.setdefault("model", {})["path"] = args.model
+    if args.runs_dir:
+        data["runs_dir"] = args.runs_dir
+    return SessionConfig.model_validate(data)
+
+
+def _batch_config(args: argparse.Namespace, input_path: Path, output_path: Path) -> BatchConfig:
+    data: dict = json.loads(Path(args.config).read_text()).get("batch", {}) if args.config else {}
+    data.update(input_path=input_path, output_path=output_path)
+    if args.concurrency:
+        data["concurrency"] = args.concurrency
+    if args.fixed_output_tokens:
+        data["fixed_output_tokens"] = args.fixed_output_tokens
+    return BatchConfig.model_validate(data)
+
+
+def _run_batch(session: SessionConfig, batch: BatchConfig) -> int:
+    """Run the flow with a progress bar; print where the results are."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from flows.batch import batch_inference  # imports Prefect: keep `--help` fast
+
+    console = Console(stderr=True)
+    with Progress(
+        TextColumn("[bold]batch"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
+    ) as bar:
+        task_id = bar.add_task("batch", total=None)
+
+        def on_progress(done: int, total: int) -> None:
+            bar.update(task_id, completed=done, total=total)
+
+        progress.add_listener(on_progress)
+        try:
+            result = batch_inference(session=session, batch=batch)
+        except Exception as exc:  # the flow's own message is the useful part
+            console.print(f"[red]batch failed:[/red] {exc}")
+            return 1
+        finally:
+            progress.remove_listener(on_progress)
+    r, t = result.report, result.tokps
+    print(f"output:   {r.output_path}  ({r.already_done} already done, {r.succeeded} ok, {r.failed_http} non-2xx this run)")
+    print(f"summary:  {t.summary_path}  ({t.requests_per_s:.2f} req/s, {t.output_tok_per_s:.1f} output tok/s)")
+    if r.invalid_lines:
+        print(f"errors:   {r.errors_path}  ({r.invalid_lines} invalid input lines, listed by line number)")
+        return EXIT_INVALID_LINES
+    return 0
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--concurrency", type=int, help="requests in flight (default 8)")
+    p.add_argument("--fixed-output-tokens", type=int, help="force each completion to exactly N tokens")
+    p.add_argument("--model", type=Path, help=f"GGUF model (default {DEFAULT_MODEL.relative_to(PROJECT_ROOT)})")
+    p.add_argument("--venv", type=Path, help="model server's virtual environment (default .venvs/llama_cpp)")
+    p.add_argument("--n-ctx", type=int, help="server context length (default 2048)")
+    p.add_argument("--runs-dir", type=Path, help="where per-run folders (server log, key) go (default runs/)")
+    p.add_argument("--config", type=Path, help='JSON file {"session": {...}, "batch": {...}}; flags override it')
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="llmflow",
+        description="Run self-hosted LLM batch inference as Prefect flows: allocate, serve, gate, batch, tear down.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("batch", help="run an OpenAI batch JSONL file through a model session")
+    p.add_argument("input", type=Path, help="OpenAI batch input JSONL")
+    p.add_argument("-o", "--output", type=Path, required=True, help="output JSONL (resumed if it exists)")
+    _add_run_options(p)
+
+    p = sub.add_parser("demo", help="tiny model, local placement, llama.cpp, the bundled 240-request sample")
+    p.add_argument("-o", "--output", type=Path, default=PROJECT_ROOT / "out" / "sample_output.jsonl")
+    _add_run_options(p)
+
+    p = sub.add_parser("make-model", help="write the tiny random Llama GGUF model (offline)")
+    p.add_argument("path", type=Path, nargs="?", default=DEFAULT_MODEL)
+
+    p = sub.add_parser("cleanup", help="list or release servers left by runs whose process died")
+    p.add_argument("--runs-dir", type=Path, default=PROJECT_ROOT / "runs")
+    p.add_argument("--list", action="store_true", help="only list leases, release nothing")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "make-model":
+        from llmflow.tiny_model import write_tiny_llama
+
+        out = write_tiny_llama(args.path)
+        print(f"wrote {out}")
+        return 0
+    if args.command == "cleanup":
+        from llmflow.leases import all_leases, describe, dump, release_leftovers
+
+        if args.list:
+            print(dump([describe(lease) for _, lease in all_leases(args.runs_dir)]))
+            return 0
+        released = release_leftovers(args.runs_dir)
+        print(f"released {len(released)} leftover server(s)" + "".join(f"\n  {x.run_id} (pgid {x.pgid})" for x in released))
+        return 0
+
+    input_path = SAMPLE_INPUT if args.command == "demo" else args.input
+    try:
+        session = _session_config(args)
+        batch = _batch_config(args, input_path, args.output)
+    except ValidationError as exc:
+        print(f"invalid configuration:\n{exc}", file=sys.stderr)
+        return 2
+    if args.command == "demo" and not session.model.path.exists():
+        from llmflow.tiny_model import write_tiny_llama
+
+        write_tiny_llama(session.model.path)
+    return _run_batch(session, batch)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

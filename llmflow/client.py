@@ -1,0 +1,270 @@
+"""The batch client: stream an OpenAI batch file through an endpoint, bounded concurrency.
+
+Hot path per request: one POST, one JSON parse (for ``usage``), one JSON line appended.
+Retries (exponential backoff with jitter) on timeouts, connection errors and 5xx; a 4xx is
+final and is written as it came. Two transports behind one small interface: ``aiohttp``
+(the default, chosen by measurement: see benchmarks/client_throughput.py) and ``httpx``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+import aiohttp
+import httpx
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
+
+from llmflow.batch_io import (
+    JsonlAppender,
+    count_lines,
+    errors_path_for,
+    load_finished,
+    output_record,
+    parse_lines,
+)
+from llmflow.config import BatchConfig, Timeouts
+from llmflow.results import BatchReport
+
+Transport = Literal["aiohttp", "httpx"]
+ProgressFn = Callable[[int, int], None]
+
+
+class RetryableError(Exception):
+    """A failure worth another attempt: timeout, connection error, 5xx."""
+
+
+@dataclass
+class HttpResult:
+    status: int
+    request_id: str
+    body: Any
+
+
+class Sender(Protocol):
+    async def post(self, path: str, payload: bytes) -> HttpResult: ...
+
+    async def aclose(self) -> None: ...
+
+
+def _decode(status: int, raw: bytes) -> Any:
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return raw.decode("utf-8", errors="replace")
+
+
+class AiohttpSender:
+    """aiohttp session; phases mapped from ``Timeouts``.
+
+    aiohttp's ``connect`` covers waiting for a pool slot plus the TCP connect, so it gets
+    ``pool + connect``; ``sock_connect`` = connect; ``sock_read`` = read. aiohttp has no write
+    timeout of its own: request bodies are small and ``sock_read`` bounds the wait after them.
+    """
+
+    def __init__(self, base_url: str, headers: dict[str, str], timeouts: Timeouts, limit: int) -> None:
+        self._base = base_url.rstrip("/")
+        timeout = aiohttp.ClientTimeout(
+            total=None,
+            connect=timeouts.pool + timeouts.connect,
+            sock_connect=timeouts.connect,
+            sock_read=timeouts.read,
+        )
+        self._session = aiohttp.ClientSession(
+            headers={**headers, "Content-Type": "application/json"},
+            timeout=timeout,
+            connector=aiohttp.TCPConnector(limit=limit),
+        )
+
+    async def post(self, path: str, payload: bytes) -> HttpResult:
+        try:
+            async with self._session.post(self._base + path, data=payload) as resp:
+                raw = await resp.read()
+                status = resp.status
+                request_id = resp.headers.get("x-request-id", "")
+        except (asyncio.TimeoutError, aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
+            raise RetryableError(f"{type(exc).__name__}: {exc}") from exc
+        return HttpResult(status, request_id, _decode(status, raw))
+
+    async def aclose(self) -> None:
+        await self._session.close()
+
+
+class HttpxSender:
+    """httpx AsyncClient with the four timeout phases as httpx names them."""
+
+    def __init__(self, base_url: str, headers: dict[str, str], timeouts: Timeouts, limit: int) -> None:
+        self._client = httpx.AsyncClient(
+            base_url=base_url,
+            headers={**headers, "Content-Type": "application/json"},
+            timeout=httpx.Timeout(
+                connect=timeouts.connect, read=timeouts.read, write=timeouts.write, pool=timeouts.pool
+            ),
+            limits=httpx.Limits(max_connections=limit, max_keepalive_connections=limit),
+        )
+
+    async def post(self, path: str, payload: bytes) -> HttpResult:
+        try:
+            resp = await self._client.post(path, content=payload)
+        except (httpx.TimeoutException, httpx.TransportError) as exc:
+            raise RetryableError(f"{type(exc).__name__}: {exc}") from exc
+        return HttpResult(resp.status_code, resp.headers.get("x-request-id", ""), _decode(resp.status_code, resp.content))
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+
+def make_sender(transport: Transport, base_url: str, api_key: str | None, timeouts: Timeouts, limit: int) -> Sender:
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    cls = AiohttpSender if transport == "aiohttp" else HttpxSender
+    return cls(base_url, headers, timeouts, limit)
+
+
+@dataclass
+class _Tally:
+    sent: int = 0
+    succeeded: int = 0
+    failed_http: int = 0
+    unfinished: int = 0
+    invalid: int = 0
+    retries: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    done: int = 0
+    pending: set[asyncio.Task[None]] = field(default_factory=set)
+
+
+async def run_batch(
+    config: BatchConfig,
+    base_url: str,
+    api_key: str | None = None,
+    *,
+    body_overrides: dict[str, Any] | None = None,
+    transport: Transport = "aiohttp",
+    progress: ProgressFn | None = None,
+    progress_every_s: float = 0.5,
+) -> BatchReport:
+    """One pass over ``config.input_path``; resumable, see module docstring.
+
+    Args:
+        config: input/output paths, concurrency, retries, timeouts.
+        base_url: where the OpenAI-style API is, e.g. ``http://127.0.0.1:PORT``.
+        api_key: bearer key, or None when the server has none.
+        body_overrides: fields merged into every request body (e.g. ``min_tokens``).
+        transport: ``aiohttp`` (default) or ``httpx``.
+        progress: called with (finished, total) at most every ``progress_every_s`` and at the end.
+    """
+    input_path, output_path = config.input_path, config.output_path
+    errors_path = errors_path_for(output_path)
+    total = count_lines(input_path)
+    finished = load_finished(output_path)
+    already_done = len(finished)
+    tally = _Tally(done=0)
+    sender = make_sender(transport, base_url, api_key, config.timeouts, config.concurrency)
+    gate = asyncio.Semaphore(config.concurrency)
+    overrides = body_overrides or {}
+    last_report = 0.0
+
+    def tick() -> None:
+        nonlocal last_report
+        tally.done += 1
+        now = time.monotonic()
+        if progress and now - last_report >= progress_every_s:
+            last_report = now
+            progress(tally.done, total)
+
+    retrying = dict(
+        stop=stop_after_attempt(config.max_attempts),
+        wait=wait_exponential_jitter(initial=config.backoff_s, max=config.backoff_max_s),
+        retry=retry_if_exception_type(RetryableError),
+        reraise=True,
+    )
+
+    async def attempt(path: str, payload: bytes) -> HttpResult:
+        result = await sender.post(path, payload)
+        if result.status >= 500:
+            raise RetryableError(f"HTTP {result.status}: {str(result.body)[:200]}")
+        return result
+
+    async def one(line: int, custom_id: str, path: str, payload: bytes) -> None:
+        try:
+            async for try_ in AsyncRetrying(**retrying):
+                with try_:
+                    if try_.retry_state.attempt_number > 1:
+                        tally.retries += 1
+                    result = await attempt(path, payload)
+        except RetryableError as exc:
+            tally.unfinished += 1
+            errors.write({"line": line, "custom_id": custom_id, "reason": f"gave up after {config.max_attempts} attempts: {exc}"})
+        else:
+            out.write(output_record(custom_id, result.status, result.request_id or f"req_{uuid.uuid4().hex}", result.body))
+            if result.status < 300:
+                tally.succeeded += 1
+                usage = result.body.get("usage") if isinstance(result.body, dict) else None
+                if usage:
+                    tally.prompt_tokens += usage.get("prompt_tokens") or 0
+                    tally.completion_tokens += usage.get("completion_tokens") or 0
+            else:
+                tally.failed_http += 1
+        finally:
+            gate.release()
+            tick()
+
+    started = time.perf_counter()
+    with JsonlAppender(output_path) as out, JsonlAppender(errors_path, truncate=True) as errors:
+        try:
+            for parsed in parse_lines(input_path):
+                if parsed.request is None:
+                    tally.invalid += 1
+                    errors.write({"line": parsed.line, "custom_id": parsed.custom_id, "reason": parsed.error})
+                    tick()
+                    continue
+                req = parsed.request
+                if req.custom_id in finished:
+                    tick()
+                    continue
+                body = {**req.body, **overrides} if overrides else req.body
+                payload = json.dumps(body).encode()
+                await gate.acquire()
+                tally.sent += 1
+                task = asyncio.create_task(one(parsed.line, req.custom_id, req.url, payload))
+                tally.pending.add(task)
+                task.add_done_callback(tally.pending.discard)
+            if tally.pending:
+                await asyncio.gather(*tally.pending)
+        finally:
+            for task in list(tally.pending):
+                task.cancel()
+            await sender.aclose()
+    wall = time.perf_counter() - started
+    if progress:
+        progress(tally.done, total)
+    return BatchReport(
+        input_path=input_path,
+        output_path=output_path,
+        errors_path=errors_path,
+        input_lines=total,
+        already_done=already_done,
+        sent=tally.sent,
+        succeeded=tally.succeeded,
+        failed_http=tally.failed_http,
+        unfinished=tally.unfinished,
+        invalid_lines=tally.invalid,
+        prompt_tokens=tally.prompt_tokens,
+        completion_tokens=tally.completion_tokens,
+        wall_s=wall,
+        retries=tally.retries,
+    )
+
+
+def run_batch_sync(config: BatchConfig, base_url: str, api_key: str | None = None, **kwargs: Any) -> BatchReport:
+    """``run_batch`` for synchronous callers (Prefect tasks, the CLI)."""
+    return asyncio.run(run_batch(config, base_url, api_key, **kwargs))
+
+
+__all__ = ["run_batch", "run_batch_sync", "RetryableError", "HttpResult", "make_sender"]

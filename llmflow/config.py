@@ -1,0 +1,139 @@
+"""Typed configuration for a model session and a batch run.
+
+Everything a flow needs is validated here, before any process is started, so a bad value
+fails with pydantic's message naming the field (``engine.n_ctx``, ``run.concurrency`` ...).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, PositiveFloat, Tag, model_validator
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_SERVER_VENV = PROJECT_ROOT / ".venvs" / "llama_cpp"
+DEFAULT_MODEL = PROJECT_ROOT / "models" / "tiny-llama.gguf"
+SAMPLE_INPUT = Path(__file__).resolve().parent / "data" / "sample_batch.jsonl"
+
+
+def kind_of(default: str):
+    """Discriminator that reads ``kind`` and falls back to ``default`` when it is left out."""
+
+    def pick(value: object) -> str:
+        if isinstance(value, dict):
+            return value.get("kind", default)
+        return getattr(value, "kind", default)
+
+    return Discriminator(pick)
+
+
+class _Strict(BaseModel):
+    """Base for config models: unknown keys are errors, so typos do not pass silently."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class LocalPlacement(_Strict):
+    """The model server runs as a child process of the flow, on this machine."""
+
+    kind: Literal["local"] = Field(default="local", description="Placement type.")
+    bind_host: str = Field(
+        default="127.0.0.1",
+        description="Interface the server listens on; loopback keeps it private to this machine.",
+    )
+
+
+Placement = Annotated[Union[Annotated[LocalPlacement, Tag("local")]], kind_of("local")]
+
+
+class LlamaCppEngine(_Strict):
+    """llama-cpp-python's OpenAI-compatible server (`python -m llama_cpp.server`)."""
+
+    kind: Literal["llama_cpp"] = Field(default="llama_cpp", description="Engine type.")
+    venv: Path = Field(
+        default=DEFAULT_SERVER_VENV,
+        description="Virtual environment that has llama-cpp-python[server]; its bin/python runs the server.",
+    )
+    setup: list[str] = Field(
+        default_factory=list,
+        description="Shell lines run before the server starts (module load, exports, source ...).",
+    )
+    n_ctx: int = Field(default=2048, ge=16, le=1_048_576, description="Context length in tokens.")
+    n_threads: int | None = Field(default=None, ge=1, description="CPU threads; None lets llama.cpp choose.")
+    extra_args: list[str] = Field(
+        default_factory=list, description="Further server arguments, passed through unchanged."
+    )
+
+    @property
+    def python(self) -> Path:
+        return self.venv / "bin" / "python"
+
+
+Engine = Annotated[Union[Annotated[LlamaCppEngine, Tag("llama_cpp")]], kind_of("llama_cpp")]
+
+
+class ModelConfig(_Strict):
+    """Which weights to serve and under which name clients address them."""
+
+    path: Path = Field(default=DEFAULT_MODEL, description="Model file (GGUF) or directory on the node.")
+    served_name: str = Field(
+        default="tiny-llama", min_length=1, description="Model name the API answers to (`model` in requests)."
+    )
+
+
+class Timeouts(_Strict):
+    """HTTP timeouts per phase; seed 000's client splits them the same way."""
+
+    connect: PositiveFloat = Field(default=10.0, description="Seconds to open a TCP connection.")
+    read: PositiveFloat = Field(default=300.0, description="Seconds to wait for response bytes.")
+    write: PositiveFloat = Field(default=30.0, description="Seconds to send the request.")
+    pool: PositiveFloat = Field(default=600.0, description="Seconds to wait for a free connection slot.")
+
+
+class GateConfig(_Strict):
+    """How long and how often the health gate polls the engine's readiness signal."""
+
+    deadline_s: PositiveFloat = Field(default=600.0, description="Give up after this many seconds.")
+    interval_s: PositiveFloat = Field(default=0.5, description="Seconds between polls.")
+
+
+class SessionConfig(_Strict):
+    """Where the model runs, what serves it and which weights: one model session."""
+
+    placement: Placement = Field(default_factory=LocalPlacement, description="Where the server runs.")
+    engine: Engine = Field(default_factory=LlamaCppEngine, description="What serves the model.")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="The weights.")
+    gate: GateConfig = Field(default_factory=GateConfig, description="Readiness polling.")
+    runs_dir: Path = Field(
+        default=PROJECT_ROOT / "runs",
+        description="Parent folder of per-run folders (server log, endpoint record, API key).",
+    )
+
+
+class BatchConfig(_Strict):
+    """One batch: input JSONL in the OpenAI batch format, output JSONL in its output format."""
+
+    input_path: Path = Field(default=SAMPLE_INPUT, description="OpenAI batch input JSONL.")
+    output_path: Path = Field(
+        default=PROJECT_ROOT / "out" / "sample_output.jsonl",
+        description="Output JSONL; an existing file is resumed (finished custom_ids are skipped).",
+    )
+    concurrency: int = Field(default=8, ge=1, le=4096, description="Requests in flight at once.")
+    max_attempts: int = Field(
+        default=4, ge=1, le=50, description="Attempts per request on timeouts, connection errors and 5xx."
+    )
+    backoff_s: PositiveFloat = Field(default=0.5, description="First retry delay; doubles each attempt.")
+    backoff_max_s: PositiveFloat = Field(default=30.0, description="Longest delay between attempts.")
+    timeouts: Timeouts = Field(default_factory=Timeouts, description="HTTP timeouts per phase.")
+    fixed_output_tokens: int | None = Field(
+        default=None,
+        ge=1,
+        description="Force every completion to exactly this many tokens (engine's min_tokens/ignore_eos).",
+    )
+
+    @model_validator(mode="after")
+    def _distinct_paths(self) -> "BatchConfig":
+        if self.input_path.resolve() == self.output_path.resolve():
+            raise ValueError("output_path must differ from input_path")
+        return self

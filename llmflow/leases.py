@@ -1,0 +1,107 @@
+"""Leases: a file per live server, so that what a dead run left can be found and released.
+
+A lease is written when a server starts and removed when it is torn down. It names the
+process group and the process that owns the session (pid + kernel start time, so a reused
+pid is not mistaken for the owner). A lease whose owner is gone is a leftover:
+``release_leftovers`` stops its server. The supervisor's own parent watch usually stops
+such a server first; leases are the second line, for hooks and ``llmflow cleanup``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import datetime, timezone
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+
+from llmflow.procs import group_alive, process_alive, process_start_time, stop_group
+
+LEASE_FILE = "lease.json"
+
+
+class Lease(BaseModel):
+    run_id: str
+    placement: str
+    pgid: int = Field(description="Process group of the server and its supervisor.")
+    owner_pid: int
+    owner_start: int | None
+    flow_run_id: str | None = None
+    created_at: datetime
+
+
+def write_lease(run_dir: Path, run_id: str, placement: str, pgid: int, flow_run_id: str | None) -> Lease:
+    lease = Lease(
+        run_id=run_id,
+        placement=placement,
+        pgid=pgid,
+        owner_pid=os.getpid(),
+        owner_start=process_start_time(os.getpid()),
+        flow_run_id=flow_run_id,
+        created_at=datetime.now(timezone.utc),
+    )
+    tmp = run_dir / (LEASE_FILE + ".tmp")
+    tmp.write_text(lease.model_dump_json())
+    tmp.replace(run_dir / LEASE_FILE)
+    return lease
+
+
+def read_lease(run_dir: Path) -> Lease | None:
+    try:
+        return Lease.model_validate_json((run_dir / LEASE_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def remove_lease(run_dir: Path) -> None:
+    (run_dir / LEASE_FILE).unlink(missing_ok=True)
+
+
+def all_leases(runs_dir: Path) -> list[tuple[Path, Lease]]:
+    found = []
+    for path in sorted(runs_dir.glob(f"*/{LEASE_FILE}")):
+        lease = read_lease(path.parent)
+        if lease is not None:
+            found.append((path.parent, lease))
+    return found
+
+
+def is_leftover(lease: Lease) -> bool:
+    """The owner of the session is gone, so nobody will tear this server down."""
+    return not process_alive(lease.owner_pid, lease.owner_start)
+
+
+def release(run_dir: Path, lease: Lease) -> bool:
+    """Stop the lease's server group and drop the lease; True if something was running."""
+    was_alive = stop_group(lease.pgid)
+    remove_lease(run_dir)
+    return was_alive
+
+
+def release_leftovers(runs_dir: Path, flow_run_id: str | None = None) -> list[Lease]:
+    """Release leases whose owner died, or every lease of ``flow_run_id`` when given."""
+    released = []
+    for run_dir, lease in all_leases(runs_dir):
+        mine = flow_run_id is not None and lease.flow_run_id == flow_run_id
+        if mine or is_leftover(lease):
+            release(run_dir, lease)
+            released.append(lease)
+    return released
+
+
+def describe(lease: Lease) -> dict[str, object]:
+    """A row for ``llmflow cleanup --list``."""
+    return {
+        "run_id": lease.run_id,
+        "placement": lease.placement,
+        "pgid": lease.pgid,
+        "server_alive": group_alive(lease.pgid),
+        "owner_alive": not is_leftover(lease),
+        "flow_run_id": lease.flow_run_id,
+        "created_at": lease.created_at.isoformat(),
+    }
+
+
+def dump(rows: list[dict[str, object]]) -> str:
+    return json.dumps(rows, indent=2)

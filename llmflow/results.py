@@ -1,0 +1,108 @@
+"""Typed results of the lifecycle steps; Prefect persists each one.
+
+No secret is held here: the per-run API key lives in a mode-0600 file in the run folder and
+results carry only its path, so a persisted result, log line or artifact never shows it.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+
+
+class Allocation(BaseModel):
+    """A node (or this machine) reserved for one run."""
+
+    placement: str = Field(description="Placement kind: local, slurm, ...")
+    run_id: str = Field(description="Id of this session; names the run folder and any job.")
+    node: str = Field(description="Host the server will run on.")
+    run_dir: Path = Field(description="Folder holding the server log, endpoint record and API key.")
+    job_id: str | None = Field(default=None, description="Scheduler job id, when there is one.")
+    started_at: datetime
+
+
+class ServerHandle(BaseModel):
+    """A started model server: enough to reach, watch and stop it."""
+
+    engine: str
+    node: str
+    host: str = Field(description="Address the server listens on, as seen from the node.")
+    port: int
+    pid: int = Field(description="Pid of the supervisor process that owns the server.")
+    server_pid: int = Field(description="Pid of the server process itself.")
+    api_key_file: Path | None = Field(default=None, description="Mode-0600 file with the per-run key.")
+    log_path: Path
+    served_name: str
+
+    def api_key(self) -> str | None:
+        """Read the per-run key from its private file (never stored on the model)."""
+        if self.api_key_file is None:
+            return None
+        return self.api_key_file.read_text().strip()
+
+
+class Tunnel(BaseModel):
+    """How the orchestrator reaches the server."""
+
+    base_url: str = Field(description="Base URL the client uses, e.g. http://127.0.0.1:PORT")
+    local_port: int
+    forwarded: bool = Field(description="True when traffic goes through an SSH forward.")
+
+
+class Ready(BaseModel):
+    """The server answered a real request."""
+
+    seconds_to_ready: float
+    polls: int
+    models: list[str]
+
+
+class LineError(BaseModel):
+    """An input line that was not sent, or a request that did not finish."""
+
+    line: int = Field(description="1-based line number in the input file.")
+    custom_id: str | None = None
+    reason: str
+
+
+class BatchReport(BaseModel):
+    """What one pass over the input did."""
+
+    input_path: Path
+    output_path: Path
+    errors_path: Path
+    input_lines: int
+    already_done: int = Field(description="custom_ids found finished in the output before this pass.")
+    sent: int
+    succeeded: int = Field(description="Requests answered with a 2xx status this pass.")
+    failed_http: int = Field(description="Requests answered with a final non-2xx status (4xx).")
+    unfinished: int = Field(description="Requests that exhausted retries; a rerun sends them again.")
+    invalid_lines: int = Field(description="Malformed lines and duplicate custom_ids.")
+    prompt_tokens: int
+    completion_tokens: int
+    wall_s: float
+    retries: int
+
+
+class TokPS(BaseModel):
+    """Throughput of one batch pass, from the server's `usage` figures."""
+
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
+    wall_s: float
+    requests_per_s: float
+    output_tok_per_s: float
+    total_tok_per_s: float
+    summary_path: Path
+
+
+class Teardown(BaseModel):
+    """What was released; idempotent, so a second call reports nothing left."""
+
+    run_id: str
+    stopped_pids: list[int] = Field(default_factory=list)
+    already_gone: bool = False
+    released_at: datetime

@@ -1,0 +1,23 @@
+"""Allocate node: reserve where the server will run (this machine, a Slurm job, a host)."""
+
+from __future__ import annotations
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from llmflow.config import SessionConfig
+from llmflow.placements import driver_for
+from llmflow.results import Allocation
+
+
+@task(
+    name="allocate-node",
+    retries=2,
+    retry_delay_seconds=5,
+    timeout_seconds=900,
+    persist_result=True,
+    cache_policy=NO_CACHE,  # a side effect: never answered from a cache
+)
+def allocate_node(config: SessionConfig, run_id: str) -> Allocation:
+    """Reserve a node for ``run_id``; the run folder is named after it, so a retry reuses it."""
+    return driver_for(config).allocate(run_id)

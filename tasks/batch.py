@@ -1,0 +1,52 @@
+"""Run batch inference: stream the input JSONL through the endpoint, checkpointing each record."""
+
+from __future__ import annotations
+
+import time
+
+from prefect import get_run_logger, task
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.cache_policies import NO_CACHE
+
+from llmflow import engines, progress
+from llmflow.client import run_batch_sync
+from llmflow.config import BatchConfig, SessionConfig
+from llmflow.results import BatchReport, ServerHandle, Tunnel
+
+
+@task(
+    name="run-batch-inference",
+    retries=1,  # a retry resumes from the output file: finished custom_ids are not sent again
+    retry_delay_seconds=5,
+    timeout_seconds=24 * 3600,
+    persist_result=True,
+    cache_policy=NO_CACHE,
+)
+def run_batch_inference(
+    session: SessionConfig, batch: BatchConfig, handle: ServerHandle, tunnel: Tunnel
+) -> BatchReport:
+    """One resumable pass over the input; progress goes to a Prefect artifact and listeners."""
+    logger = get_run_logger()
+    artifact_id = create_progress_artifact(progress=0.0, description=f"batch {batch.input_path.name}")
+    last_update = 0.0
+
+    def report(done: int, total: int) -> None:
+        nonlocal last_update
+        progress.publish(done, total)
+        now = time.monotonic()
+        if now - last_update >= 2.0 or done == total:
+            last_update = now
+            update_progress_artifact(artifact_id=artifact_id, progress=100.0 * done / max(total, 1))
+
+    overrides = (
+        engines.fixed_length_fields(session.engine, batch.fixed_output_tokens) if batch.fixed_output_tokens else None
+    )
+    result = run_batch_sync(batch, tunnel.base_url, handle.api_key(), body_overrides=overrides, progress=report)
+    logger.info(
+        "batch pass: %d sent, %d ok, %d non-2xx, %d unfinished, %d invalid lines, %d already done; output %s",
+        result.sent, result.succeeded, result.failed_http, result.unfinished, result.invalid_lines,
+        result.already_done, result.output_path,
+    )
+    if result.invalid_lines or result.unfinished:
+        logger.warning("per-line errors are in %s", result.errors_path)
+    return result
