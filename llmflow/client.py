@@ -180,7 +180,7 @@ async def run_batch(
 
     retrying = dict(
         stop=stop_after_attempt(config.max_attempts),
-        wait=wait_exponential_jitter(initial=config.backoff_s, max=config.backoff_max_s),
+        wait=wait_exponential_jitter(multiplier=config.backoff_s, max=config.backoff_max_s, jitter=config.backoff_s),
         retry=retry_if_exception_type(RetryableError),
         reraise=True,
     )

@@ -1,0 +1,55 @@
+"""Session-wide test harness.
+
+Unit tests need nothing running. Integration tests (marked ``integration``) use the real
+llama-cpp-python server from ``.venvs/llama_cpp`` and the tiny model that ``make setup``
+writes, and one Prefect server for the whole session (``prefect_test_harness``) with
+``PREFECT_HOME`` in a temp folder, so nothing touches the user's ~/.prefect.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+_HOME = tempfile.mkdtemp(prefix="llmflow-prefect-home-")
+os.environ["PREFECT_HOME"] = _HOME
+
+from llmflow.config import DEFAULT_MODEL, DEFAULT_SERVER_VENV  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def prefect_api_url() -> Iterator[str]:
+    """One real Prefect API server for the session; its URL for subprocesses too."""
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield PREFECT_API_URL.value()
+
+
+@pytest.fixture(scope="session")
+def server_env() -> tuple[Path, Path]:
+    """The model server's venv and the tiny model; a clear failure (not a skip) when missing."""
+    python = DEFAULT_SERVER_VENV / "bin" / "python"
+    missing = [str(p) for p in (python, DEFAULT_MODEL) if not p.exists()]
+    if missing:
+        pytest.fail(f"integration tests need `make setup` first; missing: {', '.join(missing)}")
+    return DEFAULT_SERVER_VENV, DEFAULT_MODEL
+
+
+def llama_processes(marker: str) -> list[str]:
+    """Command lines of running processes that mention ``marker`` (a run folder, a port)."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            text = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if marker in text and "pytest" not in text:
+            found.append(text)
+    return found

@@ -1,0 +1,79 @@
+import json
+from pathlib import Path
+
+from llmflow.batch_io import JsonlAppender, count_lines, load_finished, output_record, parse_lines
+
+
+def _line(cid, url="/v1/completions", **extra):
+    return json.dumps({"custom_id": cid, "method": "POST", "url": url, "body": {"prompt": "x"}, **extra})
+
+
+def test_per_line_errors_with_line_numbers(tmp_path: Path):
+    src = tmp_path / "in.jsonl"
+    src.write_text(
+        "\n".join(
+            [
+                _line("a"),
+                "{not json",
+                _line("b", url="/v1/embeddings"),
+                "",
+                _line("a"),
+                json.dumps({"custom_id": "c", "method": "POST", "url": "/v1/completions"}),
+                _line("d", url="/v1/chat/completions"),
+            ]
+        )
+        + "\n"
+    )
+    parsed = list(parse_lines(src))
+    ok = [p.request.custom_id for p in parsed if p.request]
+    errors = {p.line: p.error for p in parsed if p.error}
+    assert ok == ["a", "d"]
+    assert set(errors) == {2, 3, 5, 6}
+    assert "not valid JSON" in errors[2]
+    assert errors[3].startswith("url:")
+    assert "duplicate custom_id 'a'" in errors[5]
+    assert errors[6].startswith("body:")
+    assert count_lines(src) == 6  # blank line not counted
+
+
+def test_error_names_custom_id_when_readable(tmp_path: Path):
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps({"custom_id": "z", "method": "GET", "url": "/v1/completions", "body": {}}) + "\n")
+    (p,) = list(parse_lines(src))
+    assert p.custom_id == "z" and p.error.startswith("method:")
+
+
+def test_load_finished_trims_a_torn_last_line(tmp_path: Path):
+    out = tmp_path / "out.jsonl"
+    good = json.dumps(output_record("a", 200, "r1", {"ok": 1})) + "\n"
+    out.write_text(good + '{"id": "x", "custom_id": "b", "resp')
+    assert load_finished(out) == {"a"}
+    assert out.read_text() == good  # the torn tail is gone, the file is valid JSONL again
+
+
+def test_load_finished_keeps_lines_after_a_bad_one(tmp_path: Path):
+    out = tmp_path / "out.jsonl"
+    out.write_text('{"custom_id": "a"}\nnot json\n{"custom_id": "b"}\n')
+    assert load_finished(out) == {"a", "b"}
+    assert out.read_text().count("\n") == 3
+
+
+def test_output_record_shape():
+    ok = output_record("a", 200, "req-1", {"choices": []})
+    assert set(ok) == {"id", "custom_id", "response", "error"}
+    assert ok["response"] == {"status_code": 200, "request_id": "req-1", "body": {"choices": []}}
+    assert ok["error"] is None and ok["id"].startswith("batch_req_")
+    bad = output_record("b", 400, "req-2", {"error": {"message": "too long"}})
+    assert bad["error"]["code"] == "400" and "too long" in bad["error"]["message"]
+
+
+def test_appender_appends_and_truncates(tmp_path: Path):
+    path = tmp_path / "sub" / "o.jsonl"
+    with JsonlAppender(path) as w:
+        w.write({"a": 1})
+    with JsonlAppender(path) as w:
+        w.write({"a": 2})
+    assert [json.loads(x)["a"] for x in path.read_text().splitlines()] == [1, 2]
+    with JsonlAppender(path, truncate=True) as w:
+        w.write({"a": 3})
+    assert path.read_text() == '{"a":3}\n'

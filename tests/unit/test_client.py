@@ -1,0 +1,127 @@
+"""The batch client against a small real HTTP server on loopback that injects faults.
+
+The server is an aiohttp app in this process: a fake *model*, but real sockets and real
+HTTP, so retries, timeouts and resume are exercised as they happen.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+
+from llmflow.client import run_batch
+from llmflow.config import BatchConfig, Timeouts
+
+
+class FaultyServer:
+    """Answers completions; ``flaky-*`` ids fail with 500 once, ``bad-*`` get 400, ``dead-*`` always 503."""
+
+    def __init__(self) -> None:
+        self.hits: Counter[str] = Counter()
+        self.auth: list[str | None] = []
+
+    async def handle(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        cid = body["prompt"]
+        self.hits[cid] += 1
+        self.auth.append(request.headers.get("Authorization"))
+        if cid.startswith("bad-"):
+            return web.json_response({"error": {"message": "context too long"}}, status=400)
+        if cid.startswith("dead-"):
+            return web.json_response({"error": "overloaded"}, status=503)
+        if cid.startswith("flaky-") and self.hits[cid] == 1:
+            return web.json_response({"error": "boom"}, status=500)
+        if cid.startswith("slow-") and self.hits[cid] == 1:
+            await asyncio.sleep(1.0)
+        usage = {"prompt_tokens": 3, "completion_tokens": body.get("max_tokens", 5), "total_tokens": 8}
+        return web.json_response({"choices": [{"text": "ok"}], "usage": usage}, headers={"x-request-id": f"r-{cid}"})
+
+
+async def _serve(app_handler) -> tuple[web.AppRunner, str]:
+    app = web.Application()
+    app.router.add_post("/v1/completions", app_handler)
+    app.router.add_post("/v1/chat/completions", app_handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    return runner, f"http://127.0.0.1:{port}"
+
+
+def _write_input(path: Path, ids: list[str]) -> None:
+    with path.open("w") as f:
+        for cid in ids:
+            f.write(json.dumps({"custom_id": cid, "method": "POST", "url": "/v1/completions", "body": {"prompt": cid, "max_tokens": 5}}) + "\n")
+
+
+def _output_ids(path: Path) -> list[str]:
+    return [json.loads(line)["custom_id"] for line in path.read_text().splitlines()]
+
+
+@pytest.mark.parametrize("transport", ["aiohttp", "httpx"])
+def test_retries_5xx_not_4xx_and_gives_up(tmp_path: Path, transport: str):
+    ids = [f"ok-{i}" for i in range(20)] + ["flaky-1", "flaky-2", "bad-1", "dead-1", "slow-1"]
+    _write_input(tmp_path / "in.jsonl", ids)
+    cfg = BatchConfig(
+        input_path=tmp_path / "in.jsonl", output_path=tmp_path / "out.jsonl", concurrency=4,
+        max_attempts=3, backoff_s=0.01, backoff_max_s=0.02, timeouts=Timeouts(read=0.5),
+    )
+    fake = FaultyServer()
+
+    async def scenario():
+        runner, url = await _serve(fake.handle)
+        try:
+            return await run_batch(cfg, url, "k", transport=transport, body_overrides={"max_tokens": 7})
+        finally:
+            await runner.cleanup()
+
+    report = asyncio.run(scenario())
+    assert fake.hits["flaky-1"] == 2 and fake.hits["bad-1"] == 1 and fake.hits["dead-1"] == 3
+    assert fake.hits["slow-1"] == 2  # read timeout, then retried
+    assert report.succeeded == 23 and report.failed_http == 1 and report.unfinished == 1
+    assert report.completion_tokens == 23 * 7  # body_overrides reached the server
+    assert set(fake.auth) == {"Bearer k"}
+    out = _output_ids(cfg.output_path)
+    assert sorted(out) == sorted(i for i in ids if i != "dead-1")  # 400 is final and recorded
+    errors = [json.loads(x) for x in (tmp_path / "out.errors.jsonl").read_text().splitlines()]
+    assert [(e["line"], e["custom_id"]) for e in errors] == [(24, "dead-1")]
+    assert "gave up after 3 attempts" in errors[0]["reason"]
+
+
+def test_rerun_sends_only_what_is_missing(tmp_path: Path):
+    ids = [f"ok-{i}" for i in range(30)]
+    _write_input(tmp_path / "in.jsonl", ids)
+    cfg = BatchConfig(input_path=tmp_path / "in.jsonl", output_path=tmp_path / "out.jsonl", concurrency=3)
+    # a previous run finished the first 10 and was killed while writing the 11th
+    first = "".join(json.dumps({"custom_id": c, "response": {"status_code": 200}}) + "\n" for c in ids[:10])
+    cfg.output_path.write_text(first + '{"custom_id": "ok-10", "resp')
+    fake = FaultyServer()
+
+    async def scenario():
+        runner, url = await _serve(fake.handle)
+        try:
+            return await run_batch(cfg, url)
+        finally:
+            await runner.cleanup()
+
+    report = asyncio.run(scenario())
+    assert report.already_done == 10 and report.sent == 20
+    assert set(fake.hits) == set(ids[10:]) and max(fake.hits.values()) == 1
+    assert sorted(_output_ids(cfg.output_path)) == sorted(ids)
+
+
+def test_connection_refused_is_retried_then_reported(tmp_path: Path):
+    _write_input(tmp_path / "in.jsonl", ["a", "b"])
+    cfg = BatchConfig(
+        input_path=tmp_path / "in.jsonl", output_path=tmp_path / "out.jsonl",
+        max_attempts=2, backoff_s=0.01, backoff_max_s=0.01,
+    )
+    report = asyncio.run(run_batch(cfg, "http://127.0.0.1:9"))  # discard port: nothing listens
+    assert report.unfinished == 2 and report.retries == 2
+    assert not cfg.output_path.read_text()

@@ -1,0 +1,49 @@
+from pathlib import Path
+
+from llmflow import engines
+from llmflow.batch_io import summary_path_for
+from llmflow.config import LlamaCppEngine, ModelConfig
+from llmflow.gate import classify
+from llmflow.metrics import tok_per_s
+from llmflow.placements import launch_script
+from llmflow.results import BatchReport
+
+
+def test_api_key_goes_in_env_never_in_argv():
+    spec = engines.launch_spec(LlamaCppEngine(), ModelConfig(), "127.0.0.1", "s3cret")
+    assert "s3cret" not in " ".join(spec.argv)
+    assert spec.env == {"API_KEY": "s3cret"}
+    assert engines.PORT_PLACEHOLDER in spec.argv
+
+
+def test_launch_script_quotes_paths_and_keeps_setup_lines():
+    engine = LlamaCppEngine(venv=Path("/opt/my env"), setup=["module load cuda", "export HF_HOME=/scratch/hf"])
+    spec = engines.launch_spec(engine, ModelConfig(path=Path("/m/a b.gguf")), "127.0.0.1", None)
+    script = launch_script(spec, engine.python, Path("/r/endpoint.json"), "127.0.0.1")
+    lines = script.splitlines()
+    assert lines[:3] == ["set -e", "module load cuda", "export HF_HOME=/scratch/hf"]
+    assert "'/opt/my env/bin/python'" in lines[3] and "'/m/a b.gguf'" in lines[3]
+    assert lines[3].startswith("exec ")
+
+
+def test_fixed_length_uses_min_tokens():
+    assert engines.fixed_length_fields(LlamaCppEngine(), 32) == {"max_tokens": 32, "min_tokens": 32}
+
+
+def test_gate_classification():
+    assert classify(None) == "loading"
+    assert classify(503) == "loading"
+    assert classify(200) == "ready"
+    assert classify(401) == "fatal"
+
+
+def test_tok_per_s_counts_only_this_pass(tmp_path: Path):
+    report = BatchReport(
+        input_path=tmp_path / "i", output_path=tmp_path / "o.jsonl", errors_path=tmp_path / "e",
+        input_lines=10, already_done=4, sent=6, succeeded=5, failed_http=1, unfinished=0, invalid_lines=0,
+        prompt_tokens=100, completion_tokens=50, wall_s=2.0, retries=0,
+    )
+    t = tok_per_s(report, summary_path_for(report.output_path))
+    assert t.requests == 6 and t.requests_per_s == 3.0
+    assert t.output_tok_per_s == 25.0 and t.total_tok_per_s == 75.0
+    assert t.summary_path.name == "o.summary.json"
