@@ -1,8 +1,12 @@
 """Write a tiny random Llama model as GGUF, offline, for the demo and the tests.
 
 Weights are random, so the text is noise, but llama.cpp loads, tokenizes and generates with
-it exactly as with a real model. The tokenizer is byte-level BPE (``gpt2``): the 256 byte
-tokens, one merge (llama.cpp refuses a vocabulary without merges) and BOS/EOS.
+it exactly as with a real model. The tokenizer is byte-level BPE (``gpt2``): the 128 ASCII
+byte tokens, one merge (llama.cpp refuses a vocabulary without merges) and BOS/EOS.
+
+Only ASCII bytes are in the vocabulary on purpose: a random model that can emit bytes >= 0x80
+emits broken UTF-8 sequences, and llama-cpp-python keeps generating past ``max_tokens`` until
+they decode, so a fixed output length would not hold.
 """
 
 from __future__ import annotations
@@ -36,16 +40,17 @@ def write_tiny_llama(
     n_ff: int = 128,
     context_length: int = 4096,
     seed: int = 0,
+    ascii_bytes: int = 128,
 ) -> Path:
     """Write the model to ``path`` and return it. About 0.5 MB with the defaults."""
     import gguf  # orchestrator dependency; imported here so config-only users don't pay for it
 
     rng = np.random.default_rng(seed)
-    symbols = byte_symbols()
+    symbols = byte_symbols()[:ascii_bytes]
     space, t = symbols[ord(" ")], symbols[ord("t")]
     tokens = symbols + [space + t, "<s>", "</s>"]
-    types = [gguf.TokenType.NORMAL] * 257 + [gguf.TokenType.CONTROL] * 2
-    bos, eos = 257, 258
+    types = [gguf.TokenType.NORMAL] * (len(symbols) + 1) + [gguf.TokenType.CONTROL] * 2
+    bos, eos = len(symbols) + 1, len(symbols) + 2
     n_vocab = len(tokens)
 
     path.parent.mkdir(parents=True, exist_ok=True)

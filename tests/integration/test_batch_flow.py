@@ -1,0 +1,164 @@
+"""End to end against the real llama-cpp-python server and a real Prefect API: no mocks."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import httpx
+import pytest
+from prefect import flow
+
+from flows.batch import batch_inference
+from flows.session import model_session
+from llmflow.config import SAMPLE_INPUT, BatchConfig, LlamaCppEngine, ModelConfig, SessionConfig
+from llmflow.placements import ServerDied
+from tests.conftest import llama_processes
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def session_config(tmp_path: Path, server_env, prefect_api_url) -> SessionConfig:
+    """A session whose run folders and model copy live in tmp_path, so its processes are findable."""
+    venv, model = server_env
+    local_model = tmp_path / "model" / "tiny.gguf"
+    local_model.parent.mkdir()
+    shutil.copy(model, local_model)
+    return SessionConfig(
+        engine=LlamaCppEngine(venv=venv),
+        model=ModelConfig(path=local_model),
+        runs_dir=tmp_path / "runs",
+    )
+
+
+def _records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _wait_no_processes(marker: str, timeout: float = 10.0) -> list[str]:
+    deadline = time.monotonic() + timeout
+    while (left := llama_processes(marker)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return left
+
+
+def test_batch_flow_end_to_end(session_config: SessionConfig, tmp_path: Path):
+    out = tmp_path / "out" / "result.jsonl"
+    batch = BatchConfig(input_path=SAMPLE_INPUT, output_path=out, concurrency=4, fixed_output_tokens=8)
+    result = batch_inference(session=session_config, batch=batch)
+
+    records = _records(out)
+    n_input = sum(1 for line in SAMPLE_INPUT.read_text().splitlines() if line.strip())
+    assert len(records) == n_input == result.report.succeeded
+    assert {r["response"]["status_code"] for r in records} == {200}
+    assert sorted(r["custom_id"] for r in records) == sorted(json.loads(x)["custom_id"] for x in SAMPLE_INPUT.read_text().splitlines())
+    assert {r["response"]["body"]["usage"]["completion_tokens"] for r in records} == {8}  # min_tokens honoured
+    assert result.report.completion_tokens == 8 * n_input
+
+    summary = json.loads((tmp_path / "out" / "result.summary.json").read_text())
+    assert summary["throughput"]["requests"] == n_input and summary["throughput"]["output_tok_per_s"] > 0
+
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert stat.S_IMODE(run_dir.stat().st_mode) == 0o700
+    key_file = run_dir / "api_key"
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    key = key_file.read_text()
+    assert not (run_dir / "lease.json").exists()
+    assert _wait_no_processes(str(tmp_path)) == []
+    # the key is nowhere but its own file: not in the log, the summary, the output or any persisted result
+    storage = Path(os.environ["PREFECT_HOME"])
+    for path in [run_dir / "server.log", *out.parent.iterdir(), *storage.rglob("*")]:
+        if path.is_file():
+            assert key.encode() not in path.read_bytes(), f"API key leaked into {path}"
+
+
+def test_api_key_is_enforced(session_config: SessionConfig, tmp_path: Path):
+    @flow
+    def probe() -> tuple[int, int]:
+        with model_session(session_config) as s:
+            url = s.tunnel.base_url + "/v1/models"
+            without = httpx.get(url).status_code
+            with_key = httpx.get(url, headers={"Authorization": f"Bearer {s.handle.api_key()}"}).status_code
+            return without, with_key
+
+    assert probe() == (401, 200)
+    assert _wait_no_processes(str(tmp_path)) == []
+
+
+def test_broken_model_fails_fast_with_the_servers_error(session_config: SessionConfig, tmp_path: Path):
+    session_config.model.path.write_bytes(b"GGUF but not really a model")
+    started = time.monotonic()
+    with pytest.raises(ServerDied) as exc:
+        batch_inference(session=session_config, batch=BatchConfig(output_path=tmp_path / "o.jsonl"))
+    assert time.monotonic() - started < session_config.gate.deadline_s / 4
+    assert "log tail" in str(exc.value) and "gguf" in str(exc.value).lower()
+    assert _wait_no_processes(str(tmp_path)) == []
+
+
+def _cli(args: list[str], env: dict[str, str], **kw) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "llmflow.cli", *args], env=env, **kw)
+
+
+@pytest.fixture
+def cli_env(prefect_api_url: str) -> dict[str, str]:
+    return {**os.environ, "PREFECT_API_URL": prefect_api_url}
+
+
+def test_invalid_lines_are_reported_and_valid_ones_complete(session_config, tmp_path: Path, cli_env):
+    src = tmp_path / "in.jsonl"
+    good = [json.dumps({"custom_id": f"g{i}", "method": "POST", "url": "/v1/completions",
+                        "body": {"model": "tiny-llama", "prompt": f"hi {i}", "max_tokens": 4}}) for i in range(5)]
+    src.write_text("\n".join([good[0], "{broken", good[1], good[2], good[1], good[3], good[4]]) + "\n")
+    out = tmp_path / "out.jsonl"
+    proc = _cli(["batch", str(src), "-o", str(out), "--runs-dir", str(session_config.runs_dir),
+                 "--model", str(session_config.model.path)], cli_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    stdout, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 3, stdout
+    assert sorted(r["custom_id"] for r in _records(out)) == [f"g{i}" for i in range(5)]
+    errors = {e["line"]: e for e in _records(tmp_path / "out.errors.jsonl")}
+    assert set(errors) == {2, 5}
+    assert "not valid JSON" in errors[2]["reason"]
+    assert "duplicate custom_id 'g1'" in errors[5]["reason"]
+    assert "2 invalid input lines" in stdout
+
+
+def test_sigkill_mid_batch_then_rerun_finishes_each_id_once(session_config, tmp_path: Path, cli_env):
+    n = 600
+    src = tmp_path / "big.jsonl"
+    with src.open("w") as f:
+        for i in range(n):
+            f.write(json.dumps({"custom_id": f"r{i}", "method": "POST", "url": "/v1/completions",
+                                "body": {"model": "tiny-llama", "prompt": f"request {i}", "max_tokens": 48}}) + "\n")
+    out = tmp_path / "out.jsonl"
+    args = ["batch", str(src), "-o", str(out), "--runs-dir", str(session_config.runs_dir),
+            "--model", str(session_config.model.path), "--concurrency", "2"]
+    first = _cli(args, cli_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while not (out.exists() and out.read_text().count("\n") >= 50):
+        assert first.poll() is None, "the first run ended before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    os.kill(first.pid, signal.SIGKILL)
+    first.wait()
+    done_before = out.read_text().count("\n")
+    assert done_before < n, "the batch finished before the kill; make it longer"
+    (killed_run,) = (tmp_path / "runs").iterdir()
+    assert _wait_no_processes(str(tmp_path)) == [], "the killed run's server outlived it"
+
+    second = _cli(args, cli_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    stdout, _ = second.communicate(timeout=600)
+    assert second.returncode == 0, stdout
+    ids = Counter(r["custom_id"] for r in _records(out))
+    assert len(ids) == n and set(ids.values()) == {1}
+    assert {r["response"]["status_code"] for r in _records(out)} == {200}
+    assert _wait_no_processes(str(tmp_path)) == []
+    assert not (killed_run / "lease.json").exists() or not llama_processes(str(killed_run))
