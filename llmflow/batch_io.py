@@ -118,18 +118,35 @@ def load_finished(output_path: Path) -> set[str]:
     return done
 
 
-def output_record(custom_id: str, status: int, request_id: str, body: Any) -> dict[str, Any]:
+def output_record(custom_id: str, status: int, request_id: str, body: Any, record_id: str | None = None) -> dict[str, Any]:
     """One line of the OpenAI batch output format."""
     error = None
     if status >= 400:
         message = body.get("error", body) if isinstance(body, dict) else body
         error = {"code": str(status), "message": message if isinstance(message, str) else json.dumps(message)}
     return {
-        "id": f"batch_req_{uuid.uuid4().hex}",
+        "id": record_id or f"batch_req_{uuid.uuid4().hex}",
         "custom_id": custom_id,
         "response": {"status_code": status, "request_id": request_id, "body": body},
         "error": error,
     }
+
+
+def output_line(record_id: str, custom_id: str, status: int, request_id: str, body: Any, raw: bytes) -> bytes:
+    """``output_record`` as one JSONL line, splicing the server's own bytes in as ``body``.
+
+    Re-encoding every response body cost more than the HTTP exchange against a fast server;
+    the raw bytes are used when they are one JSON object on one line (then they are exactly
+    what ``json.dumps(body)`` would mean), otherwise the record is encoded as usual.
+    """
+    if status < 400 and isinstance(body, dict) and b"\n" not in raw:
+        head = json.dumps(
+            {"id": record_id, "custom_id": custom_id, "response": {"status_code": status, "request_id": request_id}},
+            separators=(",", ":"),
+        )
+        return b"".join((head[:-2].encode(), b',"body":', raw.strip(), b'},"error":null}\n'))
+    record = output_record(custom_id, status, request_id, body, record_id)
+    return (json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
 
 
 class JsonlAppender:
@@ -146,7 +163,11 @@ class JsonlAppender:
         self.path = path
 
     def write(self, record: dict[str, Any]) -> None:
-        os.write(self._fd, (json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n").encode())
+        self.write_line((json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n").encode())
+
+    def write_line(self, line: bytes) -> None:
+        """``line`` must be one complete JSON line ending in a newline."""
+        os.write(self._fd, line)
 
     def close(self) -> None:
         if self._fd >= 0:

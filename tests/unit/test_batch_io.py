@@ -77,3 +77,18 @@ def test_appender_appends_and_truncates(tmp_path: Path):
     with JsonlAppender(path, truncate=True) as w:
         w.write({"a": 3})
     assert path.read_text() == '{"a":3}\n'
+
+
+def test_output_line_splices_raw_body_and_stays_valid_json():
+    from llmflow.batch_io import output_line
+
+    body = {"choices": [{"text": "a\\nb \u00e9"}], "usage": {"completion_tokens": 2}}
+    raw = json.dumps(body).encode() + b" "
+    line = output_line("batch_req_1", 'id "q"', 200, "r1", body, raw)
+    assert line.endswith(b"\n") and line.count(b"\n") == 1
+    assert json.loads(line) == output_record('id "q"', 200, "r1", body, "batch_req_1")
+    # a pretty-printed body (newlines inside) and an error are re-encoded instead
+    pretty = json.dumps(body, indent=2).encode()
+    assert json.loads(output_line("x", "c", 200, "r", body, pretty))["response"]["body"] == body
+    err = json.loads(output_line("x", "c", 400, "r", {"error": "no"}, b'{"error": "no"}'))
+    assert err["error"] == {"code": "400", "message": "no"}
