@@ -1,7 +1,8 @@
 """Command line: run the batch flow on a file, the demo, write the tiny model, clean up leftovers.
 
 Exit codes: 0 every valid request finished; 3 finished, but some input lines were invalid
-(see the errors file); 1 the run failed (the message says why; rerun to resume).
+(see the errors file); 1 the run failed (the message says why; rerun to resume);
+2 invalid configuration; 130 interrupted (Ctrl-C), after tearing the server down.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from llmflow import progress
 from llmflow.config import DEFAULT_MODEL, PROJECT_ROOT, SAMPLE_INPUT, BatchConfig, SessionConfig
 
 EXIT_INVALID_LINES = 3
+EXIT_INTERRUPTED = 130
 
 
 def _session_config(args: argparse.Namespace) -> SessionConfig:
@@ -63,6 +65,9 @@ def _run_batch(session: SessionConfig, batch: BatchConfig) -> int:
         progress.add_listener(on_progress)
         try:
             result = batch_inference(session=session, batch=batch)
+        except KeyboardInterrupt:
+            console.print(f"[yellow]interrupted:[/yellow] the server was torn down; rerun to resume {batch.output_path}")
+            return EXIT_INTERRUPTED
         except Exception as exc:  # the flow's own message is the useful part
             console.print(f"[red]batch failed:[/red] {exc}")
             return 1

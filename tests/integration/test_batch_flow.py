@@ -162,3 +162,27 @@ def test_sigkill_mid_batch_then_rerun_finishes_each_id_once(session_config, tmp_
     assert {r["response"]["status_code"] for r in _records(out)} == {200}
     assert _wait_no_processes(str(tmp_path)) == []
     assert not (killed_run / "lease.json").exists() or not llama_processes(str(killed_run))
+
+
+def test_ctrl_c_mid_batch_tears_down_and_exits_130(session_config, tmp_path: Path, cli_env):
+    src = tmp_path / "big.jsonl"
+    with src.open("w") as f:
+        for i in range(600):
+            f.write(json.dumps({"custom_id": f"r{i}", "method": "POST", "url": "/v1/completions",
+                                "body": {"model": "tiny-llama", "prompt": f"request {i}", "max_tokens": 48}}) + "\n")
+    out = tmp_path / "out.jsonl"
+    proc = _cli(["batch", str(src), "-o", str(out), "--runs-dir", str(session_config.runs_dir),
+                 "--model", str(session_config.model.path), "--concurrency", "2"],
+                cli_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 240
+    while not (out.exists() and out.read_text().count("\n") >= 30):
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    stdout, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stdout
+    assert "tear down: stopped" in stdout and "interrupted" in stdout
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert not (run_dir / "lease.json").exists()
+    assert llama_processes(str(tmp_path)) == []  # gone by the time the CLI exits, no waiting
+    assert out.read_text().count("\n") < 600
