@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from prefect import flow, get_run_logger
 from pydantic import BaseModel
 
 from flows.session import model_session, release_session
 from llmflow.config import BatchConfig, SessionConfig
+from llmflow.metrics import merge_reports
 from llmflow.results import BatchReport, TokPS
-from tasks import record_tok_s, run_batch_inference
+from tasks import record_tok_s, recover_session, run_batch_inference
 
 
 class BatchResult(BaseModel):
@@ -35,14 +38,25 @@ def batch_inference(session: SessionConfig = SessionConfig(), batch: BatchConfig
     logger = get_run_logger()
     with model_session(session) as s:
         report = run_batch_inference(session, batch, s.handle, s.tunnel)
+        for _ in range(batch.max_recoveries):
+            if not (report.unfinished or report.stopped_early):
+                break
+            moved = recover_session(session, s.allocation, s.handle)
+            if moved is None:
+                break  # the same server is still there: the failures were real, not a requeue
+            handle, tunnel, ready = moved
+            logger.warning("job %s ran again (restart %d); resuming the batch at %s", handle.job_id, handle.restarts, tunnel.base_url)
+            s = replace(s, handle=handle, tunnel=tunnel, ready=ready)
+            report = merge_reports(report, run_batch_inference(session, batch, s.handle, s.tunnel))
         tokps = record_tok_s(report, s.allocation, s.ready)
     logger.info(
         "%d requests at %.2f req/s, %.1f output tok/s; summary %s",
         tokps.requests, tokps.requests_per_s, tokps.output_tok_per_s, tokps.summary_path,
     )
-    if report.unfinished:
+    if report.unfinished or report.stopped_early:
         raise UnfinishedRequests(
-            f"{report.unfinished} requests did not finish (see {report.errors_path}); "
-            "run the same command again to send only those"
+            f"{report.unfinished} requests did not finish"
+            + (" and the endpoint stopped answering, so the rest were not sent" if report.stopped_early else "")
+            + f" (see {report.errors_path}); run the same command again to send only what is missing"
         )
     return BatchResult(report=report, tokps=tokps)

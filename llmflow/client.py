@@ -145,6 +145,8 @@ class _Tally:
     completion_tokens: int = 0
     done: int = 0
     records: int = 0
+    failing_streak: int = 0
+    stopped_early: bool = False
     pending: set[asyncio.Task[None]] = field(default_factory=set)
 
 
@@ -210,8 +212,12 @@ async def run_batch(
             result = await with_retries(path, payload)
         except RetryableError as exc:
             tally.unfinished += 1
+            tally.failing_streak += 1
+            if tally.failing_streak >= config.stop_after_failures:
+                tally.stopped_early = True  # the endpoint is down: stop sending, let the caller recover
             errors.write({"line": line, "custom_id": custom_id, "reason": f"gave up after {config.max_attempts} attempts: {exc}"})
         else:
+            tally.failing_streak = 0
             tally.records += 1
             record_id = f"batch_req_{id_prefix}{tally.records:08x}"
             out.write_line(
@@ -233,6 +239,8 @@ async def run_batch(
     with JsonlAppender(output_path) as out, JsonlAppender(errors_path, truncate=True) as errors:
         try:
             for parsed in parse_lines(input_path):
+                if tally.stopped_early:
+                    break
                 if parsed.request is None:
                     tally.invalid += 1
                     errors.write({"line": parsed.line, "custom_id": parsed.custom_id, "reason": parsed.error})
@@ -245,6 +253,9 @@ async def run_batch(
                 body = {**req.body, **overrides} if overrides else req.body
                 payload = json.dumps(body).encode()
                 await gate.acquire()
+                if tally.stopped_early:
+                    gate.release()
+                    break
                 tally.sent += 1
                 task = asyncio.create_task(one(parsed.line, req.custom_id, req.url, payload))
                 tally.pending.add(task)
@@ -273,6 +284,7 @@ async def run_batch(
         completion_tokens=tally.completion_tokens,
         wall_s=wall,
         retries=tally.retries,
+        stopped_early=tally.stopped_early,
     )
 
 

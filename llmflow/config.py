@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, PositiveFloat, Tag, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, PositiveFloat, SecretStr, Tag, model_validator
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_SERVER_VENV = PROJECT_ROOT / ".venvs" / "llama_cpp"
@@ -44,7 +44,66 @@ class LocalPlacement(_Strict):
     )
 
 
-Placement = Annotated[Union[Annotated[LocalPlacement, Tag("local")]], kind_of("local")]
+class SSHLogin(_Strict):
+    """How to reach the cluster's login node with SSH (paramiko)."""
+
+    host: str = Field(min_length=1, description="Login host name or address, or a Host alias from the SSH config.")
+    port: int | None = Field(default=None, ge=1, le=65535, description="SSH port; default from the SSH config, else 22.")
+    user: str | None = Field(default=None, description="User name; default from the SSH config, else the local user.")
+    key_file: Path | None = Field(default=None, description="Private key; default from the SSH config or the agent.")
+    key_passphrase: SecretStr | None = Field(default=None, description="Passphrase of the key, if it has one.")
+    ssh_config: Path | None = Field(
+        default=Path("~/.ssh/config"), description="OpenSSH client config to read Host aliases from (if it exists)."
+    )
+    proxy_jump: str | None = Field(
+        default=None, description="Bastion to go through, as [user@]host[:port] (OpenSSH's ProxyJump)."
+    )
+    known_hosts: Path = Field(default=Path("~/.ssh/known_hosts"), description="Known host keys file.")
+    accept_unknown_host_key: bool = Field(
+        default=False,
+        description="Trust a login host whose key is not in known_hosts (and remember it). Off: such a host is refused.",
+    )
+    connect_timeout_s: PositiveFloat = Field(default=20.0, description="Seconds to connect and authenticate.")
+
+
+class SlurmOptions(_Strict):
+    """What to ask Slurm for; each set value becomes one quoted ``#SBATCH`` line."""
+
+    partition: str | None = Field(default=None, description="--partition")
+    account: str | None = Field(default=None, description="--account")
+    qos: str | None = Field(default=None, description="--qos")
+    gres: str | None = Field(default=None, description="--gres, e.g. gpu:v100:1")
+    cpus_per_task: int | None = Field(default=None, ge=1, description="--cpus-per-task")
+    mem: str | None = Field(default=None, description="--mem, e.g. 32G")
+    time: str = Field(default="02:00:00", description="--time limit of the job.")
+    constraint: str | None = Field(default=None, description="--constraint")
+    extra_sbatch: list[str] = Field(
+        default_factory=list, description="Further #SBATCH options, one per entry, e.g. '--exclusive'."
+    )
+
+
+class SlurmPlacement(_Strict):
+    """The server runs inside a Slurm batch job; sbatch/squeue run over SSH, or here when on the login node."""
+
+    kind: Literal["slurm"] = Field(default="slurm", description="Placement type.")
+    login: SSHLogin | None = Field(default=None, description="Login node to SSH to; None when the flow runs on it.")
+    slurm: SlurmOptions = Field(default_factory=SlurmOptions, description="Resources to request.")
+    remote_runs_dir: str = Field(
+        default="llmflow-runs",
+        min_length=1,
+        description="Folder on the cluster's shared filesystem for run folders (relative: under the login home).",
+    )
+    bind_host: str = Field(default="0.0.0.0", description="Interface the server binds on the compute node.")
+    connect_host: str | None = Field(
+        default=None, description="Address the login node uses to reach the compute node; default its hostname."
+    )
+    queue_deadline_s: PositiveFloat = Field(default=3600.0, description="Give up (and scancel) if still queued after this.")
+    poll_interval_s: PositiveFloat = Field(default=2.0, description="Seconds between job-state polls.")
+
+
+Placement = Annotated[
+    Union[Annotated[LocalPlacement, Tag("local")], Annotated[SlurmPlacement, Tag("slurm")]], kind_of("local")
+]
 
 
 class LlamaCppEngine(_Strict):
@@ -126,6 +185,14 @@ class BatchConfig(_Strict):
     backoff_s: PositiveFloat = Field(default=0.5, description="First retry delay; doubles each attempt.")
     backoff_max_s: PositiveFloat = Field(default=30.0, description="Longest delay between attempts.")
     timeouts: Timeouts = Field(default_factory=Timeouts, description="HTTP timeouts per phase.")
+    stop_after_failures: int = Field(
+        default=16,
+        ge=1,
+        description="Stop sending after this many requests in a row gave up (the endpoint is down); a rerun resumes.",
+    )
+    max_recoveries: int = Field(
+        default=3, ge=0, description="Times a run follows a requeued job to its new server and resumes the batch."
+    )
     fixed_output_tokens: int | None = Field(
         default=None,
         ge=1,

@@ -72,3 +72,19 @@ def wait_ready(
             if time.monotonic() - started > deadline_s:
                 raise TimeoutError(f"server not ready after {deadline_s:.0f}s ({polls} polls of {path}, last status {status})")
             time.sleep(interval_s)
+
+
+def gate_server(config: Any, handle: Any, base_url: str) -> Ready:
+    """``wait_ready`` with the session's settings, watching the handle's process or job."""
+    from llmflow.placements import driver_for  # placements import this module's callers
+
+    driver = driver_for(config)
+    return wait_ready(
+        base_url,
+        handle.api_key(),
+        config.engine,
+        handle.served_name,
+        deadline_s=config.gate.deadline_s,
+        interval_s=config.gate.interval_s,
+        check_alive=lambda: driver.check_alive(handle),
+    )

@@ -13,6 +13,7 @@ import json
 import os
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, Field
 
@@ -24,14 +25,26 @@ LEASE_FILE = "lease.json"
 class Lease(BaseModel):
     run_id: str
     placement: str
-    pgid: int = Field(description="Process group of the server and its supervisor.")
+    pgid: int | None = Field(default=None, description="Local placement: process group of the server and its supervisor.")
+    job_id: str | None = Field(default=None, description="Slurm placement: the job to cancel.")
+    remote_dir: str | None = Field(default=None, description="Slurm placement: the run folder on the cluster.")
+    placement_config: dict[str, Any] | None = Field(
+        default=None, description="How to reach the cluster again (secrets masked, never stored)."
+    )
     owner_pid: int
     owner_start: int | None
     flow_run_id: str | None = None
     created_at: datetime
 
 
-def write_lease(run_dir: Path, run_id: str, placement: str, pgid: int, flow_run_id: str | None) -> Lease:
+def write_lease(
+    run_dir: Path,
+    run_id: str,
+    placement: str,
+    pgid: int | None = None,
+    flow_run_id: str | None = None,
+    **remote: Any,
+) -> Lease:
     lease = Lease(
         run_id=run_id,
         placement=placement,
@@ -40,6 +53,7 @@ def write_lease(run_dir: Path, run_id: str, placement: str, pgid: int, flow_run_
         owner_start=process_start_time(os.getpid()),
         flow_run_id=flow_run_id,
         created_at=datetime.now(timezone.utc),
+        **remote,
     )
     tmp = run_dir / (LEASE_FILE + ".tmp")
     tmp.write_text(lease.model_dump_json())
@@ -73,8 +87,13 @@ def is_leftover(lease: Lease) -> bool:
 
 
 def release(run_dir: Path, lease: Lease) -> bool:
-    """Stop the lease's server group and drop the lease; True if something was running."""
-    was_alive = stop_group(lease.pgid)
+    """Stop what the lease holds (process group or Slurm job) and drop it; True if something was running."""
+    if lease.job_id is not None:
+        from llmflow.placements.slurm import cancel_leased_job  # the placement knows how to reach its cluster
+
+        was_alive = cancel_leased_job(lease)
+    else:
+        was_alive = lease.pgid is not None and stop_group(lease.pgid)
     remove_lease(run_dir)
     return was_alive
 
@@ -96,7 +115,8 @@ def describe(lease: Lease) -> dict[str, object]:
         "run_id": lease.run_id,
         "placement": lease.placement,
         "pgid": lease.pgid,
-        "server_alive": group_alive(lease.pgid),
+        "job_id": lease.job_id,
+        "server_alive": group_alive(lease.pgid) if lease.pgid is not None else None,
         "owner_alive": not is_leftover(lease),
         "flow_run_id": lease.flow_run_id,
         "created_at": lease.created_at.isoformat(),

@@ -8,6 +8,16 @@ from pathlib import Path
 from llmflow.results import BatchReport, TokPS
 
 
+def merge_reports(first: BatchReport, later: BatchReport) -> BatchReport:
+    """Two passes over the same input (a recovery in between) as one report."""
+    summed = {
+        key: getattr(first, key) + getattr(later, key)
+        for key in ("sent", "succeeded", "failed_http", "prompt_tokens", "completion_tokens", "wall_s", "retries")
+    }
+    # unfinished and invalid lines are whatever the last pass still could not do
+    return later.model_copy(update={**summed, "already_done": first.already_done})
+
+
 def tok_per_s(report: BatchReport, summary_path: Path) -> TokPS:
     """Requests/s and tokens/s over the pass's wall time, from the server's ``usage``.
 

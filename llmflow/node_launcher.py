@@ -77,7 +77,14 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, on_signal)
     write_atomic(
         args.endpoint_file,
-        {"host": args.host, "node": socket.gethostname(), "port": port, "pid": os.getpid(), "server_pid": proc.pid},
+        {
+            "host": args.host,
+            "node": socket.gethostname(),
+            "port": port,
+            "pid": os.getpid(),
+            "server_pid": proc.pid,
+            "restarts": int(os.environ.get("SLURM_RESTART_COUNT") or 0),
+        },
     )
     print(f"[launcher] server pid {proc.pid} on {args.host}:{port}", flush=True)
 

@@ -20,6 +20,7 @@ class Allocation(BaseModel):
     node: str = Field(description="Host the server will run on.")
     run_dir: Path = Field(description="Folder holding the server log, endpoint record and API key.")
     job_id: str | None = Field(default=None, description="Scheduler job id, when there is one.")
+    remote_dir: str | None = Field(default=None, description="Run folder on the cluster, when not local.")
     started_at: datetime
 
 
@@ -27,14 +28,17 @@ class ServerHandle(BaseModel):
     """A started model server: enough to reach, watch and stop it."""
 
     engine: str
+    run_id: str
     node: str
     host: str = Field(description="Address the server listens on, as seen from the node.")
     port: int
     pid: int = Field(description="Pid of the supervisor process that owns the server.")
     server_pid: int = Field(description="Pid of the server process itself.")
     api_key_file: Path | None = Field(default=None, description="Mode-0600 file with the per-run key.")
-    log_path: Path
+    log_path: Path = Field(description="Server log (on the node's filesystem for remote placements).")
     served_name: str
+    job_id: str | None = None
+    restarts: int = Field(default=0, description="How often the job was requeued before this server started.")
 
     def api_key(self) -> str | None:
         """Read the per-run key from its private file (never stored on the model)."""
@@ -84,6 +88,9 @@ class BatchReport(BaseModel):
     completion_tokens: int
     wall_s: float
     retries: int
+    stopped_early: bool = Field(
+        default=False, description="The endpoint stopped answering, so the pass stopped sending; a rerun resumes."
+    )
 
 
 class TokPS(BaseModel):
@@ -104,5 +111,8 @@ class Teardown(BaseModel):
 
     run_id: str
     stopped_pids: list[int] = Field(default_factory=list)
+    cancelled_job: str | None = None
     already_gone: bool = False
+    node_hours: float = 0.0
+    gpu_hours: float = 0.0
     released_at: datetime

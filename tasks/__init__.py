@@ -4,6 +4,7 @@ from tasks.allocate import allocate_node
 from tasks.batch import run_batch_inference
 from tasks.gate import health_gate
 from tasks.record import record_tok_s
+from tasks.recover import recover_session
 from tasks.teardown import tear_down
 from tasks.tunnel import open_tunnel
 from tasks.warm import warm_model
@@ -15,5 +16,6 @@ __all__ = [
     "health_gate",
     "run_batch_inference",
     "record_tok_s",
+    "recover_session",
     "tear_down",
 ]

@@ -2,22 +2,34 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prefect import task
 from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
 
 from llmflow.config import SessionConfig
-from llmflow.placements import driver_for
+from llmflow.placements import ServerDied, driver_for
+from llmflow.placements.slurm import JobRejected, QueueTimeout
 from llmflow.results import Allocation
+
+
+def _worth_retrying(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry transient errors (SSH, sbatch hiccups), not a job Slurm refused or that died."""
+    exc = state.result(raise_on_failure=False)
+    return not isinstance(exc, (JobRejected, QueueTimeout, ServerDied, ValueError))
 
 
 @task(
     name="allocate-node",
     retries=2,
     retry_delay_seconds=5,
-    timeout_seconds=900,
+    retry_condition_fn=_worth_retrying,
+    timeout_seconds=24 * 3600,  # the real limit is the placement's queue deadline
     persist_result=True,
     cache_policy=NO_CACHE,  # a side effect: never answered from a cache
 )
 def allocate_node(config: SessionConfig, run_id: str) -> Allocation:
-    """Reserve a node for ``run_id``; the run folder is named after it, so a retry reuses it."""
-    return driver_for(config).allocate(run_id)
+    """Reserve a node for ``run_id``; the run folder is named after it, so a retry reuses it
+    (and, for Slurm, finds the job already submitted instead of submitting a second one)."""
+    return driver_for(config).allocate(run_id, flow_run_id=flow_run.get_id())

@@ -6,21 +6,11 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from llmflow.config import SessionConfig
-from llmflow.gate import wait_ready
-from llmflow.placements import driver_for
+from llmflow.gate import gate_server
 from llmflow.results import Ready, ServerHandle, Tunnel
 
 
 @task(name="health-gate", timeout_seconds=3600, persist_result=True, cache_policy=NO_CACHE)
 def health_gate(config: SessionConfig, handle: ServerHandle, tunnel: Tunnel) -> Ready:
     """No task retries: the wait has its own deadline, and a dead server fails it at once."""
-    driver = driver_for(config)
-    return wait_ready(
-        tunnel.base_url,
-        handle.api_key(),
-        config.engine,
-        handle.served_name,
-        deadline_s=config.gate.deadline_s,
-        interval_s=config.gate.interval_s,
-        check_alive=lambda: driver.check_alive(handle),
-    )
+    return gate_server(config, handle, tunnel.base_url)

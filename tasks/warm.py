@@ -24,6 +24,4 @@ def warm_model(config: SessionConfig, allocation: Allocation) -> ServerHandle:
 
     Loading the weights is the health gate's wait; this step fails fast if the process dies.
     """
-    driver = driver_for(config)
-    driver.teardown(allocation)  # a retry must not leave the first attempt's server behind
-    return driver.warm(allocation, flow_run_id=flow_run.get_id())
+    return driver_for(config).warm(allocation, flow_run_id=flow_run.get_id())

@@ -1,8 +1,4 @@
-"""Placements: where the server runs. One interface; ``local`` is the embedded default.
-
-Each lifecycle task calls one method of the driver for the configured placement, so adding
-a placement (slurm, ssh, endpoint) adds a class here and changes no task.
-"""
+"""Local placement: the server is a child process group of the flow, on this machine."""
 
 from __future__ import annotations
 
@@ -19,30 +15,9 @@ from pathlib import Path
 from llmflow import engines
 from llmflow.config import LocalPlacement, SessionConfig
 from llmflow.leases import read_lease, remove_lease, write_lease
+from llmflow.placements.common import LAUNCHER, ServerDied, make_run_dir, write_secret
 from llmflow.procs import group_alive, stop_group, tail
 from llmflow.results import Allocation, ServerHandle, Teardown, Tunnel
-
-LAUNCHER = Path(__file__).resolve().parent / "node_launcher.py"
-
-
-class ServerDied(RuntimeError):
-    """The server process (or job) ended while we waited on it; carries the log's tail."""
-
-
-def make_run_dir(runs_dir: Path, run_id: str) -> Path:
-    """Private folder (mode 0700) for one session: log, endpoint record, API key."""
-    runs_dir.mkdir(parents=True, exist_ok=True)
-    run_dir = runs_dir / run_id
-    run_dir.mkdir(mode=0o700, exist_ok=True)
-    os.chmod(run_dir, 0o700)
-    return run_dir
-
-
-def write_secret(path: Path, value: str) -> None:
-    """Create ``path`` readable by its owner only, before any byte of the secret is in it."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(value)
 
 
 def launch_script(spec: engines.LaunchSpec, python: Path, endpoint_file: Path, host: str) -> str:
@@ -76,7 +51,7 @@ class LocalDriver:
         if not self.config.model.path.exists():
             raise ValueError(f"model.path: {self.config.model.path} does not exist (`make model` writes the tiny one)")
 
-    def allocate(self, run_id: str) -> Allocation:
+    def allocate(self, run_id: str, flow_run_id: str | None = None) -> Allocation:
         run_dir = make_run_dir(self.config.runs_dir, run_id)
         return Allocation(
             placement=self.kind,
@@ -90,6 +65,7 @@ class LocalDriver:
         """Start supervisor + server; return once the endpoint record (port, pids) is written."""
         cfg = self.config
         run_dir = alloc.run_dir
+        self._stop(alloc)  # a retried warm-up must not leave the first attempt's server behind
         endpoint_file = run_dir / "endpoint.json"
         endpoint_file.unlink(missing_ok=True)
         api_key = secrets.token_urlsafe(32) if engines.accepts_api_key(cfg.engine) else None
@@ -110,7 +86,7 @@ class LocalDriver:
                 env={**os.environ, **spec.env},
                 cwd=run_dir,
             )
-        write_lease(run_dir, alloc.run_id, self.kind, proc.pid, flow_run_id)
+        write_lease(run_dir, alloc.run_id, self.kind, pgid=proc.pid, flow_run_id=flow_run_id)
         deadline = time.monotonic() + wait_s
         while not endpoint_file.exists():
             if proc.poll() is not None:
@@ -123,6 +99,7 @@ class LocalDriver:
         ep = json.loads(endpoint_file.read_text())
         return ServerHandle(
             engine=cfg.engine.kind,
+            run_id=alloc.run_id,
             node=alloc.node,
             host=ep["host"],
             port=int(ep["port"]),
@@ -142,11 +119,16 @@ class LocalDriver:
         if not group_alive(handle.pid):
             raise ServerDied(f"{handle.engine} server (pid {handle.server_pid}) is gone; log tail:\n{tail(handle.log_path)}")
 
+    def recover(self, alloc: Allocation, handle: ServerHandle) -> tuple[ServerHandle, Tunnel] | None:
+        """A local server is either alive (nothing to recover) or dead (fail with its log)."""
+        self.check_alive(handle)
+        return None
+
     def _stop(self, alloc: Allocation) -> list[int]:
         lease = read_lease(alloc.run_dir)
         stopped = []
         if lease is not None:
-            if stop_group(lease.pgid):
+            if lease.pgid is not None and stop_group(lease.pgid):
                 stopped.append(lease.pgid)
             remove_lease(alloc.run_dir)
         return stopped
@@ -161,8 +143,3 @@ class LocalDriver:
             released_at=datetime.now(timezone.utc),
         )
 
-
-def driver_for(config: SessionConfig) -> LocalDriver:
-    if isinstance(config.placement, LocalPlacement):
-        return LocalDriver(config)
-    raise ValueError(f"placement.kind: unsupported placement {config.placement.kind!r}")

@@ -1,0 +1,292 @@
+"""Slurm placement: the server runs in a batch job, reached through the login node.
+
+allocate: write the run folder on the cluster (mode 0700, API key 0600), render and submit
+the job with ``sbatch --parsable``, record a lease, wait until RUNNING (a queue deadline; a
+job that ends or can never start fails at once with Slurm's reason).
+warm: wait for the job's endpoint record (node, port, pid). tunnel: a paramiko forward from
+127.0.0.1. recover: after a requeue, wait for the job to run again and follow the new
+endpoint. teardown: scancel, confirm the job is gone, close tunnel and SSH, and account
+node-hours and GPU-hours.
+
+SSH connections and forwards are process-local objects, kept here by run id; everything a
+later process needs to clean up (job id, cluster address) is in the lease file.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import shlex
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from llmflow import engines, slurm
+from llmflow.config import SessionConfig, SlurmPlacement
+from llmflow.leases import Lease, read_lease, remove_lease, write_lease
+from llmflow.placements.common import ServerDied, make_run_dir, write_secret
+from llmflow.results import Allocation, ServerHandle, Teardown, Tunnel
+from llmflow.shell import Shell, SSHShell, open_shell
+from llmflow.tunnel import LocalForward
+
+_SHELLS: dict[str, Shell] = {}
+_TUNNEL_SHELLS: dict[str, SSHShell] = {}
+_FORWARDS: dict[str, LocalForward] = {}
+
+# Pending reasons that mean the job can never start as asked: fail now, don't wait out the deadline.
+HOPELESS_REASONS = frozenset(
+    {
+        "BadConstraints", "PartitionConfig", "PartitionNodeLimit", "PartitionTimeLimit", "InvalidAccount",
+        "InvalidQOS", "AccountNotAllowed", "QOSNotAllowed", "PartitionDown", "PartitionInactive",
+    }
+)
+
+
+class JobRejected(RuntimeError):
+    """Slurm refused or will never run the job; retrying the same request cannot help."""
+
+
+class QueueTimeout(RuntimeError):
+    """The job was still waiting when the queue deadline passed; it was cancelled."""
+
+
+def job_info(shell: Shell, job_id: str) -> slurm.JobInfo:
+    """squeue, then scontrol, then sacct (when accounting exists); GONE when none knows the job."""
+    q = shlex.quote(job_id)
+    out = shell.run(
+        f"squeue -h -j {q} -o {shlex.quote(slurm.SQUEUE_FORMAT)} 2>/dev/null; echo '@@'; "
+        f"scontrol show job {q} 2>/dev/null; echo '@@'; "
+        f"sacct -n -P -X -j {q} -o JobID,State,Reason,NodeList,ElapsedRaw 2>/dev/null || true"
+    ).stdout
+    squeue_out, scontrol_out, sacct_out = (out.split("@@\n") + ["", ""])[:3]
+    detail = slurm.parse_scontrol(job_id, scontrol_out)
+    info = slurm.parse_squeue(job_id, squeue_out)
+    if info is not None:
+        if detail is not None:
+            info = info.model_copy(update={"restarts": detail.restarts, "elapsed_s": detail.elapsed_s})
+        return info
+    return detail or slurm.parse_sacct(job_id, sacct_out) or slurm.JobInfo(job_id=job_id, state="GONE")
+
+
+def remote_tail(shell: Shell, path: str, lines: int = 30) -> str:
+    res = shell.run(f"tail -n {lines} {shlex.quote(path)} 2>/dev/null")
+    return res.stdout.strip() or "(no log yet)"
+
+
+def cancel_and_confirm(shell: Shell, job_id: str, timeout_s: float = 60.0) -> slurm.JobInfo:
+    """scancel, then wait until Slurm reports the job finished or forgotten."""
+    info = job_info(shell, job_id)
+    if not info.terminal:
+        shell.run(f"scancel {shlex.quote(job_id)}")
+    deadline = time.monotonic() + timeout_s
+    while not info.terminal and time.monotonic() < deadline:
+        time.sleep(0.5)
+        info = job_info(shell, job_id)
+    if not info.terminal:
+        raise RuntimeError(f"job {job_id} still {info.state} {timeout_s:.0f}s after scancel")
+    return info
+
+
+def cancel_leased_job(lease: Lease) -> bool:
+    """For ``llmflow cleanup`` and crash hooks: reach the cluster from the lease and cancel its job."""
+    placement = SlurmPlacement.model_validate(lease.placement_config or {})
+    shell = open_shell(placement.login)
+    try:
+        was_alive = not job_info(shell, lease.job_id).terminal
+        cancel_and_confirm(shell, lease.job_id)
+        return was_alive
+    finally:
+        shell.close()
+
+
+class SlurmDriver:
+    kind = "slurm"
+
+    def __init__(self, config: SessionConfig) -> None:
+        assert isinstance(config.placement, SlurmPlacement)
+        self.config = config
+        self.placement: SlurmPlacement = config.placement
+
+    # -- connections -------------------------------------------------------------------
+    def shell(self, run_id: str) -> Shell:
+        if run_id not in _SHELLS:
+            _SHELLS[run_id] = open_shell(self.placement.login)
+        return _SHELLS[run_id]
+
+    def preflight(self) -> None:
+        login = self.placement.login
+        if login is not None and login.key_file is not None and not login.key_file.expanduser().exists():
+            raise ValueError(f"placement.login.key_file: {login.key_file} does not exist")
+
+    # -- allocate ----------------------------------------------------------------------
+    def allocate(self, run_id: str, flow_run_id: str | None = None) -> Allocation:
+        local_dir = make_run_dir(self.config.runs_dir, run_id)
+        shell = self.shell(run_id)
+        lease = read_lease(local_dir)
+        if lease is not None and lease.job_id:  # a retried task: never submit twice for one run
+            job_id, remote_dir = lease.job_id, lease.remote_dir or ""
+        else:
+            job_id, remote_dir = self._submit(shell, run_id, local_dir, flow_run_id)
+        info = self._wait_running(shell, job_id, remote_dir)
+        return Allocation(
+            placement=self.kind, run_id=run_id, node=info.nodes, run_dir=local_dir, job_id=job_id,
+            remote_dir=remote_dir, started_at=datetime.now(timezone.utc),
+        )
+
+    def _submit(self, shell: Shell, run_id: str, local_dir: Path, flow_run_id: str | None) -> tuple[str, str]:
+        base = shlex.quote(self.placement.remote_runs_dir)
+        rid = shlex.quote(run_id)
+        remote_dir = shell.run(
+            f"mkdir -p {base} && mkdir -p -m 700 {base}/{rid} && cd {base}/{rid} && pwd"
+        ).check("creating the run folder on the cluster").stdout.strip()
+        api_key = secrets.token_urlsafe(32) if engines.accepts_api_key(self.config.engine) else None
+        if api_key:
+            write_secret(local_dir / "api_key", api_key)
+            shell.write_file(f"{remote_dir}/api_key", api_key, 0o600)
+        spec = engines.launch_spec(self.config.engine, self.config.model, self.placement.bind_host, None)
+        script = slurm.render_job_script(
+            opts=self.placement.slurm,
+            job_name=f"llmflow-{run_id}",
+            run_dir=remote_dir,
+            setup=spec.setup,
+            server_python=str(engines.server_python(self.config.engine)),
+            server_argv=spec.argv,
+            bind_host=self.placement.bind_host,
+            launcher_source=slurm.launcher_source(),
+        )
+        shell.write_file(f"{remote_dir}/job.sh", script, 0o700)
+        (local_dir / "job.sh").write_text(script)
+        res = shell.run(f"cd {shlex.quote(remote_dir)} && sbatch --parsable job.sh")
+        if res.rc != 0:
+            raise JobRejected(f"sbatch refused the job: {(res.stderr or res.stdout).strip()}")
+        job_id = slurm.parse_sbatch(res.stdout)
+        write_lease(
+            local_dir, run_id, self.kind, flow_run_id=flow_run_id, job_id=job_id, remote_dir=remote_dir,
+            placement_config=self.placement.model_dump(mode="json"),
+        )
+        return job_id, remote_dir
+
+    def _log_path(self, remote_dir: str, job_id: str) -> str:
+        return f"{remote_dir}/slurm-{job_id}.out"
+
+    def _wait_running(self, shell: Shell, job_id: str, remote_dir: str) -> slurm.JobInfo:
+        """Until RUNNING; a job that ended or can never start fails now, with Slurm's reason."""
+        deadline = time.monotonic() + self.placement.queue_deadline_s
+        while True:
+            info = job_info(shell, job_id)
+            if info.running:
+                return info
+            if info.terminal:
+                tail = remote_tail(shell, self._log_path(remote_dir, job_id))
+                raise ServerDied(f"job {job_id} ended {info.state} ({info.reason or 'no reason given'}) before it ran the server; log tail:\n{tail}")
+            if info.reason in HOPELESS_REASONS:
+                cancel_and_confirm(shell, job_id)
+                raise JobRejected(f"job {job_id} can never start: {info.state} ({info.reason}); cancelled")
+            if time.monotonic() > deadline:
+                cancel_and_confirm(shell, job_id)
+                raise QueueTimeout(
+                    f"job {job_id} still {info.state} ({info.reason or 'no reason given'}) after "
+                    f"{self.placement.queue_deadline_s:.0f}s in the queue; cancelled"
+                )
+            time.sleep(self.placement.poll_interval_s)
+
+    # -- warm --------------------------------------------------------------------------
+    def warm(self, alloc: Allocation, flow_run_id: str | None = None, min_restarts: int = 0) -> ServerHandle:
+        """Wait for the endpoint record the job's supervisor writes; fail fast if the job ends."""
+        shell = self.shell(alloc.run_id)
+        assert alloc.job_id and alloc.remote_dir
+        log_path = self._log_path(alloc.remote_dir, alloc.job_id)
+        deadline = time.monotonic() + self.config.gate.deadline_s
+        while True:
+            text = shell.read_file(f"{alloc.remote_dir}/endpoint.json")
+            ep = json.loads(text) if text else None
+            if ep is not None and ep.get("restarts", 0) >= min_restarts:
+                break
+            info = job_info(shell, alloc.job_id)
+            if info.terminal:
+                raise ServerDied(f"job {alloc.job_id} ended {info.state} ({info.reason}); log tail:\n{remote_tail(shell, log_path)}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"job {alloc.job_id} wrote no endpoint record in {self.config.gate.deadline_s:.0f}s")
+            time.sleep(self.placement.poll_interval_s / 2)
+        key_file = alloc.run_dir / "api_key"
+        return ServerHandle(
+            engine=self.config.engine.kind,
+            run_id=alloc.run_id,
+            node=ep["node"],
+            host=self.placement.connect_host or ep["node"],
+            port=int(ep["port"]),
+            pid=int(ep["pid"]),
+            server_pid=int(ep["server_pid"]),
+            api_key_file=key_file if key_file.exists() else None,
+            log_path=Path(log_path),
+            served_name=self.config.model.served_name,
+            job_id=alloc.job_id,
+            restarts=int(ep.get("restarts", 0)),
+        )
+
+    # -- tunnel ------------------------------------------------------------------------
+    def tunnel(self, handle: ServerHandle) -> Tunnel:
+        if self.placement.login is None:
+            return Tunnel(base_url=f"http://{handle.host}:{handle.port}", local_port=handle.port, forwarded=False)
+        forward = _FORWARDS.get(handle.run_id)
+        if forward is None:
+            tunnel_shell = SSHShell(self.placement.login)  # its own connection, apart from commands
+            _TUNNEL_SHELLS[handle.run_id] = tunnel_shell
+            forward = LocalForward(lambda: tunnel_shell.transport, handle.host, handle.port)
+            _FORWARDS[handle.run_id] = forward
+        else:
+            forward.retarget(handle.host, handle.port)
+        return Tunnel(base_url=f"http://127.0.0.1:{forward.local_port}", local_port=forward.local_port, forwarded=True)
+
+    # -- watching ----------------------------------------------------------------------
+    def check_alive(self, handle: ServerHandle) -> None:
+        assert handle.job_id
+        shell = self.shell(handle.run_id)
+        info = job_info(shell, handle.job_id)
+        if info.terminal:
+            raise ServerDied(f"job {handle.job_id} ended {info.state} ({info.reason}); log tail:\n{remote_tail(shell, str(handle.log_path))}")
+
+    def recover(self, alloc: Allocation, handle: ServerHandle) -> tuple[ServerHandle, Tunnel] | None:
+        """After failures: if the job was requeued, wait for it and follow its new endpoint."""
+        assert handle.job_id and alloc.remote_dir
+        shell = self.shell(alloc.run_id)
+        info = job_info(shell, handle.job_id)
+        if info.terminal:
+            raise ServerDied(f"job {handle.job_id} ended {info.state} ({info.reason}); log tail:\n{remote_tail(shell, str(handle.log_path))}")
+        if info.running and info.restarts == handle.restarts:
+            return None  # same job, same server: the failures were not a requeue
+        self._wait_running(shell, handle.job_id, alloc.remote_dir)
+        new = self.warm(alloc, min_restarts=max(info.restarts, handle.restarts + 1))
+        return new, self.tunnel(new)
+
+    # -- teardown ----------------------------------------------------------------------
+    def teardown(self, alloc: Allocation) -> Teardown:
+        """Close the forward, scancel, confirm the job is gone; account node- and GPU-hours."""
+        run_id = alloc.run_id
+        if (forward := _FORWARDS.pop(run_id, None)) is not None:
+            forward.close()
+        if (tunnel_shell := _TUNNEL_SHELLS.pop(run_id, None)) is not None:
+            tunnel_shell.close()
+        lease = read_lease(alloc.run_dir)
+        job_id = alloc.job_id or (lease.job_id if lease else None)
+        result = Teardown(run_id=run_id, already_gone=True, released_at=datetime.now(timezone.utc))
+        if job_id:
+            shell = self.shell(run_id)
+            before = job_info(shell, job_id)
+            final = cancel_and_confirm(shell, job_id)
+            elapsed = final.elapsed_s or before.elapsed_s
+            if elapsed is None:
+                elapsed = (datetime.now(timezone.utc) - alloc.started_at).total_seconds()
+            node_hours = elapsed / 3600
+            result = result.model_copy(
+                update={
+                    "cancelled_job": job_id if not before.terminal else None,
+                    "already_gone": before.terminal,
+                    "node_hours": round(node_hours, 6),
+                    "gpu_hours": round(node_hours * slurm.gpus_in_gres(self.placement.slurm.gres), 6),
+                }
+            )
+        remove_lease(alloc.run_dir)
+        if (shell := _SHELLS.pop(run_id, None)) is not None:
+            shell.close()
+        return result

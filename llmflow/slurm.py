@@ -1,0 +1,195 @@
+"""Slurm, as data: render the job script, parse sbatch/squeue/scontrol, map job states.
+
+Pure functions (text in, data out) so every rule is unit-tested without a cluster; the
+driver in ``llmflow.placements.slurm`` runs the commands.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from llmflow.config import SlurmOptions
+
+# States after which the job will not run (again) on its own.
+TERMINAL = frozenset(
+    {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED_FINAL", "GONE"}
+)
+# States in which the job is not running now but may run (again): keep waiting.
+WAITING = frozenset(
+    {"PENDING", "CONFIGURING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD", "PREEMPTED", "SUSPENDED", "RESIZING", "COMPLETING", "STAGE_OUT", "SIGNALING", "RESV_DEL_HOLD"}
+)
+LAUNCHER_DELIMITER = "LLMFLOW_NODE_LAUNCHER"
+
+
+class JobInfo(BaseModel):
+    """What the scheduler says about one job right now."""
+
+    job_id: str
+    state: str
+    reason: str = ""
+    nodes: str = ""
+    restarts: int = 0
+    elapsed_s: float | None = None
+
+    @property
+    def terminal(self) -> bool:
+        return self.state in TERMINAL
+
+    @property
+    def running(self) -> bool:
+        return self.state == "RUNNING"
+
+
+def sbatch_lines(opts: SlurmOptions, job_name: str, log_path: str) -> list[str]:
+    """``#SBATCH`` lines; every value is shell-quoted (sbatch parses these lines like a shell)."""
+    pairs: list[tuple[str, str | int | None]] = [
+        ("job-name", job_name),
+        ("output", log_path),
+        ("error", log_path),
+        ("partition", opts.partition),
+        ("account", opts.account),
+        ("qos", opts.qos),
+        ("gres", opts.gres),
+        ("cpus-per-task", opts.cpus_per_task),
+        ("mem", opts.mem),
+        ("time", opts.time),
+        ("constraint", opts.constraint),
+    ]
+    lines = [f"#SBATCH --{key}={shlex.quote(str(value))}" for key, value in pairs if value not in (None, "")]
+    lines.append("#SBATCH --requeue")
+    lines += [f"#SBATCH {' '.join(shlex.quote(part) for part in shlex.split(extra))}" for extra in opts.extra_sbatch]
+    return lines
+
+
+def render_job_script(
+    *,
+    opts: SlurmOptions,
+    job_name: str,
+    run_dir: str,
+    setup: list[str],
+    server_python: str,
+    server_argv: list[str],
+    bind_host: str,
+    launcher_source: str,
+) -> str:
+    """The batch script: resources, the user's setup lines, then the supervisor and server.
+
+    The API key is read from the run folder's mode-0600 file into the environment, so it is
+    never on a command line. The supervisor's source is embedded (a quoted here-document),
+    so nothing of this project has to be installed on the cluster.
+    """
+    log_path = f"{run_dir}/slurm-%j.out"
+    q = shlex.quote
+    launcher = f"{run_dir}/node_launcher.py"
+    exec_line = shlex.join(
+        [server_python, launcher, "--endpoint-file", f"{run_dir}/endpoint.json", "--host", bind_host, "--", *server_argv]
+    )
+    return "\n".join(
+        [
+            "#!/bin/bash",
+            *sbatch_lines(opts, job_name, log_path),
+            "set -eo pipefail",
+            f"cd {q(run_dir)}",
+            "rm -f endpoint.json  # a requeued job writes a fresh one",
+            'if [ -f api_key ]; then API_KEY="$(cat api_key)"; export API_KEY; fi',
+            "# --- setup lines from the engine config ---",
+            *setup,
+            "# --- end of setup lines ---",
+            f"cat > {q(launcher)} <<'{LAUNCHER_DELIMITER}'",
+            launcher_source.rstrip("\n"),
+            LAUNCHER_DELIMITER,
+            f"exec {exec_line}",
+            "",
+        ]
+    )
+
+
+def parse_sbatch(stdout: str) -> str:
+    """``sbatch --parsable`` prints ``jobid`` or ``jobid;cluster``."""
+    text = stdout.strip().splitlines()[-1] if stdout.strip() else ""
+    job_id = text.split(";")[0].strip()
+    if not job_id.isdigit():
+        raise ValueError(f"could not read a job id from sbatch's output: {stdout!r}")
+    return job_id
+
+
+SQUEUE_FORMAT = "%i|%T|%r|%N"
+
+
+def parse_squeue(job_id: str, stdout: str) -> JobInfo | None:
+    """One line of ``squeue -h -j ID -o '%i|%T|%r|%N'``; None when the job is not listed."""
+    for line in stdout.splitlines():
+        parts = line.strip().split("|")
+        if len(parts) >= 4 and parts[0] == job_id:
+            reason = parts[2] if parts[2] not in ("None", "(null)") else ""
+            return JobInfo(job_id=job_id, state=parts[1].strip(), reason=reason, nodes=parts[3].strip())
+    return None
+
+
+_FIELD = re.compile(r"(\w+)=(\S*)")
+
+
+def parse_scontrol(job_id: str, stdout: str) -> JobInfo | None:
+    """``scontrol show job ID``: key=value pairs; None when Slurm no longer knows the job."""
+    fields = dict(_FIELD.findall(stdout))
+    if fields.get("JobId") != job_id or "JobState" not in fields:
+        return None
+    reason = fields.get("Reason", "")
+    nodes = fields.get("NodeList", "")
+    return JobInfo(
+        job_id=job_id,
+        state=fields["JobState"],
+        reason="" if reason in ("None", "(null)") else reason,
+        nodes="" if nodes == "(null)" else nodes,
+        restarts=int(fields.get("Restarts", "0") or 0),
+        elapsed_s=duration_s(fields.get("RunTime", "")),
+    )
+
+
+def parse_sacct(job_id: str, stdout: str) -> JobInfo | None:
+    """``sacct -n -P -X -j ID -o JobID,State,Reason,NodeList,ElapsedRaw``."""
+    for line in stdout.splitlines():
+        parts = line.strip().split("|")
+        if len(parts) >= 5 and parts[0] == job_id:
+            state = parts[1].split()[0] if parts[1] else "GONE"  # "CANCELLED by 0" -> CANCELLED
+            return JobInfo(
+                job_id=job_id, state=state, reason=parts[2], nodes=parts[3],
+                elapsed_s=float(parts[4]) if parts[4].isdigit() else None,
+            )
+    return None
+
+
+def duration_s(text: str) -> float | None:
+    """Slurm durations: ``[D-]HH:MM:SS``, ``MM:SS``."""
+    if not text or text in ("INVALID", "UNLIMITED"):
+        return None
+    days = 0
+    if "-" in text:
+        d, text = text.split("-", 1)
+        days = int(d)
+    parts = [int(p) for p in text.split(":")]
+    while len(parts) < 3:
+        parts.insert(0, 0)
+    h, m, s = parts[-3:]
+    return float(days * 86400 + h * 3600 + m * 60 + s)
+
+
+def gpus_in_gres(gres: str | None) -> int:
+    """GPUs per node asked for by ``--gres``: ``gpu:v100:2`` -> 2, ``gpu`` -> 1, none -> 0."""
+    if not gres:
+        return 0
+    total = 0
+    for item in gres.split(","):
+        parts = item.strip().split(":")
+        if parts[0] != "gpu":
+            continue
+        total += int(parts[-1]) if len(parts) > 1 and parts[-1].isdigit() else 1
+    return total
+
+
+def launcher_source() -> str:
+    return (Path(__file__).resolve().parent / "node_launcher.py").read_text()

@@ -1,0 +1,140 @@
+#!/usr/bin/env bash
+# A real one-node Slurm cluster and a "login node" sshd on loopback, for the tests and CI.
+#
+#   scripts/test_cluster.sh up      install (Debian packages) and start munge, slurmctld, slurmd, sshd
+#   scripts/test_cluster.sh down    stop them
+#   scripts/test_cluster.sh status  sinfo and the sshd port
+#
+# The sshd listens on 127.0.0.1 only, with its own host key, and lets in one test key. What
+# the tests need is written to build/testcluster/env (SSH port, key, known_hosts).
+# Needs root (it is run by `make test` on the project's machines, which are root).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+TOP=$(pwd)
+STATE=$TOP/build/testcluster
+SSH_PORT=${LLMFLOW_TEST_SSH_PORT:-22022}
+NODE=$(hostname -s)
+
+need_packages() {
+  local missing=()
+  for cmd in slurmctld slurmd sbatch munged sshd; do
+    command -v "$cmd" >/dev/null 2>&1 || [ -x "/usr/sbin/$cmd" ] || missing+=("$cmd")
+  done
+  if [ ${#missing[@]} -gt 0 ]; then
+    echo "[cluster] installing slurmctld slurmd slurm-client munge openssh-server (missing: ${missing[*]})"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurmctld slurmd slurm-client munge openssh-server >/dev/null
+  fi
+}
+
+start_munge() {
+  if [ ! -s /etc/munge/munge.key ]; then
+    mkdir -p /etc/munge
+    dd if=/dev/urandom bs=1 count=1024 of=/etc/munge/munge.key status=none
+  fi
+  chown munge:munge /etc/munge/munge.key && chmod 400 /etc/munge/munge.key
+  mkdir -p /run/munge /var/log/munge /var/lib/munge
+  chown munge:munge /run/munge /var/log/munge /var/lib/munge
+  pgrep -x munged >/dev/null || su -s /bin/sh munge -c /usr/sbin/munged
+}
+
+write_slurm_conf() {
+  mkdir -p /etc/slurm /var/spool/slurmctld /var/spool/slurmd /var/log/slurm
+  local cpus mem
+  cpus=$(nproc)
+  mem=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 - 2048 ))
+  cat > /etc/slurm/slurm.conf <<CONF
+ClusterName=llmflow-test
+SlurmctldHost=$NODE
+SlurmUser=root
+SlurmctldPort=6817
+SlurmdPort=6818
+AuthType=auth/munge
+StateSaveLocation=/var/spool/slurmctld
+SlurmdSpoolDir=/var/spool/slurmd
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core_Memory
+ReturnToService=2
+SchedulerType=sched/backfill
+SlurmctldLogFile=/var/log/slurm/slurmctld.log
+SlurmdLogFile=/var/log/slurm/slurmd.log
+MinJobAge=30
+JobRequeue=1
+NodeName=$NODE CPUs=$cpus RealMemory=$mem State=UNKNOWN
+PartitionName=debug Nodes=$NODE Default=YES MaxTime=INFINITE State=UP
+CONF
+}
+
+start_slurm() {
+  pgrep -x slurmctld >/dev/null || slurmctld
+  pgrep -x slurmd >/dev/null || slurmd
+  for _ in $(seq 1 60); do
+    if sinfo -h -o '%T' 2>/dev/null | grep -qE '^(idle|mixed|allocated)'; then return 0; fi
+    scontrol update nodename="$NODE" state=resume >/dev/null 2>&1 || true
+    sleep 0.5
+  done
+  echo "[cluster] slurm did not come up:" >&2
+  sinfo >&2 || true
+  tail -20 /var/log/slurm/slurmctld.log >&2 || true
+  return 1
+}
+
+start_sshd() {
+  mkdir -p "$STATE" /run/sshd
+  chmod 700 "$STATE"
+  [ -f "$STATE/host_ed25519" ] || ssh-keygen -q -t ed25519 -N '' -f "$STATE/host_ed25519"
+  [ -f "$STATE/client_ed25519" ] || ssh-keygen -q -t ed25519 -N '' -f "$STATE/client_ed25519"
+  cp "$STATE/client_ed25519.pub" "$STATE/authorized_keys"
+  chmod 600 "$STATE/authorized_keys"
+  cat > "$STATE/sshd_config" <<CONF
+Port $SSH_PORT
+ListenAddress 127.0.0.1
+HostKey $STATE/host_ed25519
+PidFile $STATE/sshd.pid
+AuthorizedKeysFile $STATE/authorized_keys
+PermitRootLogin prohibit-password
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+UsePAM no
+AllowTcpForwarding yes
+StrictModes no
+Subsystem sftp internal-sftp
+CONF
+  if [ -f "$STATE/sshd.pid" ] && kill -0 "$(cat "$STATE/sshd.pid")" 2>/dev/null; then
+    kill "$(cat "$STATE/sshd.pid")"; sleep 0.3
+  fi
+  /usr/sbin/sshd -f "$STATE/sshd_config" -E "$STATE/sshd.log"
+  echo "[127.0.0.1]:$SSH_PORT $(cut -d' ' -f1,2 "$STATE/host_ed25519.pub")" > "$STATE/known_hosts"
+  cat > "$STATE/env" <<ENV
+LLMFLOW_TEST_SSH_HOST=127.0.0.1
+LLMFLOW_TEST_SSH_PORT=$SSH_PORT
+LLMFLOW_TEST_SSH_USER=$(id -un)
+LLMFLOW_TEST_SSH_KEY=$STATE/client_ed25519
+LLMFLOW_TEST_KNOWN_HOSTS=$STATE/known_hosts
+ENV
+}
+
+case "${1:-up}" in
+  up)
+    need_packages
+    start_munge
+    write_slurm_conf
+    start_slurm
+    start_sshd
+    echo "[cluster] up: $(sinfo -h -o '%P %T %N' | head -1); sshd on 127.0.0.1:$SSH_PORT"
+    ;;
+  down)
+    scancel --user="$(id -un)" >/dev/null 2>&1 || true
+    [ -f "$STATE/sshd.pid" ] && kill "$(cat "$STATE/sshd.pid")" 2>/dev/null || true
+    pkill -x slurmd || true
+    pkill -x slurmctld || true
+    echo "[cluster] down"
+    ;;
+  status)
+    sinfo; squeue
+    [ -f "$STATE/env" ] && cat "$STATE/env"
+    ;;
+  *) echo "usage: $0 up|down|status" >&2; exit 2 ;;
+esac
