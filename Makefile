@@ -1,13 +1,17 @@
 # Two commands: `make demo` (set up, then run the demo) and `make test` (set up, then the tests).
-.PHONY: setup demo test test-unit bench
+.PHONY: setup cluster demo test test-unit bench
 
 setup:
 	./scripts/setup.sh
 
+# A real one-node Slurm cluster and a loopback sshd for the integration tests (needs root).
+cluster:
+	./scripts/test_cluster.sh up
+
 demo: setup
 	.venv/bin/llmflow demo
 
-test: setup
+test: setup cluster
 	.venv/bin/pytest -q
 
 test-unit: setup

@@ -78,7 +78,8 @@ class SlurmOptions(_Strict):
     time: str = Field(default="02:00:00", description="--time limit of the job.")
     constraint: str | None = Field(default=None, description="--constraint")
     extra_sbatch: list[str] = Field(
-        default_factory=list, description="Further #SBATCH options, one per entry, e.g. '--exclusive'."
+        default_factory=list,
+        description="Further #SBATCH options, one option per entry in --key=value form, e.g. '--exclusive'.",
     )
 
 

@@ -61,7 +61,7 @@ def sbatch_lines(opts: SlurmOptions, job_name: str, log_path: str) -> list[str]:
     ]
     lines = [f"#SBATCH --{key}={shlex.quote(str(value))}" for key, value in pairs if value not in (None, "")]
     lines.append("#SBATCH --requeue")
-    lines += [f"#SBATCH {' '.join(shlex.quote(part) for part in shlex.split(extra))}" for extra in opts.extra_sbatch]
+    lines += [f"#SBATCH {shlex.quote(extra)}" for extra in opts.extra_sbatch]  # one option each, quoted whole
     return lines
 
 

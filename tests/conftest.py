@@ -53,3 +53,16 @@ def llama_processes(marker: str) -> list[str]:
         if marker in text and "pytest" not in text:
             found.append(text)
     return found
+
+
+@pytest.fixture(scope="session")
+def test_cluster() -> dict[str, str]:
+    """The real one-node Slurm cluster and loopback sshd of scripts/test_cluster.sh (brought up if needed)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([str(root / "scripts" / "test_cluster.sh"), "up"], capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.fail(f"the test cluster did not come up:\n{proc.stdout}\n{proc.stderr}")
+    env_file = root / "build" / "testcluster" / "env"
+    return dict(line.strip().split("=", 1) for line in env_file.read_text().splitlines() if "=" in line)

@@ -1,0 +1,172 @@
+"""Slurm placement on the real one-node cluster, through the real sshd and a paramiko tunnel."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import httpx
+import pytest
+from prefect import flow
+
+from flows.batch import batch_inference
+from flows.session import model_session
+from llmflow.config import SAMPLE_INPUT, BatchConfig, LlamaCppEngine, ModelConfig, SessionConfig, SlurmOptions, SlurmPlacement, SSHLogin
+from llmflow.leases import read_lease
+from llmflow.placements import ServerDied
+from llmflow.placements.slurm import JobRejected, _FORWARDS
+from llmflow.shell import HostKeyRejected, SSHShell
+
+pytestmark = pytest.mark.integration
+
+
+def _login(cluster: dict[str, str], **overrides) -> SSHLogin:
+    settings = dict(
+        host=cluster["LLMFLOW_TEST_SSH_HOST"], port=int(cluster["LLMFLOW_TEST_SSH_PORT"]),
+        user=cluster["LLMFLOW_TEST_SSH_USER"], key_file=Path(cluster["LLMFLOW_TEST_SSH_KEY"]),
+        known_hosts=Path(cluster["LLMFLOW_TEST_KNOWN_HOSTS"]), ssh_config=None,
+    )
+    return SSHLogin(**{**settings, **overrides})
+
+
+@pytest.fixture
+def slurm_session(tmp_path: Path, server_env, test_cluster, prefect_api_url) -> SessionConfig:
+    venv, model = server_env
+    local_model = tmp_path / "model" / "tiny.gguf"
+    local_model.parent.mkdir()
+    shutil.copy(model, local_model)
+    return SessionConfig(
+        placement=SlurmPlacement(
+            login=_login(test_cluster), remote_runs_dir=str(tmp_path / "cluster-runs"),
+            # one-node test cluster: the "compute node" is this machine, reached on loopback
+            bind_host="127.0.0.1", connect_host="127.0.0.1", poll_interval_s=0.5, queue_deadline_s=120,
+        ),
+        engine=LlamaCppEngine(venv=venv),
+        model=ModelConfig(path=local_model),
+        runs_dir=tmp_path / "runs",
+    )
+
+
+def _jobs_of(tmp_path: Path) -> list[str]:
+    """Jobs still known to squeue whose run folder is under this test's tmp_path."""
+    out = subprocess.run(["squeue", "-h", "-o", "%i|%Z"], capture_output=True, text=True, check=True).stdout
+    return [line for line in out.splitlines() if str(tmp_path) in line]
+
+
+def _records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_batch_flow_on_slurm_through_ssh_tunnel(slurm_session: SessionConfig, tmp_path: Path):
+    out = tmp_path / "out.jsonl"
+    result = batch_inference(session=slurm_session, batch=BatchConfig(output_path=out, concurrency=4))
+    records = _records(out)
+    n = sum(1 for line in SAMPLE_INPUT.read_text().splitlines() if line.strip())
+    assert len(records) == n == result.report.succeeded
+    assert {r["response"]["status_code"] for r in records} == {200}
+    assert _jobs_of(tmp_path) == []
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert read_lease(run_dir) is None
+    summary = json.loads(out.with_name("out.summary.json").read_text())
+    assert summary["placement"] == "slurm"
+
+
+def test_forward_listens_on_loopback_only_and_key_is_enforced(slurm_session: SessionConfig, tmp_path: Path):
+    @flow
+    def probe() -> dict:
+        with model_session(slurm_session) as s:
+            forward = _FORWARDS[s.allocation.run_id]
+            url = s.tunnel.base_url + "/v1/models"
+            return {
+                "bind": forward.bind_address[0],
+                "forwarded": s.tunnel.forwarded,
+                "no_key": httpx.get(url).status_code,
+                "key": httpx.get(url, headers={"Authorization": f"Bearer {s.handle.api_key()}"}).status_code,
+                "remote_key_mode": oct(Path(s.allocation.remote_dir, "api_key").stat().st_mode & 0o777),
+            }
+
+    assert probe() == {"bind": "127.0.0.1", "forwarded": True, "no_key": 401, "key": 200, "remote_key_mode": "0o600"}
+    assert _jobs_of(tmp_path) == []
+
+
+def test_requeue_mid_batch_completes_each_id_once(slurm_session: SessionConfig, tmp_path: Path):
+    src = tmp_path / "in.jsonl"
+    n = 400
+    with src.open("w") as f:
+        for i in range(n):
+            f.write(json.dumps({"custom_id": f"r{i}", "method": "POST", "url": "/v1/completions",
+                                "body": {"model": "tiny-llama", "prompt": f"request {i}", "max_tokens": 48}}) + "\n")
+    out = tmp_path / "out.jsonl"
+    requeued: dict[str, object] = {}
+
+    def requeue_when_busy() -> None:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if out.exists() and out.read_text().count("\n") >= 40:
+                (run_dir,) = (tmp_path / "runs").iterdir()
+                job = read_lease(run_dir).job_id
+                subprocess.run(["scontrol", "requeue", job], check=True)
+                requeued["at_lines"] = out.read_text().count("\n")
+                # Slurm holds a requeued job for 120 s (BeginTime) once it is back to PENDING;
+                # let it start again now rather than make the test wait
+                while time.monotonic() < deadline:
+                    state = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T|%r"], capture_output=True, text=True).stdout
+                    if state.startswith("PENDING|BeginTime"):
+                        subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
+                        return
+                    time.sleep(0.2)
+                return
+            time.sleep(0.1)
+
+    watcher = threading.Thread(target=requeue_when_busy, daemon=True)
+    watcher.start()
+    batch = BatchConfig(input_path=src, output_path=out, concurrency=2, max_attempts=2, backoff_s=0.2,
+                        stop_after_failures=2)
+    result = batch_inference(session=slurm_session, batch=batch)
+    watcher.join(5)
+    assert requeued.get("at_lines", n) < n, "the requeue did not happen mid-batch"
+    ids = Counter(r["custom_id"] for r in _records(out))
+    assert len(ids) == n and set(ids.values()) == {1}
+    assert {r["response"]["status_code"] for r in _records(out)} == {200}
+    assert result.report.succeeded == n
+    assert _jobs_of(tmp_path) == []
+
+
+def test_impossible_partition_fails_with_slurms_reason(slurm_session: SessionConfig, tmp_path: Path):
+    slurm_session.placement.slurm = SlurmOptions(partition="no-such-partition")
+    with pytest.raises(JobRejected, match="invalid partition"):
+        batch_inference(session=slurm_session, batch=BatchConfig(output_path=tmp_path / "o.jsonl"))
+    assert _jobs_of(tmp_path) == []
+
+
+def test_impossible_resources_fail_with_slurms_reason(slurm_session: SessionConfig, tmp_path: Path):
+    slurm_session.placement.slurm = SlurmOptions(mem="100000G")
+    with pytest.raises(JobRejected, match="Requested node configuration is not available"):
+        batch_inference(session=slurm_session, batch=BatchConfig(output_path=tmp_path / "o.jsonl"))
+    assert _jobs_of(tmp_path) == []
+
+
+def test_model_that_fails_to_load_fails_with_log_tail(slurm_session: SessionConfig, tmp_path: Path):
+    slurm_session.model.path.write_bytes(b"not a gguf file")
+    with pytest.raises(ServerDied) as exc:
+        batch_inference(session=slurm_session, batch=BatchConfig(output_path=tmp_path / "o.jsonl"))
+    assert "log tail" in str(exc.value) and "gguf" in str(exc.value).lower()
+    assert _jobs_of(tmp_path) == []
+
+
+def test_unknown_host_key_is_refused_unless_opted_in(test_cluster, tmp_path: Path):
+    empty = tmp_path / "known_hosts"
+    with pytest.raises(HostKeyRejected, match="not in .*known_hosts: refusing"):
+        SSHShell(_login(test_cluster, known_hosts=empty))
+    shell = SSHShell(_login(test_cluster, known_hosts=empty, accept_unknown_host_key=True))
+    try:
+        assert shell.run("echo ok").stdout.strip() == "ok"
+    finally:
+        shell.close()
+    assert test_cluster["LLMFLOW_TEST_SSH_PORT"] in empty.read_text()  # remembered for next time
+    SSHShell(_login(test_cluster, known_hosts=empty)).close()  # and now trusted without opting in

@@ -1,0 +1,116 @@
+"""Job script rendering and Slurm output parsing: pure functions, no cluster."""
+
+from __future__ import annotations
+
+import re
+import shlex
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from llmflow import engines, slurm
+from llmflow.config import LlamaCppEngine, ModelConfig, SlurmOptions
+from llmflow.metrics import merge_reports
+from llmflow.results import BatchReport
+
+NASTY = "it's a \"quoted\" $HOME `x` value"
+
+
+def _render(tmp_path: Path, **opts) -> str:
+    engine = LlamaCppEngine(
+        venv=Path("/scratch/my venvs/llama"),
+        setup=["module load cuda/12.4", "source '/scratch/my venvs/llama/bin/activate'",
+               "export HF_HOME=/scratch/hf", "export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True"],
+    )
+    spec = engines.launch_spec(engine, ModelConfig(path=Path("/models/it's big.gguf")), "0.0.0.0", None)
+    return slurm.render_job_script(
+        opts=SlurmOptions(**opts), job_name="llmflow-run 1", run_dir="/home/u/llmflow runs/r1",
+        setup=spec.setup, server_python=str(engine.python), server_argv=spec.argv, bind_host="0.0.0.0",
+        launcher_source=slurm.launcher_source(),
+    )
+
+
+def _sbatch_options(script: str) -> list[list[str]]:
+    return [shlex.split(line[len("#SBATCH "):]) for line in script.splitlines() if line.startswith("#SBATCH ")]
+
+
+def test_gpu_job_script_quotes_every_value(tmp_path: Path):
+    script = _render(
+        tmp_path, partition="gpu", account=NASTY, qos="high", gres="gpu:v100:1", cpus_per_task=8, mem="64G",
+        time="04:00:00", constraint="a100|h100", extra_sbatch=["--exclusive", f"--comment={NASTY}"],
+    )
+    opts = _sbatch_options(script)
+    assert ["--job-name=llmflow-run 1"] in opts
+    assert [f"--account={NASTY}"] in opts and [f"--comment={NASTY}"] in opts
+    assert ["--gres=gpu:v100:1"] in opts and ["--cpus-per-task=8"] in opts and ["--mem=64G"] in opts
+    assert ["--constraint=a100|h100"] in opts and ["--exclusive"] in opts and ["--requeue"] in opts
+    assert ["--output=/home/u/llmflow runs/r1/slurm-%j.out"] in opts
+    assert "module load cuda/12.4" in script and "export HF_HOME=/scratch/hf" in script
+    exec_line = next(line for line in script.splitlines() if line.startswith("exec "))
+    argv = shlex.split(exec_line)[1:]
+    assert argv[0] == "/scratch/my venvs/llama/bin/python"
+    assert "/models/it's big.gguf" in argv and "{port}" in argv
+    assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
+
+
+def test_unset_options_are_left_out_and_key_never_in_script(tmp_path: Path):
+    script = _render(tmp_path)
+    flat = [o[0].split("=")[0] for o in _sbatch_options(script)]
+    assert "--partition" not in flat and "--gres" not in flat and "--time" in flat
+    assert "API_KEY=\"$(cat api_key)\"" in script  # read from the 0600 file at run time
+
+
+def test_embedded_launcher_is_the_real_one(tmp_path: Path):
+    script = _render(tmp_path)
+    body = re.search(rf"<<'{slurm.LAUNCHER_DELIMITER}'\n(.*?)\n{slurm.LAUNCHER_DELIMITER}\n", script, re.S).group(1)
+    assert body + "\n" == slurm.launcher_source()
+
+
+def test_parse_sbatch():
+    assert slurm.parse_sbatch("42\n") == "42"
+    assert slurm.parse_sbatch("42;cluster\n") == "42"
+    with pytest.raises(ValueError):
+        slurm.parse_sbatch("sbatch: error: nope")
+
+
+def test_parse_squeue_scontrol_sacct():
+    info = slurm.parse_squeue("7", "7|PENDING|Resources|\n")
+    assert info.state == "PENDING" and info.reason == "Resources" and not info.terminal and not info.running
+    assert slurm.parse_squeue("7", "") is None
+    text = ("JobId=7 JobName=llmflow-x\n   JobState=RUNNING Reason=None Dependency=(null)\n"
+            "   Requeue=1 Restarts=2 BatchFlag=1\n   RunTime=1-02:03:04 TimeLimit=2-00:00:00\n   NodeList=gpu017\n")
+    info = slurm.parse_scontrol("7", text)
+    assert (info.state, info.reason, info.nodes, info.restarts) == ("RUNNING", "", "gpu017", 2)
+    assert info.elapsed_s == 86400 + 2 * 3600 + 3 * 60 + 4
+    assert slurm.parse_scontrol("7", "slurm_load_jobs error: Invalid job id specified") is None
+    info = slurm.parse_sacct("7", "7|CANCELLED by 0|None|gpu017|3600\n")
+    assert info.state == "CANCELLED" and info.terminal and info.elapsed_s == 3600
+
+
+@pytest.mark.parametrize("state", ["PENDING", "CONFIGURING", "REQUEUED", "PREEMPTED", "SUSPENDED"])
+def test_waiting_states_are_not_terminal(state):
+    assert state in slurm.WAITING and state not in slurm.TERMINAL
+
+
+@pytest.mark.parametrize(
+    "state", ["COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"]
+)
+def test_terminal_states(state):
+    assert slurm.JobInfo(job_id="1", state=state).terminal
+
+
+@pytest.mark.parametrize(("gres", "gpus"), [(None, 0), ("gpu", 1), ("gpu:2", 2), ("gpu:v100:4", 4), ("gpu:a100:1,nvme:1", 1)])
+def test_gpus_in_gres(gres, gpus):
+    assert slurm.gpus_in_gres(gres) == gpus
+
+
+def test_merge_reports_sums_the_passes(tmp_path: Path):
+    common = dict(input_path=tmp_path, output_path=tmp_path, errors_path=tmp_path, input_lines=100, invalid_lines=0)
+    a = BatchReport(**common, already_done=10, sent=50, succeeded=40, failed_http=0, unfinished=10,
+                    prompt_tokens=400, completion_tokens=80, wall_s=5, retries=30, stopped_early=True)
+    b = BatchReport(**common, already_done=50, sent=50, succeeded=50, failed_http=0, unfinished=0,
+                    prompt_tokens=500, completion_tokens=100, wall_s=4, retries=0)
+    m = merge_reports(a, b)
+    assert (m.already_done, m.sent, m.succeeded, m.unfinished, m.stopped_early) == (10, 100, 90, 0, False)
+    assert (m.prompt_tokens, m.completion_tokens, m.wall_s, m.retries) == (900, 180, 9, 30)
