@@ -82,9 +82,35 @@ def _run_batch(session: SessionConfig, batch: BatchConfig) -> int:
     return 0
 
 
+def _hold(args: argparse.Namespace) -> int:
+    """Hold a session open; print the URL, key and examples once ready; tear down at the end or on Ctrl-C."""
+    from flows.hold import connection_help, hold_session, on_ready
+
+    try:
+        session = _session_config(args)
+    except ValidationError as exc:
+        print(f"invalid configuration:\n{exc}", file=sys.stderr)
+        return 2
+    on_ready(lambda s: print("\n" + connection_help(s) + f"\n\nheld for {args.hours} h; Ctrl-C ends it early\n", flush=True))
+    try:
+        held = hold_session(session=session, hours=args.hours, check_every_s=args.check_every)
+    except KeyboardInterrupt:
+        print("interrupted: the session was torn down", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as exc:  # noqa: BLE001 - the flow's message is the useful part
+        print(f"session failed: {exc}", file=sys.stderr)
+        return 1
+    print(f"session ended after {held} h; torn down")
+    return 0
+
+
 def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--concurrency", type=int, help="requests in flight (default 8)")
     p.add_argument("--fixed-output-tokens", type=int, help="force each completion to exactly N tokens")
+    _add_session_options(p)
+
+
+def _add_session_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", type=Path, help=f"GGUF model (default {DEFAULT_MODEL.relative_to(PROJECT_ROOT)})")
     p.add_argument("--venv", type=Path, help="model server's virtual environment (default .venvs/llama_cpp)")
     p.add_argument("--n-ctx", type=int, help="server context length (default 2048)")
@@ -107,6 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="tiny model, local placement, llama.cpp, the bundled 240-request sample")
     p.add_argument("-o", "--output", type=Path, default=PROJECT_ROOT / "out" / "sample_output.jsonl")
     _add_run_options(p)
+
+    p = sub.add_parser("hold", help="serve the model for some hours and print how to reach it (interactive use)")
+    p.add_argument("--hours", type=float, default=1.0, help="how long to hold the session (default 1)")
+    p.add_argument("--check-every", type=float, default=30.0, help="seconds between health checks (default 30)")
+    _add_session_options(p)
 
     p = sub.add_parser("make-model", help="write the tiny random Llama GGUF model (offline)")
     p.add_argument("path", type=Path, nargs="?", default=DEFAULT_MODEL)
@@ -137,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"released {len(released)} leftover server(s)" + "".join(f"\n  {x.run_id} (pgid {x.pgid})" for x in released))
         return 0
 
+    if args.command == "hold":
+        return _hold(args)
     input_path = SAMPLE_INPUT if args.command == "demo" else args.input
     try:
         session = _session_config(args)

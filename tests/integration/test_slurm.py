@@ -170,3 +170,32 @@ def test_unknown_host_key_is_refused_unless_opted_in(test_cluster, tmp_path: Pat
         shell.close()
     assert test_cluster["LLMFLOW_TEST_SSH_PORT"] in empty.read_text()  # remembered for next time
     SSHShell(_login(test_cluster, known_hosts=empty)).close()  # and now trusted without opting in
+
+
+def test_hold_prints_a_working_url_and_key_then_tears_down(slurm_session: SessionConfig, tmp_path: Path, prefect_api_url):
+    import os
+    import re
+    import sys
+
+    config = tmp_path / "cluster.json"
+    config.write_text(json.dumps({"session": slurm_session.model_dump(mode="json")}))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llmflow.cli", "hold", "--hours", "0.005", "--check-every", "2", "--config", str(config)],
+        env={**os.environ, "PREFECT_API_URL": prefect_api_url}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    seen = ""
+    deadline = time.monotonic() + 120
+    while "held for" not in seen:
+        line = proc.stdout.readline()
+        assert line and time.monotonic() < deadline, seen
+        seen += line
+    base = re.search(r"base URL:\s+(\S+)", seen).group(1)
+    key = re.search(r"API key:\s+(\S+)", seen).group(1)
+    assert base.startswith("http://127.0.0.1:") and "curl -s" in seen and "OpenAI(base_url=" in seen
+    resp = httpx.post(base + "/completions", headers={"Authorization": f"Bearer {key}"},
+                      json={"model": "tiny-llama", "prompt": "hi", "max_tokens": 4}, timeout=30)
+    assert resp.status_code == 200
+    rest, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, seen + rest
+    assert "session ended after" in rest and "tear down: stopped job" in rest
+    assert _jobs_of(tmp_path) == []
