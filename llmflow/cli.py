@@ -33,7 +33,12 @@ def _session_config(args: argparse.Namespace) -> SessionConfig:
         data.setdefault("model", {})["path"] = args.model
     if args.runs_dir:
         data["runs_dir"] = args.runs_dir
-    return SessionConfig.model_validate(data)
+    session = SessionConfig.model_validate(data)
+    if args.cluster_block:
+        from blocks import SlurmCluster
+
+        session = session.model_copy(update={"placement": SlurmCluster.load(args.cluster_block).placement()})
+    return session
 
 
 def _batch_config(args: argparse.Namespace, input_path: Path, output_path: Path) -> BatchConfig:
@@ -116,6 +121,7 @@ def _add_session_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-ctx", type=int, help="server context length (default 2048)")
     p.add_argument("--runs-dir", type=Path, help="where per-run folders (server log, key) go (default runs/)")
     p.add_argument("--config", type=Path, help='JSON file {"session": {...}, "batch": {...}}; flags override it')
+    p.add_argument("--cluster-block", help="run on the Slurm cluster saved as this SlurmCluster block")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,56 @@
+"""The cluster block against a real Prefect API, and releasing a Slurm job a dead run left."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from blocks import SlurmCluster
+from llmflow.config import SessionConfig, SlurmOptions, SSHLogin
+from llmflow.leases import LEASE_FILE, release_leftovers
+from llmflow.placements import SlurmDriver
+from tests.integration.test_slurm import _jobs_of, _login
+
+pytestmark = pytest.mark.integration
+
+
+def test_cluster_block_round_trip_keeps_the_secret_secret(prefect_api_url):
+    from prefect.client.orchestration import get_client
+
+    block = SlurmCluster(
+        login=SSHLogin(host="login.example.org", user="me", key_passphrase="hunter2", proxy_jump="bastion:2222"),
+        slurm=SlurmOptions(partition="gpu", gres="gpu:a100:1", time="08:00:00"),
+    )
+    block.save("test-della", overwrite=True)
+    loaded = SlurmCluster.load("test-della")
+    placement = loaded.placement()
+    assert placement.slurm.gres == "gpu:a100:1" and placement.login.proxy_jump == "bastion:2222"
+    assert placement.login.key_passphrase.get_secret_value() == "hunter2"
+    with get_client(sync_client=True) as client:
+        doc = client.read_block_document_by_name("test-della", "llmflow-slurm-cluster", include_secrets=False)
+    assert "hunter2" not in json.dumps(doc.data, default=str)
+
+
+def test_a_dead_runs_slurm_job_is_cancelled_by_cleanup(test_cluster, server_env, tmp_path: Path):
+    venv, model = server_env
+    config = SessionConfig.model_validate({
+        "placement": {"kind": "slurm", "login": _login(test_cluster).model_dump(), "remote_runs_dir": str(tmp_path / "cluster"),
+                      "bind_host": "127.0.0.1", "connect_host": "127.0.0.1", "poll_interval_s": 0.5},
+        "engine": {"venv": str(venv)}, "model": {"path": str(model)}, "runs_dir": str(tmp_path / "runs"),
+    })
+    alloc = SlurmDriver(config).allocate("dead-run")
+    assert _jobs_of(tmp_path), "the job should be queued or running"
+    lease_file = alloc.run_dir / LEASE_FILE
+    data = json.loads(lease_file.read_text())
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    data.update(owner_pid=int(dead.stdout), owner_start=None)  # as if its flow process had been killed
+    lease_file.write_text(json.dumps(data))
+    released = release_leftovers(config.runs_dir)
+    assert [lease.job_id for lease in released] == [alloc.job_id]
+    assert _jobs_of(tmp_path) == [] and not lease_file.exists()
+    again = SlurmDriver(config).teardown(alloc)  # teardown after a cleanup: nothing left, no error
+    assert again.already_gone and again.cancelled_job is None
