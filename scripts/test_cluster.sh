@@ -102,10 +102,19 @@ AllowTcpForwarding yes
 StrictModes no
 Subsystem sftp internal-sftp
 CONF
-  if [ -f "$STATE/sshd.pid" ] && kill -0 "$(cat "$STATE/sshd.pid")" 2>/dev/null; then
-    kill "$(cat "$STATE/sshd.pid")"; sleep 0.3
-  fi
+  # one test sshd at a time: stop ours, or one a checkout elsewhere left on the same port
+  pkill -f "sshd -f .*/build/testcluster/sshd_config" 2>/dev/null && sleep 0.5 || true
+  rm -f "$STATE/sshd.pid"
   /usr/sbin/sshd -f "$STATE/sshd_config" -E "$STATE/sshd.log"
+  for _ in $(seq 1 50); do
+    [ -s "$STATE/sshd.pid" ] && kill -0 "$(cat "$STATE/sshd.pid")" 2>/dev/null && break
+    sleep 0.1
+  done
+  if ! { [ -s "$STATE/sshd.pid" ] && kill -0 "$(cat "$STATE/sshd.pid")" 2>/dev/null; }; then
+    echo "[cluster] sshd did not start:" >&2
+    tail -5 "$STATE/sshd.log" >&2
+    return 1
+  fi
   echo "[127.0.0.1]:$SSH_PORT $(cut -d' ' -f1,2 "$STATE/host_ed25519.pub")" > "$STATE/known_hosts"
   cat > "$STATE/env" <<ENV
 LLMFLOW_TEST_SSH_HOST=127.0.0.1
@@ -127,7 +136,7 @@ case "${1:-up}" in
     ;;
   down)
     scancel --user="$(id -un)" >/dev/null 2>&1 || true
-    [ -f "$STATE/sshd.pid" ] && kill "$(cat "$STATE/sshd.pid")" 2>/dev/null || true
+    pkill -f "sshd -f .*/build/testcluster/sshd_config" 2>/dev/null || true
     pkill -x slurmd || true
     pkill -x slurmctld || true
     echo "[cluster] down"
