@@ -2,7 +2,7 @@
 
 Exit codes: 0 every valid request finished; 3 finished, but some input lines were invalid
 (see the errors file); 1 the run failed (the message says why; rerun to resume);
-2 invalid configuration; 130 interrupted (Ctrl-C), after tearing the server down.
+2 invalid configuration; 130 interrupted (Ctrl-C or SIGTERM), after tearing the server down.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -154,9 +155,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _interrupt(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: list[str] | None = None) -> int:
     # This machine (and many clusters) cannot reach Prefect's telemetry endpoint.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # `kill` (SIGTERM) takes the same path as Ctrl-C: the session's finally tears everything down.
+    signal.signal(signal.SIGTERM, _interrupt)
     args = build_parser().parse_args(argv)
     if args.command == "make-model":
         from llmflow.tiny_model import write_tiny_llama

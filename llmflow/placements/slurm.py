@@ -68,6 +68,17 @@ def job_info(shell: Shell, job_id: str) -> slurm.JobInfo:
     return detail or slurm.parse_sacct(job_id, sacct_out) or slurm.JobInfo(job_id=job_id, state="GONE")
 
 
+def settled_info(shell: Shell, job_id: str, settle_s: float = 6.0) -> slurm.JobInfo:
+    """``job_info``, but a terminal state must hold for ``settle_s``: a job being requeued shows
+    FAILED/CANCELLED for a moment (its batch script was killed) before it is PENDING again."""
+    info = job_info(shell, job_id)
+    deadline = time.monotonic() + settle_s
+    while info.terminal and info.state != "GONE" and time.monotonic() < deadline:
+        time.sleep(1.0)
+        info = job_info(shell, job_id)
+    return info
+
+
 def remote_tail(shell: Shell, path: str, lines: int = 30) -> str:
     res = shell.run(f"tail -n {lines} {shlex.quote(path)} 2>/dev/null")
     return res.stdout.strip() or "(no log yet)"
@@ -176,7 +187,7 @@ class SlurmDriver:
             info = job_info(shell, job_id)
             if info.running:
                 return info
-            if info.terminal:
+            if info.terminal and (info := settled_info(shell, job_id)).terminal:
                 tail = remote_tail(shell, self._log_path(remote_dir, job_id))
                 raise ServerDied(f"job {job_id} ended {info.state} ({info.reason or 'no reason given'}) before it ran the server; log tail:\n{tail}")
             if info.reason in HOPELESS_REASONS:
@@ -203,7 +214,7 @@ class SlurmDriver:
             if ep is not None and ep.get("restarts", 0) >= min_restarts:
                 break
             info = job_info(shell, alloc.job_id)
-            if info.terminal:
+            if info.terminal and (info := settled_info(shell, alloc.job_id)).terminal:
                 raise ServerDied(f"job {alloc.job_id} ended {info.state} ({info.reason}); log tail:\n{remote_tail(shell, log_path)}")
             if time.monotonic() > deadline:
                 raise TimeoutError(f"job {alloc.job_id} wrote no endpoint record in {self.config.gate.deadline_s:.0f}s")
@@ -242,7 +253,7 @@ class SlurmDriver:
     def check_alive(self, handle: ServerHandle) -> None:
         assert handle.job_id
         shell = self.shell(handle.run_id)
-        info = job_info(shell, handle.job_id)
+        info = settled_info(shell, handle.job_id)
         if info.terminal:
             raise ServerDied(f"job {handle.job_id} ended {info.state} ({info.reason}); log tail:\n{remote_tail(shell, str(handle.log_path))}")
 
@@ -250,7 +261,7 @@ class SlurmDriver:
         """After failures: if the job was requeued, wait for it and follow its new endpoint."""
         assert handle.job_id and alloc.remote_dir
         shell = self.shell(alloc.run_id)
-        info = job_info(shell, handle.job_id)
+        info = settled_info(shell, handle.job_id)
         if info.terminal:
             raise ServerDied(f"job {handle.job_id} ended {info.state} ({info.reason}); log tail:\n{remote_tail(shell, str(handle.log_path))}")
         if info.running and info.restarts == handle.restarts:

@@ -164,7 +164,8 @@ def test_sigkill_mid_batch_then_rerun_finishes_each_id_once(session_config, tmp_
     assert not (killed_run / "lease.json").exists() or not llama_processes(str(killed_run))
 
 
-def test_ctrl_c_mid_batch_tears_down_and_exits_130(session_config, tmp_path: Path, cli_env):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_mid_batch_tears_down_and_exits_130(session_config, tmp_path: Path, cli_env, sig):
     src = tmp_path / "big.jsonl"
     with src.open("w") as f:
         for i in range(600):
@@ -173,12 +174,14 @@ def test_ctrl_c_mid_batch_tears_down_and_exits_130(session_config, tmp_path: Pat
     out = tmp_path / "out.jsonl"
     proc = _cli(["batch", str(src), "-o", str(out), "--runs-dir", str(session_config.runs_dir),
                  "--model", str(session_config.model.path), "--concurrency", "2"],
-                cli_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                cli_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                # a shell that started us in the background may have set SIGINT to "ignore"
+                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 240
     while not (out.exists() and out.read_text().count("\n") >= 30):
         assert proc.poll() is None and time.monotonic() < deadline
         time.sleep(0.1)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     stdout, _ = proc.communicate(timeout=60)
     assert proc.returncode == 130, stdout
     assert "tear down: stopped" in stdout and "interrupted" in stdout

@@ -19,7 +19,7 @@ from flows.session import model_session
 from llmflow.config import SAMPLE_INPUT, BatchConfig, LlamaCppEngine, ModelConfig, SessionConfig, SlurmOptions, SlurmPlacement, SSHLogin
 from llmflow.leases import read_lease
 from llmflow.placements import ServerDied
-from llmflow.placements.slurm import JobRejected, _FORWARDS
+from llmflow.placements.slurm import _FORWARDS, _TUNNEL_SHELLS, JobRejected, QueueTimeout
 from llmflow.shell import HostKeyRejected, SSHShell
 
 pytestmark = pytest.mark.integration
@@ -88,9 +88,26 @@ def test_forward_listens_on_loopback_only_and_key_is_enforced(slurm_session: Ses
                 "no_key": httpx.get(url).status_code,
                 "key": httpx.get(url, headers={"Authorization": f"Bearer {s.handle.api_key()}"}).status_code,
                 "remote_key_mode": oct(Path(s.allocation.remote_dir, "api_key").stat().st_mode & 0o777),
+                "after_drop": _status_after_ssh_drop(s, url),
             }
 
-    assert probe() == {"bind": "127.0.0.1", "forwarded": True, "no_key": 401, "key": 200, "remote_key_mode": "0o600"}
+    assert probe() == {
+        "bind": "127.0.0.1", "forwarded": True, "no_key": 401, "key": 200, "remote_key_mode": "0o600", "after_drop": 200,
+    }
+    assert _jobs_of(tmp_path) == []
+
+
+def _status_after_ssh_drop(s, url: str) -> int:
+    """Cut the tunnel's SSH connection under it; the next request must reconnect by itself."""
+    _TUNNEL_SHELLS[s.allocation.run_id]._client.get_transport().close()
+    return httpx.get(url, headers={"Authorization": f"Bearer {s.handle.api_key()}"}, timeout=30).status_code
+
+
+def test_queue_deadline_cancels_a_job_that_never_starts(slurm_session: SessionConfig, tmp_path: Path):
+    slurm_session.placement.slurm = SlurmOptions(extra_sbatch=["--hold"])  # pending (JobHeldUser) for ever
+    slurm_session.placement.queue_deadline_s = 4
+    with pytest.raises(QueueTimeout, match=r"still PENDING \(JobHeldUser\) after 4s in the queue; cancelled"):
+        batch_inference(session=slurm_session, batch=BatchConfig(output_path=tmp_path / "o.jsonl"))
     assert _jobs_of(tmp_path) == []
 
 
