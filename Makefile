@@ -8,7 +8,8 @@ setup:
 cluster:
 	./scripts/test_cluster.sh up
 
-demo: setup
+demo:
+	./scripts/setup.sh demo
 	.venv/bin/llmflow demo
 
 test: setup cluster

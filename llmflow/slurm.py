@@ -75,6 +75,7 @@ def render_job_script(
     server_argv: list[str],
     bind_host: str,
     launcher_source: str,
+    api_key_env: str | None = "API_KEY",
 ) -> str:
     """The batch script: resources, the user's setup lines, then the supervisor and server.
 
@@ -95,7 +96,11 @@ def render_job_script(
             "set -eo pipefail",
             f"cd {q(run_dir)}",
             "rm -f endpoint.json  # a requeued job writes a fresh one",
-            'if [ -f api_key ]; then API_KEY="$(cat api_key)"; export API_KEY; fi',
+            *(
+                [f'if [ -f api_key ]; then {api_key_env}="$(cat api_key)"; export {api_key_env}; fi']
+                if api_key_env
+                else []
+            ),
             "# --- setup lines from the engine config ---",
             *setup,
             "# --- end of setup lines ---",

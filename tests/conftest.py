@@ -19,7 +19,7 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 _HOME = tempfile.mkdtemp(prefix="llmflow-prefect-home-")
 os.environ["PREFECT_HOME"] = _HOME
 
-from llmflow.config import DEFAULT_MODEL, DEFAULT_SERVER_VENV  # noqa: E402
+from llmflow.config import DEFAULT_MODEL, DEFAULT_SERVER_VENV, PROJECT_ROOT, TINY_HF_MODEL  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -40,6 +40,16 @@ def server_env() -> tuple[Path, Path]:
     if missing:
         pytest.fail(f"integration tests need `make setup` first; missing: {', '.join(missing)}")
     return DEFAULT_SERVER_VENV, DEFAULT_MODEL
+
+
+@pytest.fixture(scope="session")
+def vllm_env() -> tuple[Path, Path]:
+    """vLLM's venv and the tiny HF checkpoint; a clear failure (not a skip) when missing."""
+    venv = PROJECT_ROOT / ".venvs" / "vllm"
+    missing = [str(p) for p in (venv / "bin" / "python", TINY_HF_MODEL / "model.safetensors") if not p.exists()]
+    if missing:
+        pytest.fail(f"vLLM tests need `make setup` first; missing: {', '.join(missing)}")
+    return venv, TINY_HF_MODEL
 
 
 def llama_processes(marker: str) -> list[str]:

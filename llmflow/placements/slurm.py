@@ -164,6 +164,7 @@ class SlurmDriver:
             server_argv=spec.argv,
             bind_host=self.placement.bind_host,
             launcher_source=slurm.launcher_source(),
+            api_key_env=engines.api_key_env(self.config.engine),
         )
         shell.write_file(f"{remote_dir}/job.sh", script, 0o700)
         (local_dir / "job.sh").write_text(script)

@@ -47,3 +47,31 @@ def test_tok_per_s_counts_only_this_pass(tmp_path: Path):
     assert t.requests == 6 and t.requests_per_s == 3.0
     assert t.output_tok_per_s == 25.0 and t.total_tok_per_s == 75.0
     assert t.summary_path.name == "o.summary.json"
+
+
+def test_vllm_launch_and_fixed_length():
+    from llmflow.config import VllmEngine
+
+    engine = VllmEngine(venv=Path("/v"), max_model_len=4096, gpu_memory_utilization=0.9, tensor_parallel_size=2,
+                        dtype="float32", extra_args=["--enforce-eager"])
+    spec = engines.launch_spec(engine, ModelConfig(path=Path("/m/ckpt"), served_name="m"), "0.0.0.0", "k")
+    argv = spec.argv
+    assert argv[:3] == ["/v/bin/python", "-m", "vllm.entrypoints.openai.api_server"]
+    for flag, value in [("--model", "/m/ckpt"), ("--served-model-name", "m"), ("--max-model-len", "4096"),
+                        ("--gpu-memory-utilization", "0.9"), ("--tensor-parallel-size", "2"), ("--dtype", "float32")]:
+        assert argv[argv.index(flag) + 1] == value
+    assert argv[-1] == "--enforce-eager" and "k" not in argv
+    assert spec.env == {"VLLM_API_KEY": "k"}
+    assert engines.readiness_path(engine) == "/health"
+    assert engines.fixed_length_fields(engine, 8) == {"max_tokens": 8, "min_tokens": 8, "ignore_eos": True}
+
+
+def test_slurm_script_exports_the_engines_key_variable():
+    from llmflow import slurm
+    from llmflow.config import SlurmOptions
+
+    script = slurm.render_job_script(
+        opts=SlurmOptions(), job_name="j", run_dir="/r", setup=[], server_python="/p", server_argv=["x"],
+        bind_host="0.0.0.0", launcher_source="pass\n", api_key_env="VLLM_API_KEY",
+    )
+    assert 'VLLM_API_KEY="$(cat api_key)"; export VLLM_API_KEY' in script
