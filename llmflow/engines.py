@@ -31,6 +31,7 @@ class LaunchSpec:
 class EngineSpec(Protocol):
     readiness_path: ClassVar[str]
     api_key_env: ClassVar[str | None]
+    metrics_path: ClassVar[str | None]
 
     def launch(self, engine: Any, model: ModelConfig, host: str, api_key: str | None) -> LaunchSpec: ...
 
@@ -46,6 +47,7 @@ class LlamaCppSpec:
 
     readiness_path = "/v1/models"
     api_key_env = "API_KEY"
+    metrics_path = None  # llama-cpp-python's server has no /metrics
 
     def launch(self, engine: LlamaCppEngine, model: ModelConfig, host: str, api_key: str | None) -> LaunchSpec:
         argv = [
@@ -68,6 +70,7 @@ class VllmSpec:
 
     readiness_path = "/health"
     api_key_env = "VLLM_API_KEY"
+    metrics_path = "/metrics"  # Prometheus text; token counters are vllm:*_tokens_total
 
     def launch(self, engine: VllmEngine, model: ModelConfig, host: str, api_key: str | None) -> LaunchSpec:
         argv = [
@@ -119,6 +122,11 @@ def readiness_path(engine: Any) -> str:
 def fixed_length_fields(engine: Any, tokens: int) -> dict[str, Any]:
     """Body fields that make a completion exactly ``tokens`` long on this engine."""
     return spec_for(engine).fixed_length_fields(tokens)
+
+
+def metrics_path(engine: Any) -> str | None:
+    """Where the engine publishes its own counters, if it does."""
+    return spec_for(engine).metrics_path
 
 
 def server_python(engine: Any) -> Path:

@@ -8,14 +8,44 @@ from pathlib import Path
 from llmflow.results import BatchReport, TokPS
 
 
+SERVER_COUNTERS = {"vllm:prompt_tokens_total": "prompt_tokens", "vllm:generation_tokens_total": "generation_tokens"}
+
+
+def parse_prometheus_counters(text: str, names: dict[str, str] = SERVER_COUNTERS) -> dict[str, float]:
+    """Sum each wanted counter over its label sets: ``name{labels} value`` lines of Prometheus text."""
+    totals: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        metric, _, rest = line.partition(" ")
+        name = metric.split("{", 1)[0]
+        if name in names:
+            try:
+                value = float(rest.split()[0])
+            except (IndexError, ValueError):
+                continue
+            totals[names[name]] = totals.get(names[name], 0.0) + value
+    return totals
+
+
+def counter_delta(before: dict[str, float] | None, after: dict[str, float] | None) -> dict[str, float] | None:
+    """What the server counted during a pass; None when the engine reports nothing."""
+    if before is None or after is None:
+        return None
+    return {key: after[key] - before.get(key, 0.0) for key in after}
+
+
 def merge_reports(first: BatchReport, later: BatchReport) -> BatchReport:
     """Two passes over the same input (a recovery in between) as one report."""
     summed = {
         key: getattr(first, key) + getattr(later, key)
         for key in ("sent", "succeeded", "failed_http", "prompt_tokens", "completion_tokens", "wall_s", "retries")
     }
+    server = first.server_counters
+    if server is not None and later.server_counters is not None:
+        server = {k: server.get(k, 0.0) + later.server_counters.get(k, 0.0) for k in {*server, *later.server_counters}}
     # unfinished and invalid lines are whatever the last pass still could not do
-    return later.model_copy(update={**summed, "already_done": first.already_done})
+    return later.model_copy(update={**summed, "already_done": first.already_done, "server_counters": server})
 
 
 def tok_per_s(report: BatchReport, summary_path: Path) -> TokPS:

@@ -91,6 +91,10 @@ class BatchReport(BaseModel):
     stopped_early: bool = Field(
         default=False, description="The endpoint stopped answering, so the pass stopped sending; a rerun resumes."
     )
+    server_counters: dict[str, float] | None = Field(
+        default=None,
+        description="What the server itself counted during the pass (vLLM /metrics deltas), beside the client's usage sums.",
+    )
 
 
 class TokPS(BaseModel):

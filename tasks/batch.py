@@ -8,10 +8,27 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 
+import httpx
+
 from llmflow import engines, progress
 from llmflow.client import run_batch_sync
 from llmflow.config import BatchConfig, SessionConfig
+from llmflow.metrics import counter_delta, parse_prometheus_counters
 from llmflow.results import BatchReport, ServerHandle, Tunnel
+
+
+def server_counters(session: SessionConfig, tunnel: Tunnel, handle: ServerHandle) -> dict[str, float] | None:
+    """The engine's own token counters now, or None when it publishes none (or cannot be read)."""
+    path = engines.metrics_path(session.engine)
+    if path is None:
+        return None
+    key = handle.api_key()
+    try:
+        resp = httpx.get(tunnel.base_url + path, headers={"Authorization": f"Bearer {key}"} if key else {}, timeout=10)
+        resp.raise_for_status()
+    except httpx.HTTPError:
+        return None
+    return parse_prometheus_counters(resp.text)
 
 
 @task(
@@ -41,7 +58,9 @@ def run_batch_inference(
     overrides = (
         engines.fixed_length_fields(session.engine, batch.fixed_output_tokens) if batch.fixed_output_tokens else None
     )
+    before = server_counters(session, tunnel, handle)
     result = run_batch_sync(batch, tunnel.base_url, handle.api_key(), body_overrides=overrides, progress=report)
+    result = result.model_copy(update={"server_counters": counter_delta(before, server_counters(session, tunnel, handle))})
     logger.info(
         "batch pass: %d sent, %d ok, %d non-2xx, %d unfinished, %d invalid lines, %d already done; output %s",
         result.sent, result.succeeded, result.failed_http, result.unfinished, result.invalid_lines,

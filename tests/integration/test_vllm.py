@@ -65,6 +65,10 @@ def test_vllm_local_batch_key_enforced_nothing_left(vllm_env, tmp_path: Path, pr
     assert {r["response"]["status_code"] for r in records} == {200}
     assert {r["response"]["body"]["usage"]["completion_tokens"] for r in records} == {8}  # ignore_eos + min_tokens
     assert keyless.get("status") == 401
+    # vLLM's own /metrics counters over the pass agree with the usage the client summed
+    assert result.report.server_counters == {
+        "prompt_tokens": result.report.prompt_tokens, "generation_tokens": result.report.completion_tokens,
+    }
     deadline = time.monotonic() + 15
     while llama_processes(str(tmp_path)) and time.monotonic() < deadline:
         time.sleep(0.2)

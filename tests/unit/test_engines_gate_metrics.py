@@ -75,3 +75,21 @@ def test_slurm_script_exports_the_engines_key_variable():
         bind_host="0.0.0.0", launcher_source="pass\n", api_key_env="VLLM_API_KEY",
     )
     assert 'VLLM_API_KEY="$(cat api_key)"; export VLLM_API_KEY' in script
+
+
+def test_prometheus_counters_are_summed_over_labels_and_diffed():
+    from llmflow.metrics import counter_delta, parse_prometheus_counters
+
+    text = (
+        "# HELP vllm:prompt_tokens_total Number of prefill tokens processed.\n"
+        "# TYPE vllm:prompt_tokens_total counter\n"
+        'vllm:prompt_tokens_total{engine="0",model_name="m"} 31.0\n'
+        'vllm:prompt_tokens_total{engine="1",model_name="m"} 9.0\n'
+        'vllm:generation_tokens_total{engine="0",model_name="m"} 40.0\n'
+        'vllm:prompt_tokens_created{engine="0"} 1.7e+09\n'
+    )
+    before = parse_prometheus_counters(text)
+    assert before == {"prompt_tokens": 40.0, "generation_tokens": 40.0}
+    after = {"prompt_tokens": 140.0, "generation_tokens": 120.0}
+    assert counter_delta(before, after) == {"prompt_tokens": 100.0, "generation_tokens": 80.0}
+    assert counter_delta(None, after) is None
