@@ -63,10 +63,14 @@ def model_session(config: SessionConfig) -> Iterator[Session]:
     finally:
         try:
             released = tear_down(config, allocation)
-            logger.info(
-                "tear down: stopped %s",
-                released.stopped_pids or (f"job {released.cancelled_job}" if released.cancelled_job else "nothing (already gone)"),
-            )
+            if released.not_ours:
+                logger.info("tear down: nothing to stop (the endpoint is not ours)")
+            else:
+                logger.info(
+                    "tear down: stopped %s",
+                    released.stopped_pids
+                    or (f"job {released.cancelled_job}" if released.cancelled_job else "nothing (already gone)"),
+                )
             if released.node_hours:
                 logger.info("used %.4f node-hours, %.4f GPU-hours", released.node_hours, released.gpu_hours)
         except BaseException:

@@ -103,8 +103,23 @@ class SlurmPlacement(_Strict):
     poll_interval_s: PositiveFloat = Field(default=2.0, description="Seconds between job-state polls.")
 
 
+class EndpointPlacement(_Strict):
+    """A server someone else runs: gate, batch and measure it; start and stop nothing."""
+
+    kind: Literal["endpoint"] = Field(default="endpoint", description="Placement type.")
+    base_url: str = Field(
+        pattern=r"^https?://[^/\s]+/?$", description="Where the OpenAI-style API is, without /v1: http://host:port"
+    )
+    api_key: SecretStr | None = Field(default=None, description="Bearer key the server expects, if any.")
+
+
 Placement = Annotated[
-    Union[Annotated[LocalPlacement, Tag("local")], Annotated[SlurmPlacement, Tag("slurm")]], kind_of("local")
+    Union[
+        Annotated[LocalPlacement, Tag("local")],
+        Annotated[SlurmPlacement, Tag("slurm")],
+        Annotated[EndpointPlacement, Tag("endpoint")],
+    ],
+    kind_of("local"),
 ]
 
 

@@ -32,10 +32,12 @@ class ServerHandle(BaseModel):
     node: str
     host: str = Field(description="Address the server listens on, as seen from the node.")
     port: int
-    pid: int = Field(description="Pid of the supervisor process that owns the server.")
-    server_pid: int = Field(description="Pid of the server process itself.")
+    pid: int | None = Field(default=None, description="Pid of the supervisor process that owns the server.")
+    server_pid: int | None = Field(default=None, description="Pid of the server process itself.")
     api_key_file: Path | None = Field(default=None, description="Mode-0600 file with the per-run key.")
-    log_path: Path = Field(description="Server log (on the node's filesystem for remote placements).")
+    log_path: Path | None = Field(
+        default=None, description="Server log (on the node's filesystem for remote placements); None if not ours."
+    )
     served_name: str
     job_id: str | None = None
     restarts: int = Field(default=0, description="How often the job was requeued before this server started.")
@@ -117,6 +119,7 @@ class Teardown(BaseModel):
     stopped_pids: list[int] = Field(default_factory=list)
     cancelled_job: str | None = None
     already_gone: bool = False
+    not_ours: bool = Field(default=False, description="Nothing to release: the server was started by someone else.")
     node_hours: float = 0.0
     gpu_hours: float = 0.0
     released_at: datetime

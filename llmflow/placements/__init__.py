@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from typing import Union
 
-from llmflow.config import LocalPlacement, SessionConfig, SlurmPlacement
+from llmflow.config import EndpointPlacement, LocalPlacement, SessionConfig, SlurmPlacement
 from llmflow.placements.common import LAUNCHER, ServerDied, make_run_dir, write_secret
+from llmflow.placements.endpoint import EndpointDriver
 from llmflow.placements.local import LocalDriver, launch_script
 from llmflow.placements.slurm import SlurmDriver
 
-Driver = Union[LocalDriver, SlurmDriver]
+Driver = Union[LocalDriver, SlurmDriver, EndpointDriver]
 
 
 def driver_for(config: SessionConfig) -> Driver:
@@ -22,7 +23,9 @@ def driver_for(config: SessionConfig) -> Driver:
         return LocalDriver(config)
     if isinstance(config.placement, SlurmPlacement):
         return SlurmDriver(config)
+    if isinstance(config.placement, EndpointPlacement):
+        return EndpointDriver(config)
     raise ValueError(f"placement.kind: unsupported placement {config.placement.kind!r}")
 
 
-__all__ = ["LAUNCHER", "ServerDied", "Driver", "LocalDriver", "SlurmDriver", "driver_for", "launch_script", "make_run_dir", "write_secret"]
+__all__ = ["LAUNCHER", "ServerDied", "Driver", "EndpointDriver", "LocalDriver", "SlurmDriver", "driver_for", "launch_script", "make_run_dir", "write_secret"]
