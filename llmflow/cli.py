@@ -57,6 +57,8 @@ def _run_batch(session: SessionConfig, batch: BatchConfig) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from prefect.exceptions import TerminationSignal  # Prefect's SIGTERM, while a flow runs
+
     from flows.batch import batch_inference  # imports Prefect: keep `--help` fast
 
     console = Console(stderr=True)
@@ -71,7 +73,7 @@ def _run_batch(session: SessionConfig, batch: BatchConfig) -> int:
         progress.add_listener(on_progress)
         try:
             result = batch_inference(session=session, batch=batch)
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, TerminationSignal):
             console.print(f"[yellow]interrupted:[/yellow] the server was torn down; rerun to resume {batch.output_path}")
             return EXIT_INTERRUPTED
         except Exception as exc:  # the flow's own message is the useful part
@@ -90,6 +92,8 @@ def _run_batch(session: SessionConfig, batch: BatchConfig) -> int:
 
 def _hold(args: argparse.Namespace) -> int:
     """Hold a session open; print the URL, key and examples once ready; tear down at the end or on Ctrl-C."""
+    from prefect.exceptions import TerminationSignal
+
     from flows.hold import connection_help, hold_session, on_ready
 
     try:
@@ -100,7 +104,7 @@ def _hold(args: argparse.Namespace) -> int:
     on_ready(lambda s: print("\n" + connection_help(s) + f"\n\nheld for {args.hours} h; Ctrl-C ends it early\n", flush=True))
     try:
         held = hold_session(session=session, hours=args.hours, check_every_s=args.check_every)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, TerminationSignal):
         print("interrupted: the session was torn down", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as exc:  # noqa: BLE001 - the flow's message is the useful part

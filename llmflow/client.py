@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import signal
 import time
 import uuid
 from collections.abc import Callable
@@ -289,8 +290,43 @@ async def run_batch(
 
 
 def run_batch_sync(config: BatchConfig, base_url: str, api_key: str | None = None, **kwargs: Any) -> BatchReport:
-    """``run_batch`` for synchronous callers (Prefect tasks, the CLI)."""
-    return asyncio.run(run_batch(config, base_url, api_key, **kwargs))
+    """``run_batch`` for synchronous callers (Prefect tasks, the CLI).
+
+    SIGTERM during the pass cancels it cleanly and is raised again afterwards as Prefect's
+    ``TerminationSignal``: a Python signal handler that raised inside the event loop would land
+    in some socket callback, where asyncio logs and swallows it, and the batch would go on.
+    """
+
+    async def guarded() -> BatchReport:
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        terminated: list[int] = []
+        previous = signal.getsignal(signal.SIGTERM)
+
+        def on_sigterm() -> None:
+            terminated.append(signal.SIGTERM)
+            if task is not None:
+                task.cancel()
+
+        try:
+            loop.add_signal_handler(signal.SIGTERM, on_sigterm)
+            installed = True
+        except (RuntimeError, ValueError, NotImplementedError):  # not the main thread
+            installed = False
+        try:
+            return await run_batch(config, base_url, api_key, **kwargs)
+        except asyncio.CancelledError:
+            if terminated:
+                from prefect.exceptions import TerminationSignal
+
+                raise TerminationSignal(signal=signal.SIGTERM) from None
+            raise
+        finally:
+            if installed:
+                loop.remove_signal_handler(signal.SIGTERM)
+                signal.signal(signal.SIGTERM, previous)
+
+    return asyncio.run(guarded())
 
 
 __all__ = ["run_batch", "run_batch_sync", "RetryableError", "HttpResult", "make_sender"]
