@@ -62,6 +62,7 @@ SlurmctldLogFile=/var/log/slurm/slurmctld.log
 SlurmdLogFile=/var/log/slurm/slurmd.log
 MinJobAge=30
 JobRequeue=1
+DefMemPerCPU=1024
 NodeName=$NODE CPUs=$cpus RealMemory=$mem State=UNKNOWN
 PartitionName=debug Nodes=$NODE Default=YES MaxTime=INFINITE State=UP
 CONF
@@ -79,6 +80,23 @@ start_slurm() {
   sinfo >&2 || true
   tail -20 /var/log/slurm/slurmctld.log >&2 || true
   return 1
+}
+
+clear_queue() {
+  # Jobs recovered from an earlier life of this test cluster (a machine snapshot taken mid-run,
+  # a killed CI run) can hold the node with no process behind them for a long time; start clean.
+  local jobs
+  jobs=$(squeue -h -o '%i' 2>/dev/null | tr '\n' ' ')
+  [ -z "${jobs// }" ] && return 0
+  echo "[cluster] cancelling jobs left from an earlier run: $jobs"
+  # shellcheck disable=SC2086
+  scancel $jobs 2>/dev/null || true
+  for _ in $(seq 1 120); do
+    [ -z "$(squeue -h -o '%i' 2>/dev/null)" ] && sinfo -h -o '%T' | grep -qx idle && return 0
+    sleep 0.5
+  done
+  echo "[cluster] warning: queue not empty after cancelling:" >&2
+  squeue >&2 || true
 }
 
 start_sshd() {
@@ -131,6 +149,7 @@ case "${1:-up}" in
     start_munge
     write_slurm_conf
     start_slurm
+    clear_queue
     start_sshd
     echo "[cluster] up: $(sinfo -h -o '%P %T %N' | head -1); sshd on 127.0.0.1:$SSH_PORT"
     ;;

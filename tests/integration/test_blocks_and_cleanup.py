@@ -39,7 +39,7 @@ def test_a_dead_runs_slurm_job_is_cancelled_by_cleanup(test_cluster, server_env,
     venv, model = server_env
     config = SessionConfig.model_validate({
         "placement": {"kind": "slurm", "login": _login(test_cluster).model_dump(), "remote_runs_dir": str(tmp_path / "cluster"),
-                      "bind_host": "127.0.0.1", "connect_host": "127.0.0.1", "poll_interval_s": 0.5},
+                      "bind_host": "127.0.0.1", "connect_host": "127.0.0.1", "poll_interval_s": 0.5, "queue_deadline_s": 120},
         "engine": {"venv": str(venv)}, "model": {"path": str(model)}, "runs_dir": str(tmp_path / "runs"),
     })
     alloc = SlurmDriver(config).allocate("dead-run")
