@@ -32,6 +32,7 @@ from llmflow.batch_io import (
 )
 from llmflow.config import BatchConfig, Timeouts
 from llmflow.results import BatchReport
+from llmflow.metrics import add_timings, timings_summary
 
 Transport = Literal["aiohttp", "httpx"]
 ProgressFn = Callable[[int, int], None]
@@ -144,6 +145,7 @@ class _Tally:
     retries: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    server_timings: dict[str, float] = field(default_factory=dict)
     done: int = 0
     records: int = 0
     failing_streak: int = 0
@@ -230,6 +232,9 @@ async def run_batch(
                 if usage:
                     tally.prompt_tokens += usage.get("prompt_tokens") or 0
                     tally.completion_tokens += usage.get("completion_tokens") or 0
+                timings = result.body.get("timings") if isinstance(result.body, dict) else None
+                if timings:  # llama-server's own per-request figures
+                    add_timings(tally.server_timings, timings)
             else:
                 tally.failed_http += 1
         finally:
@@ -286,6 +291,7 @@ async def run_batch(
         wall_s=wall,
         retries=tally.retries,
         stopped_early=tally.stopped_early,
+        server_timings=timings_summary(tally.server_timings),
     )
 
 

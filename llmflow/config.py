@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, PositiveFloat,
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_SERVER_VENV = PROJECT_ROOT / ".venvs" / "llama_cpp"
 DEFAULT_MODEL = PROJECT_ROOT / "models" / "tiny-llama.gguf"
+DEFAULT_LLAMA_SERVER = PROJECT_ROOT / "build" / "llama.cpp" / "bin" / "llama-server"  # scripts/build_llama_server.sh
 TINY_HF_MODEL = PROJECT_ROOT / "models" / "tiny-llama-hf"  # for vLLM; scripts/make_tiny_hf_llama.py
 SAMPLE_INPUT = Path(__file__).resolve().parent / "data" / "sample_batch.jsonl"
 
@@ -103,6 +104,27 @@ class SlurmPlacement(_Strict):
     poll_interval_s: PositiveFloat = Field(default=2.0, description="Seconds between job-state polls.")
 
 
+class SSHPlacement(_Strict):
+    """A host that is already up (cloud VM, workstation): the server is started there over SSH
+    under setsid/nohup, reached through a paramiko tunnel, and stopped at teardown."""
+
+    kind: Literal["ssh"] = Field(default="ssh", description="Placement type.")
+    login: SSHLogin = Field(description="The host to SSH to; the server runs on it.")
+    remote_runs_dir: str = Field(
+        default="llmflow-runs",
+        min_length=1,
+        description="Folder on the host for run folders (relative: under the login home).",
+    )
+    bind_host: str = Field(
+        default="127.0.0.1",
+        description="Interface the server binds on the host; loopback keeps it reachable only through the tunnel.",
+    )
+    start_timeout_s: PositiveFloat = Field(
+        default=60.0, description="Seconds to wait for the supervisor's endpoint record (port, pids) after start."
+    )
+    poll_interval_s: PositiveFloat = Field(default=1.0, description="Seconds between checks on the remote server.")
+
+
 class EndpointPlacement(_Strict):
     """A server someone else runs: gate, batch and measure it; start and stop nothing."""
 
@@ -117,6 +139,7 @@ Placement = Annotated[
     Union[
         Annotated[LocalPlacement, Tag("local")],
         Annotated[SlurmPlacement, Tag("slurm")],
+        Annotated[SSHPlacement, Tag("ssh")],
         Annotated[EndpointPlacement, Tag("endpoint")],
     ],
     kind_of("local"),
@@ -172,8 +195,83 @@ class VllmEngine(_Strict):
         return self.venv / "bin" / "python"
 
 
+class LlamaServerEngine(_Strict):
+    """llama.cpp's native HTTP server binary (`llama-server`)."""
+
+    kind: Literal["llama_server"] = Field(default="llama_server", description="Engine type.")
+    binary: Path = Field(
+        default=DEFAULT_LLAMA_SERVER,
+        description="Path of the llama-server binary on the node (scripts/build_llama_server.sh builds one).",
+    )
+    launcher_python: str = Field(
+        default="python3",
+        min_length=1,
+        description="Python on the node that runs this project's standard-library supervisor around the binary.",
+    )
+    setup: list[str] = Field(
+        default_factory=list,
+        description="Shell lines run before the server starts (module load, exports, LD_LIBRARY_PATH ...).",
+    )
+    n_ctx: int = Field(default=2048, ge=16, le=1_048_576, description="--ctx-size: context length in tokens.")
+    n_threads: int | None = Field(default=None, ge=1, description="--threads; None lets llama.cpp choose.")
+    parallel: int | None = Field(default=None, ge=1, description="--parallel: server slots (concurrent sequences).")
+    metrics: bool = Field(default=True, description="--metrics: publish Prometheus counters at /metrics.")
+    extra_args: list[str] = Field(default_factory=list, description="Further server arguments, passed through unchanged.")
+
+    @property
+    def python(self) -> Path:
+        return Path(self.launcher_python)
+
+
+class CommandEngine(_Strict):
+    """Any server with an OpenAI-compatible API, started by a command you give (seed 000's FastAPI app)."""
+
+    kind: Literal["command"] = Field(default="command", description="Engine type.")
+    argv: list[str] = Field(
+        min_length=1,
+        description="Server command line; {port}, {host}, {model} and {served_name} are filled in. Must bind {port}.",
+    )
+    readiness_path: str = Field(
+        default="/v1/models", pattern=r"^/", description="GET path that answers 2xx once the server can serve."
+    )
+    api_key_env: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="Environment variable the server reads its API key from; None: no key is made.",
+    )
+    fixed_length: list[Literal["min_tokens", "ignore_eos"]] = Field(
+        default_factory=lambda: ["min_tokens", "ignore_eos"],
+        description="Body fields (besides max_tokens) the server honours to force an exact output length.",
+    )
+    metrics_path: str | None = Field(
+        default=None, pattern=r"^/", description="Path of Prometheus counters (vLLM or llama.cpp names), if any."
+    )
+    launcher_python: str = Field(
+        default="python3",
+        min_length=1,
+        description="Python on the node that runs this project's standard-library supervisor around the command.",
+    )
+    setup: list[str] = Field(default_factory=list, description="Shell lines run before the server starts.")
+
+    @model_validator(mode="after")
+    def _binds_port(self) -> "CommandEngine":
+        if not any("{port}" in part for part in self.argv):
+            raise ValueError("argv must contain {port}: the supervisor picks a free port and fills it in")
+        return self
+
+    @property
+    def python(self) -> Path:
+        return Path(self.launcher_python)
+
+
 Engine = Annotated[
-    Union[Annotated[LlamaCppEngine, Tag("llama_cpp")], Annotated[VllmEngine, Tag("vllm")]], kind_of("llama_cpp")
+    Union[
+        Annotated[LlamaCppEngine, Tag("llama_cpp")],
+        Annotated[VllmEngine, Tag("vllm")],
+        Annotated[LlamaServerEngine, Tag("llama_server")],
+        Annotated[CommandEngine, Tag("command")],
+    ],
+    kind_of("llama_cpp"),
 ]
 
 

@@ -25,9 +25,11 @@ LEASE_FILE = "lease.json"
 class Lease(BaseModel):
     run_id: str
     placement: str
-    pgid: int | None = Field(default=None, description="Local placement: process group of the server and its supervisor.")
+    pgid: int | None = Field(
+        default=None, description="Local and ssh placements: process group of the server and its supervisor (ssh: on the host)."
+    )
     job_id: str | None = Field(default=None, description="Slurm placement: the job to cancel.")
-    remote_dir: str | None = Field(default=None, description="Slurm placement: the run folder on the cluster.")
+    remote_dir: str | None = Field(default=None, description="Slurm and ssh placements: the run folder on the remote host.")
     placement_config: dict[str, Any] | None = Field(
         default=None, description="How to reach the cluster again (secrets masked, never stored)."
     )
@@ -92,6 +94,10 @@ def release(run_dir: Path, lease: Lease) -> bool:
         from llmflow.placements.slurm import cancel_leased_job  # the placement knows how to reach its cluster
 
         was_alive = cancel_leased_job(lease)
+    elif lease.placement == "ssh":
+        from llmflow.placements.ssh import stop_leased_server  # the group lives on the remote host
+
+        was_alive = stop_leased_server(lease)
     else:
         was_alive = lease.pgid is not None and stop_group(lease.pgid)
     remove_lease(run_dir)
@@ -116,7 +122,7 @@ def describe(lease: Lease) -> dict[str, object]:
         "placement": lease.placement,
         "pgid": lease.pgid,
         "job_id": lease.job_id,
-        "server_alive": group_alive(lease.pgid) if lease.pgid is not None else None,
+        "server_alive": group_alive(lease.pgid) if lease.placement == "local" and lease.pgid is not None else None,
         "owner_alive": not is_leftover(lease),
         "flow_run_id": lease.flow_run_id,
         "created_at": lease.created_at.isoformat(),

@@ -5,10 +5,17 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from typing import Any
+
 from llmflow.results import BatchReport, TokPS
 
 
-SERVER_COUNTERS = {"vllm:prompt_tokens_total": "prompt_tokens", "vllm:generation_tokens_total": "generation_tokens"}
+SERVER_COUNTERS = {
+    "vllm:prompt_tokens_total": "prompt_tokens",
+    "vllm:generation_tokens_total": "generation_tokens",
+    "llamacpp:prompt_tokens_total": "prompt_tokens",  # llama-server --metrics
+    "llamacpp:tokens_predicted_total": "generation_tokens",
+}
 
 
 def parse_prometheus_counters(text: str, names: dict[str, str] = SERVER_COUNTERS) -> dict[str, float]:
@@ -35,6 +42,31 @@ def counter_delta(before: dict[str, float] | None, after: dict[str, float] | Non
     return {key: after[key] - before.get(key, 0.0) for key in after}
 
 
+TIMING_FIELDS = ("cache_n", "prompt_n", "prompt_ms", "predicted_n", "predicted_ms")
+
+
+def add_timings(sums: dict[str, float], timings: dict[str, Any]) -> None:
+    """Add one response's ``timings`` (llama-server) to the running sums."""
+    for name in TIMING_FIELDS:
+        value = timings.get(name)
+        if isinstance(value, (int, float)):
+            sums[name] = sums.get(name, 0.0) + value
+
+
+def timings_summary(sums: dict[str, float]) -> dict[str, float] | None:
+    """Summed server timings plus the server's prefill and decode rate per sequence (tokens per
+    second of its own processing time; with concurrent slots the aggregate rate is higher)."""
+    if not sums:
+        return None
+    out = {name: round(value, 3) for name, value in sums.items()}
+    if sums.get("prompt_ms"):
+        out["prefill_tok_per_s"] = round(sums.get("prompt_n", 0.0) / sums["prompt_ms"] * 1000, 3)
+    if sums.get("predicted_ms"):
+        out["decode_tok_per_s"] = round(sums.get("predicted_n", 0.0) / sums["predicted_ms"] * 1000, 3)
+    return out
+
+
+
 def merge_reports(first: BatchReport, later: BatchReport) -> BatchReport:
     """Two passes over the same input (a recovery in between) as one report."""
     summed = {
@@ -44,8 +76,15 @@ def merge_reports(first: BatchReport, later: BatchReport) -> BatchReport:
     server = first.server_counters
     if server is not None and later.server_counters is not None:
         server = {k: server.get(k, 0.0) + later.server_counters.get(k, 0.0) for k in {*server, *later.server_counters}}
+    timings = None
+    if first.server_timings or later.server_timings:
+        timings = timings_summary({
+            k: (first.server_timings or {}).get(k, 0.0) + (later.server_timings or {}).get(k, 0.0) for k in TIMING_FIELDS
+        })
     # unfinished and invalid lines are whatever the last pass still could not do
-    return later.model_copy(update={**summed, "already_done": first.already_done, "server_counters": server})
+    return later.model_copy(
+        update={**summed, "already_done": first.already_done, "server_counters": server, "server_timings": timings}
+    )
 
 
 def tok_per_s(report: BatchReport, summary_path: Path) -> TokPS:

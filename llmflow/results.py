@@ -97,6 +97,10 @@ class BatchReport(BaseModel):
         default=None,
         description="What the server itself counted during the pass (vLLM /metrics deltas), beside the client's usage sums.",
     )
+    server_timings: dict[str, float] | None = Field(
+        default=None,
+        description="Sums of the per-response `timings` (llama-server): prompt/predicted tokens and ms, and the rates.",
+    )
 
 
 class TokPS(BaseModel):

@@ -13,6 +13,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from llmflow.config import SlurmOptions
+from llmflow.remote_script import LAUNCHER_DELIMITER, launcher_source, server_start_lines  # noqa: F401 (re-exported)
 
 # States after which the job will not run (again) on its own.
 TERMINAL = frozenset(
@@ -22,7 +23,6 @@ TERMINAL = frozenset(
 WAITING = frozenset(
     {"PENDING", "CONFIGURING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD", "PREEMPTED", "SUSPENDED", "RESIZING", "COMPLETING", "STAGE_OUT", "SIGNALING", "RESV_DEL_HOLD"}
 )
-LAUNCHER_DELIMITER = "LLMFLOW_NODE_LAUNCHER"
 
 
 class JobInfo(BaseModel):
@@ -84,33 +84,11 @@ def render_job_script(
     so nothing of this project has to be installed on the cluster.
     """
     log_path = f"{run_dir}/slurm-%j.out"
-    q = shlex.quote
-    launcher = f"{run_dir}/node_launcher.py"
-    exec_line = shlex.join(
-        [server_python, launcher, "--endpoint-file", f"{run_dir}/endpoint.json", "--host", bind_host, "--", *server_argv]
+    body = server_start_lines(
+        run_dir=run_dir, setup=setup, server_python=server_python, server_argv=server_argv,
+        bind_host=bind_host, launcher_source=launcher_source, api_key_env=api_key_env,
     )
-    return "\n".join(
-        [
-            "#!/bin/bash",
-            *sbatch_lines(opts, job_name, log_path),
-            "set -eo pipefail",
-            f"cd {q(run_dir)}",
-            "rm -f endpoint.json  # a requeued job writes a fresh one",
-            *(
-                [f'if [ -f api_key ]; then {api_key_env}="$(cat api_key)"; export {api_key_env}; fi']
-                if api_key_env
-                else []
-            ),
-            "# --- setup lines from the engine config ---",
-            *setup,
-            "# --- end of setup lines ---",
-            f"cat > {q(launcher)} <<'{LAUNCHER_DELIMITER}'",
-            launcher_source.rstrip("\n"),
-            LAUNCHER_DELIMITER,
-            f"exec {exec_line}",
-            "",
-        ]
-    )
+    return "\n".join(["#!/bin/bash", *sbatch_lines(opts, job_name, log_path), *body, ""])
 
 
 def parse_sbatch(stdout: str) -> str:
@@ -194,7 +172,3 @@ def gpus_in_gres(gres: str | None) -> int:
             continue
         total += int(parts[-1]) if len(parts) > 1 and parts[-1].isdigit() else 1
     return total
-
-
-def launcher_source() -> str:
-    return (Path(__file__).resolve().parent / "node_launcher.py").read_text()

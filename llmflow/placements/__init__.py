@@ -9,13 +9,14 @@ from __future__ import annotations
 
 from typing import Union
 
-from llmflow.config import EndpointPlacement, LocalPlacement, SessionConfig, SlurmPlacement
+from llmflow.config import EndpointPlacement, LocalPlacement, SessionConfig, SlurmPlacement, SSHPlacement
 from llmflow.placements.common import LAUNCHER, ServerDied, make_run_dir, write_secret
 from llmflow.placements.endpoint import EndpointDriver
 from llmflow.placements.local import LocalDriver, launch_script
 from llmflow.placements.slurm import SlurmDriver
+from llmflow.placements.ssh import SSHDriver
 
-Driver = Union[LocalDriver, SlurmDriver, EndpointDriver]
+Driver = Union[LocalDriver, SlurmDriver, SSHDriver, EndpointDriver]
 
 
 def driver_for(config: SessionConfig) -> Driver:
@@ -23,9 +24,11 @@ def driver_for(config: SessionConfig) -> Driver:
         return LocalDriver(config)
     if isinstance(config.placement, SlurmPlacement):
         return SlurmDriver(config)
+    if isinstance(config.placement, SSHPlacement):
+        return SSHDriver(config)
     if isinstance(config.placement, EndpointPlacement):
         return EndpointDriver(config)
     raise ValueError(f"placement.kind: unsupported placement {config.placement.kind!r}")
 
 
-__all__ = ["LAUNCHER", "ServerDied", "Driver", "EndpointDriver", "LocalDriver", "SlurmDriver", "driver_for", "launch_script", "make_run_dir", "write_secret"]
+__all__ = ["LAUNCHER", "ServerDied", "Driver", "EndpointDriver", "LocalDriver", "SlurmDriver", "SSHDriver", "driver_for", "launch_script", "make_run_dir", "write_secret"]

@@ -42,12 +42,7 @@ class LocalDriver:
 
     def preflight(self) -> None:
         """Checks that need the machine (not just the config): fail before starting anything."""
-        python = engines.server_python(self.config.engine)
-        if not python.exists():
-            raise ValueError(
-                f"engine.venv: {self.config.engine.venv} has no bin/python; run `make setup` "
-                "(scripts/setup_server_env.sh) or point engine.venv at the server's environment"
-            )
+        engines.check_installed(self.config.engine)
         if not self.config.model.path.exists():
             raise ValueError(f"model.path: {self.config.model.path} does not exist (`make model` writes the tiny one)")
 

@@ -93,3 +93,92 @@ def test_prometheus_counters_are_summed_over_labels_and_diffed():
     after = {"prompt_tokens": 140.0, "generation_tokens": 120.0}
     assert counter_delta(before, after) == {"prompt_tokens": 100.0, "generation_tokens": 80.0}
     assert counter_delta(None, after) is None
+
+
+def test_llama_server_launch_key_in_env_metrics_on_and_ignore_eos():
+    from llmflow.config import LlamaServerEngine
+
+    engine = LlamaServerEngine(binary=Path("/opt/llama.cpp/llama-server"), n_ctx=4096, parallel=4, extra_args=["--flash-attn", "on"])
+    spec = engines.launch_spec(engine, ModelConfig(path=Path("/m/x.gguf"), served_name="m"), "0.0.0.0", "k")
+    argv = spec.argv
+    assert argv[0] == "/opt/llama.cpp/llama-server"
+    for flag, value in [("--model", "/m/x.gguf"), ("--alias", "m"), ("--host", "0.0.0.0"), ("--port", "{port}"),
+                        ("--ctx-size", "4096"), ("--parallel", "4")]:
+        assert argv[argv.index(flag) + 1] == value
+    assert "--metrics" in argv and argv[-2:] == ["--flash-attn", "on"] and "k" not in argv
+    assert spec.env == {"LLAMA_API_KEY": "k"}
+    assert engines.readiness_path(engine) == "/health" and engines.metrics_path(engine) == "/metrics"
+    assert engines.fixed_length_fields(engine, 5) == {"max_tokens": 5, "ignore_eos": True}
+    assert engines.metrics_path(LlamaServerEngine(metrics=False)) is None
+    assert engines.server_python(engine) == Path("python3")  # the supervisor runs under the node's python3
+
+
+def test_command_engine_fills_placeholders_and_takes_its_settings_from_the_config():
+    from llmflow.config import CommandEngine
+
+    engine = CommandEngine(
+        argv=["uvicorn", "app:api", "--host", "{host}", "--port", "{port}", "--model={model}", "{served_name}"],
+        readiness_path="/healthz", api_key_env="APP_KEY", fixed_length=["ignore_eos"], metrics_path="/metrics",
+    )
+    spec = engines.launch_spec(engine, ModelConfig(path=Path("/m/w"), served_name="m"), "127.0.0.1", "k")
+    assert spec.argv == ["uvicorn", "app:api", "--host", "127.0.0.1", "--port", "{port}", "--model=/m/w", "m"]
+    assert spec.env == {"APP_KEY": "k"}
+    assert engines.readiness_path(engine) == "/healthz" and engines.metrics_path(engine) == "/metrics"
+    assert engines.fixed_length_fields(engine, 3) == {"max_tokens": 3, "ignore_eos": True}
+    keyless = CommandEngine(argv=["srv", "--port={port}"])
+    assert not engines.accepts_api_key(keyless)
+    assert engines.launch_spec(keyless, ModelConfig(), "h", None).env == {}
+
+
+def test_command_engine_config_errors_name_the_field():
+    import pytest
+    from pydantic import ValidationError
+
+    from llmflow.config import SessionConfig
+
+    with pytest.raises(ValidationError, match=r"(?s)engine\.command.*argv must contain \{port\}"):
+        SessionConfig.model_validate({"engine": {"kind": "command", "argv": ["srv", "--port", "8000"]}})
+    with pytest.raises(ValidationError, match=r"engine\.command\.readiness_path"):
+        SessionConfig.model_validate({"engine": {"kind": "command", "argv": ["srv", "{port}"], "readiness_path": "healthz"}})
+    with pytest.raises(ValidationError, match=r"engine\.llama_server\.n_ctx"):
+        SessionConfig.model_validate({"engine": {"kind": "llama_server", "n_ctx": 1}})
+
+
+def test_check_installed_names_the_missing_piece(tmp_path: Path):
+    import pytest
+
+    from llmflow.config import CommandEngine, LlamaServerEngine
+
+    with pytest.raises(ValueError, match=r"engine\.binary: .*not an executable"):
+        engines.check_installed(LlamaServerEngine(binary=tmp_path / "nope"))
+    with pytest.raises(ValueError, match=r"engine\.argv\[0\]"):
+        engines.check_installed(CommandEngine(argv=["no-such-server-xyz", "{port}"]))
+    with pytest.raises(ValueError, match=r"engine\.launcher_python"):
+        engines.check_installed(CommandEngine(argv=["sh", "{port}"], launcher_python="no-such-python-xyz"))
+    engines.check_installed(CommandEngine(argv=["sh", "{port}"]))
+
+
+def test_llama_server_counters_are_read_like_vllms():
+    from llmflow.metrics import parse_prometheus_counters
+
+    text = (
+        "# HELP llamacpp:prompt_tokens_total Number of prompt tokens processed.\n"
+        "# TYPE llamacpp:prompt_tokens_total counter\n"
+        "llamacpp:prompt_tokens_total 120\n"
+        "llamacpp:tokens_predicted_total 48\n"
+        "llamacpp:prompt_seconds_total 0.5\n"
+    )
+    assert parse_prometheus_counters(text) == {"prompt_tokens": 120.0, "generation_tokens": 48.0}
+
+
+def test_server_timings_are_summed_and_turned_into_rates():
+    from llmflow.metrics import add_timings, timings_summary
+
+    sums: dict[str, float] = {}
+    add_timings(sums, {"prompt_n": 10, "prompt_ms": 5.0, "predicted_n": 8, "predicted_ms": 40.0, "cache_n": 0})
+    add_timings(sums, {"prompt_n": 30, "prompt_ms": 15.0, "predicted_n": 8, "predicted_ms": 40.0})
+    assert timings_summary(sums) == {
+        "cache_n": 0, "prompt_n": 40, "prompt_ms": 20.0, "predicted_n": 16, "predicted_ms": 80.0,
+        "prefill_tok_per_s": 2000.0, "decode_tok_per_s": 200.0,
+    }
+    assert timings_summary({}) is None

@@ -1,0 +1,253 @@
+"""SSH placement: the server runs on a host that is already up, started over SSH.
+
+allocate: a private run folder on the host (mode 0700) and a lease. warm: write the API key
+(0600) and the start script, start it under ``setsid nohup`` (its own session and process
+group, so it outlives the SSH connection and can be stopped as a group), wait for the
+supervisor's endpoint record. tunnel: a paramiko forward from 127.0.0.1 here to the server's
+loopback port there. teardown: SIGTERM the group, SIGKILL after a grace, confirm it is gone.
+
+Everything a later process needs to stop the server (host, process group) is in the lease,
+so ``llmflow cleanup`` and the crash hooks can release what a dead run left.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import shlex
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from llmflow import engines
+from llmflow.config import SessionConfig, SSHPlacement
+from llmflow.leases import Lease, read_lease, remove_lease, write_lease
+from llmflow.placements.common import ServerDied, make_run_dir, write_secret
+from llmflow.remote_script import launcher_source, server_start_lines
+from llmflow.results import Allocation, ServerHandle, Teardown, Tunnel
+from llmflow.shell import Shell, SSHShell
+from llmflow.tunnel import LocalForward
+
+_SHELLS: dict[str, SSHShell] = {}
+_TUNNEL_SHELLS: dict[str, SSHShell] = {}
+_FORWARDS: dict[str, LocalForward] = {}
+
+GRACE_S = 10
+
+
+def start_command(remote_dir: str) -> str:
+    """Start the script in a new session; print its pid (= its process group id).
+
+    In a non-interactive shell a background job is not a group leader, so ``setsid`` makes
+    the new session without forking: ``$!`` is the pid, the session id and the group id.
+    """
+    d = shlex.quote(remote_dir)
+    # `&` must apply to setsid alone: a backgrounded `cd && setsid ...` list would be a subshell
+    # holding the SSH channel's stdout open, and the command would never return.
+    return f"cd {d} || exit 1; setsid nohup bash start.sh >> server.log 2>&1 < /dev/null & echo $!"
+
+
+def alive_command(pgid: int) -> str:
+    """Exit status 0 while any process of the group lives."""
+    return f"kill -0 -- -{int(pgid)} 2>/dev/null"
+
+
+def stop_command(pgid: int, grace_s: int = GRACE_S) -> str:
+    """SIGTERM the group, SIGKILL after ``grace_s``. Exit 0: stopped; 3: was already gone; 4: survived."""
+    g = int(pgid)
+    return (
+        f"kill -TERM -- -{g} 2>/dev/null || exit 3; "
+        f"for _ in $(seq 1 {int(grace_s) * 10}); do kill -0 -- -{g} 2>/dev/null || exit 0; sleep 0.1; done; "
+        f"kill -KILL -- -{g} 2>/dev/null; "
+        f"for _ in $(seq 1 50); do kill -0 -- -{g} 2>/dev/null || exit 0; sleep 0.1; done; exit 4"
+    )
+
+
+def remote_tail(shell: Shell, path: str, lines: int = 30) -> str:
+    res = shell.run(f"tail -n {lines} {shlex.quote(path)} 2>/dev/null")
+    return res.stdout.strip() or "(no log yet)"
+
+
+def stop_remote_group(shell: Shell, pgid: int) -> bool:
+    """Stop the server's process group on the host; True if it was running."""
+    res = shell.run(stop_command(pgid), timeout=GRACE_S + 30)
+    if res.rc == 4:
+        raise RuntimeError(f"process group {pgid} on the host survived SIGKILL")
+    return res.rc == 0
+
+
+def remote_pgid(shell: Shell, lease: Lease) -> int | None:
+    """The server's group: from the lease, or from the pid file the start script wrote first
+    (a run killed between starting the server and recording its pid still leaves this)."""
+    if lease.pgid is not None:
+        return lease.pgid
+    if not lease.remote_dir:
+        return None
+    text = (shell.read_file(f"{lease.remote_dir}/server.pgid") or "").strip()
+    return int(text) if text.isdigit() else None
+
+
+def stop_leased_server(lease: Lease) -> bool:
+    """For ``llmflow cleanup`` and crash hooks: reach the host from the lease and stop the group."""
+    placement = SSHPlacement.model_validate(lease.placement_config or {})
+    shell = SSHShell(placement.login)
+    try:
+        pgid = remote_pgid(shell, lease)
+        return pgid is not None and stop_remote_group(shell, pgid)
+    finally:
+        shell.close()
+
+
+class SSHDriver:
+    kind = "ssh"
+
+    def __init__(self, config: SessionConfig) -> None:
+        assert isinstance(config.placement, SSHPlacement)
+        self.config = config
+        self.placement: SSHPlacement = config.placement
+
+    def shell(self, run_id: str) -> SSHShell:
+        if run_id not in _SHELLS:
+            _SHELLS[run_id] = SSHShell(self.placement.login)
+        return _SHELLS[run_id]
+
+    def preflight(self) -> None:
+        key_file = self.placement.login.key_file
+        if key_file is not None and not key_file.expanduser().exists():
+            raise ValueError(f"placement.login.key_file: {key_file} does not exist")
+
+    # -- allocate ----------------------------------------------------------------------
+    def allocate(self, run_id: str, flow_run_id: str | None = None) -> Allocation:
+        """The host is already up: allocating is making the run folder there and a lease here."""
+        local_dir = make_run_dir(self.config.runs_dir, run_id)
+        shell = self.shell(run_id)
+        base = shlex.quote(self.placement.remote_runs_dir)
+        rid = shlex.quote(run_id)
+        remote_dir = shell.run(
+            f"mkdir -p {base} && mkdir -p -m 700 {base}/{rid} && cd {base}/{rid} && pwd"
+        ).check("creating the run folder on the host").stdout.strip()
+        node = shell.run("hostname").stdout.strip() or self.placement.login.host
+        write_lease(
+            local_dir, run_id, self.kind, flow_run_id=flow_run_id, remote_dir=remote_dir,
+            placement_config=self.placement.model_dump(mode="json"),
+        )
+        return Allocation(
+            placement=self.kind, run_id=run_id, node=node, run_dir=local_dir, remote_dir=remote_dir,
+            started_at=datetime.now(timezone.utc),
+        )
+
+    # -- warm --------------------------------------------------------------------------
+    def warm(self, alloc: Allocation, flow_run_id: str | None = None) -> ServerHandle:
+        """Start supervisor + server on the host; return once its endpoint record is written."""
+        assert alloc.remote_dir
+        cfg, remote_dir = self.config, alloc.remote_dir
+        shell = self.shell(alloc.run_id)
+        self._stop(alloc)  # a retried warm-up must not leave the first attempt's server behind
+        shell.run(f"rm -f {shlex.quote(remote_dir)}/endpoint.json {shlex.quote(remote_dir)}/server.pgid")
+        api_key = secrets.token_urlsafe(32) if engines.accepts_api_key(cfg.engine) else None
+        key_file = None
+        if api_key:
+            key_file = alloc.run_dir / "api_key"
+            write_secret(key_file, api_key)
+            shell.write_file(f"{remote_dir}/api_key", api_key, 0o600)
+        spec = engines.launch_spec(cfg.engine, cfg.model, self.placement.bind_host, None)
+        script = "\n".join(
+            [
+                "#!/bin/bash",
+                "echo $$ > server.pgid  # setsid made this shell a group leader: teardown can find the group",
+                *server_start_lines(
+                    run_dir=remote_dir, setup=spec.setup, server_python=str(engines.server_python(cfg.engine)),
+                    server_argv=spec.argv, bind_host=self.placement.bind_host, launcher_source=launcher_source(),
+                    api_key_env=engines.api_key_env(cfg.engine),
+                ),
+                "",
+            ]
+        )
+        shell.write_file(f"{remote_dir}/start.sh", script, 0o700)
+        res = shell.run(start_command(remote_dir)).check("starting the server on the host")
+        pgid = int(res.stdout.strip().splitlines()[-1])
+        lease = read_lease(alloc.run_dir)
+        write_lease(
+            alloc.run_dir, alloc.run_id, self.kind, pgid=pgid, flow_run_id=flow_run_id or (lease.flow_run_id if lease else None),
+            remote_dir=remote_dir, placement_config=self.placement.model_dump(mode="json"),
+        )
+        log_path = f"{remote_dir}/server.log"
+        deadline = time.monotonic() + self.placement.start_timeout_s
+        while True:
+            text = shell.read_file(f"{remote_dir}/endpoint.json")
+            if text:
+                ep = json.loads(text)
+                break
+            if shell.run(alive_command(pgid)).rc != 0:
+                raise ServerDied(f"server on {alloc.node} exited before it chose a port; log tail:\n{remote_tail(shell, log_path)}")
+            if time.monotonic() > deadline:
+                self._stop(alloc)
+                raise TimeoutError(
+                    f"no endpoint record after {self.placement.start_timeout_s:.0f}s; log tail:\n{remote_tail(shell, log_path)}"
+                )
+            time.sleep(self.placement.poll_interval_s / 4)
+        return ServerHandle(
+            engine=cfg.engine.kind, run_id=alloc.run_id, node=ep["node"], host=ep["host"], port=int(ep["port"]),
+            pid=pgid, server_pid=int(ep["server_pid"]), api_key_file=key_file, log_path=Path(log_path),
+            served_name=cfg.model.served_name,
+        )
+
+    # -- tunnel ------------------------------------------------------------------------
+    def tunnel(self, handle: ServerHandle) -> Tunnel:
+        """A forward from 127.0.0.1 here to the server's address as seen from the host."""
+        forward = _FORWARDS.get(handle.run_id)
+        if forward is None:
+            tunnel_shell = SSHShell(self.placement.login)  # its own connection, apart from commands
+            _TUNNEL_SHELLS[handle.run_id] = tunnel_shell
+            target = "127.0.0.1" if handle.host in ("0.0.0.0", "") else handle.host
+            forward = LocalForward(lambda: tunnel_shell.transport, target, handle.port)
+            _FORWARDS[handle.run_id] = forward
+        return Tunnel(base_url=f"http://127.0.0.1:{forward.local_port}", local_port=forward.local_port, forwarded=True)
+
+    # -- watching ----------------------------------------------------------------------
+    def check_alive(self, handle: ServerHandle) -> None:
+        assert handle.pid is not None
+        shell = self.shell(handle.run_id)
+        if shell.run(alive_command(handle.pid)).rc != 0:
+            raise ServerDied(
+                f"{handle.engine} server on {handle.node} (pid {handle.server_pid}) is gone; log tail:\n"
+                f"{remote_tail(shell, str(handle.log_path))}"
+            )
+
+    def recover(self, alloc: Allocation, handle: ServerHandle) -> tuple[ServerHandle, Tunnel] | None:
+        """A server on a plain host is either alive (nothing to recover) or dead (fail with its log)."""
+        self.check_alive(handle)
+        return None
+
+    # -- teardown ----------------------------------------------------------------------
+    def _stop(self, alloc: Allocation) -> list[int]:
+        lease = read_lease(alloc.run_dir)
+        if lease is None:
+            return []
+        shell = self.shell(alloc.run_id)
+        pgid = remote_pgid(shell, lease)
+        if pgid is None:
+            return []
+        stopped = [pgid] if stop_remote_group(shell, pgid) else []
+        if lease.remote_dir:
+            shell.run(f"rm -f {shlex.quote(lease.remote_dir)}/server.pgid")
+        write_lease(
+            alloc.run_dir, alloc.run_id, self.kind, flow_run_id=lease.flow_run_id, remote_dir=lease.remote_dir,
+            placement_config=lease.placement_config,
+        )  # the folder stays leased until teardown; the group is gone
+        return stopped
+
+    def teardown(self, alloc: Allocation) -> Teardown:
+        """Close the forward, stop the server's group on the host, confirm it is gone."""
+        run_id = alloc.run_id
+        if (forward := _FORWARDS.pop(run_id, None)) is not None:
+            forward.close()
+        if (tunnel_shell := _TUNNEL_SHELLS.pop(run_id, None)) is not None:
+            tunnel_shell.close()
+        stopped = self._stop(alloc)
+        remove_lease(alloc.run_dir)
+        if (shell := _SHELLS.pop(run_id, None)) is not None:
+            shell.close()
+        return Teardown(
+            run_id=run_id, stopped_pids=stopped, already_gone=not stopped, released_at=datetime.now(timezone.utc)
+        )

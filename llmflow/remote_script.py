@@ -1,0 +1,54 @@
+"""The script that starts a server on a remote host (a Slurm job or an SSH host), as text.
+
+Pure: the same lines serve the Slurm job script (after its ``#SBATCH`` header) and the SSH
+placement's start script, so both start the server the same way: read the API key from the
+run folder's mode-0600 file into the environment (never onto a command line), run the
+user's setup lines as written, write this project's standard-library supervisor from an
+embedded quoted here-document (nothing of the project is installed on the host), and exec it.
+"""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+LAUNCHER_DELIMITER = "LLMFLOW_NODE_LAUNCHER"
+
+
+def launcher_source() -> str:
+    return (Path(__file__).resolve().parent / "node_launcher.py").read_text()
+
+
+def server_start_lines(
+    *,
+    run_dir: str,
+    setup: list[str],
+    server_python: str,
+    server_argv: list[str],
+    bind_host: str,
+    launcher_source: str,
+    api_key_env: str | None,
+) -> list[str]:
+    """Body lines of the start script; the supervisor writes ``endpoint.json`` in ``run_dir``."""
+    q = shlex.quote
+    launcher = f"{run_dir}/node_launcher.py"
+    exec_line = shlex.join(
+        [server_python, launcher, "--endpoint-file", f"{run_dir}/endpoint.json", "--host", bind_host, "--", *server_argv]
+    )
+    return [
+        "set -eo pipefail",
+        f"cd {q(run_dir)}",
+        "rm -f endpoint.json  # a restarted (requeued) server writes a fresh one",
+        *(
+            [f'if [ -f api_key ]; then {api_key_env}="$(cat api_key)"; export {api_key_env}; fi']
+            if api_key_env
+            else []
+        ),
+        "# --- setup lines from the engine config ---",
+        *setup,
+        "# --- end of setup lines ---",
+        f"cat > {q(launcher)} <<'{LAUNCHER_DELIMITER}'",
+        launcher_source.rstrip("\n"),
+        LAUNCHER_DELIMITER,
+        f"exec {exec_line}",
+    ]
