@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-import signal
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -295,44 +295,57 @@ async def run_batch(
     )
 
 
-def run_batch_sync(config: BatchConfig, base_url: str, api_key: str | None = None, **kwargs: Any) -> BatchReport:
+def run_batch_sync(
+    config: BatchConfig, base_url: str, api_key: str | None = None, *, progress: ProgressFn | None = None, **kwargs: Any
+) -> BatchReport:
     """``run_batch`` for synchronous callers (Prefect tasks, the CLI).
 
-    SIGTERM during the pass cancels it cleanly and is raised again afterwards as Prefect's
-    ``TerminationSignal``: a Python signal handler that raised inside the event loop would land
-    in some socket callback, where asyncio logs and swallows it, and the batch would go on.
+    The event loop runs in a helper thread; this thread only waits, and calls ``progress``.
+    Signals are handled in the main thread, so whatever handler is installed raises *here*:
+    Ctrl-C's KeyboardInterrupt, and Prefect's SIGTERM bridge, which also tells a cancellation
+    from the UI/API (the run ends Cancelled) from any other termination (Crashed). Raised inside
+    the event loop instead, such an exception lands in some socket callback, where asyncio logs
+    and swallows it and the batch goes on. On any exception the pass is cancelled, its finished
+    records are already on disk, and the exception propagates. Progress and its Prefect API
+    calls stay on the caller's thread and context.
     """
+    latest: list[tuple[int, int]] = []
+    finished = threading.Event()
 
-    async def guarded() -> BatchReport:
-        loop = asyncio.get_running_loop()
-        task = asyncio.current_task()
-        terminated: list[int] = []
-        previous = signal.getsignal(signal.SIGTERM)
-
-        def on_sigterm() -> None:
-            terminated.append(signal.SIGTERM)
-            if task is not None:
-                task.cancel()
-
+    async def main() -> BatchReport:
         try:
-            loop.add_signal_handler(signal.SIGTERM, on_sigterm)
-            installed = True
-        except (RuntimeError, ValueError, NotImplementedError):  # not the main thread
-            installed = False
-        try:
-            return await run_batch(config, base_url, api_key, **kwargs)
-        except asyncio.CancelledError:
-            if terminated:
-                from prefect.exceptions import TerminationSignal
-
-                raise TerminationSignal(signal=signal.SIGTERM) from None
-            raise
+            return await run_batch(
+                config, base_url, api_key, progress=(lambda d, t: latest.append((d, t))) if progress else None, **kwargs
+            )
         finally:
-            if installed:
-                loop.remove_signal_handler(signal.SIGTERM)
-                signal.signal(signal.SIGTERM, previous)
+            finished.set()
 
-    return asyncio.run(guarded())
+    def flush(last: tuple[int, int] | None) -> tuple[int, int] | None:
+        if progress and latest and latest[-1] != last:
+            last = latest[-1]
+            del latest[:-1]
+            progress(*last)
+        return last
+
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="llmflow-batch-loop", daemon=True)
+    thread.start()
+    future = asyncio.run_coroutine_threadsafe(main(), loop)
+    shown: tuple[int, int] | None = None
+    try:
+        while not finished.wait(0.2):
+            shown = flush(shown)
+        flush(shown)
+        return future.result()
+    except BaseException:
+        future.cancel()  # cancels the pass in the loop's thread
+        finished.wait(60)  # its cleanup: in-flight requests dropped, files closed
+        raise
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        if not thread.is_alive():
+            loop.close()
 
 
 __all__ = ["run_batch", "run_batch_sync", "RetryableError", "HttpResult", "make_sender"]
