@@ -5,18 +5,37 @@ from __future__ import annotations
 from dataclasses import replace
 
 from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.events import emit_event
 from pydantic import BaseModel
 
 from flows.session import model_session, release_session
 from llmflow.config import BatchConfig, SessionConfig
 from llmflow.metrics import merge_reports
-from llmflow.results import BatchReport, TokPS
+from llmflow.report import batch_markdown, batch_summary
+from llmflow.results import Allocation, BatchReport, Teardown, TokPS
 from tasks import record_tok_s, recover_session, run_batch_inference
 
 
 class BatchResult(BaseModel):
     report: BatchReport
     tokps: TokPS
+
+
+def publish_batch_report(
+    report: BatchReport, tokps: TokPS, allocation: Allocation, teardown: Teardown | None, session: SessionConfig
+) -> dict:
+    """Table and markdown artifacts for the UI, and an ``llmflow.batch.finished`` event whose
+    payload is the summary, so automations can chain a benchmark or a notification."""
+    summary = batch_summary(report, tokps, allocation, teardown, session.engine.kind, session.model.served_name)
+    create_table_artifact(table=[summary], key="batch-summary", description=f"batch {report.input_path.name}")
+    create_markdown_artifact(markdown=batch_markdown(summary, report), key="batch-report", description="batch run report")
+    emit_event(
+        event="llmflow.batch.finished",
+        resource={"prefect.resource.id": f"llmflow.batch.{allocation.run_id}", "prefect.resource.name": report.output_path.name},
+        payload=summary,
+    )
+    return summary
 
 
 class UnfinishedRequests(RuntimeError):
@@ -49,6 +68,7 @@ def batch_inference(session: SessionConfig = SessionConfig(), batch: BatchConfig
             s = replace(s, handle=handle, tunnel=tunnel, ready=ready)
             report = merge_reports(report, run_batch_inference(session, batch, s.handle, s.tunnel))
         tokps = record_tok_s(report, s.allocation, s.ready)
+    publish_batch_report(report, tokps, s.allocation, s.outcome.get("teardown"), session)
     logger.info(
         "%d requests at %.2f req/s, %.1f output tok/s; summary %s",
         tokps.requests, tokps.requests_per_s, tokps.output_tok_per_s, tokps.summary_path,

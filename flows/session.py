@@ -12,11 +12,13 @@ from __future__ import annotations
 import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
 from prefect import get_run_logger
+from prefect.concurrency.sync import concurrency
+from prefect.concurrency._asyncio import ConcurrencySlotAcquisitionError  # not re-exported in 3.8.8
 from prefect.runtime import flow_run as current_flow_run
 
 from llmflow.config import SessionConfig
@@ -28,13 +30,18 @@ from tasks import allocate_node, health_gate, open_tunnel, tear_down, warm_model
 
 @dataclass(frozen=True)
 class Session:
-    """A ready model server and how to reach it."""
+    """A ready model server and how to reach it.
+
+    ``outcome`` is shared by copies made with ``dataclasses.replace`` (after a recovery); the
+    session fills in ``outcome["teardown"]`` when it releases the server.
+    """
 
     config: SessionConfig
     allocation: Allocation
     handle: ServerHandle
     tunnel: Tunnel
     ready: Ready
+    outcome: dict[str, Any] = field(default_factory=dict)
 
 
 def new_run_id() -> str:
@@ -44,25 +51,56 @@ def new_run_id() -> str:
     return f"{stamp}-{run[:8] if run else secrets.token_hex(4)}"
 
 
+class NoSuchNodeLimit(ValueError):
+    """``session.node_limit`` names a concurrency limit the Prefect server does not have."""
+
+
+@contextmanager
+def node_slot(config: SessionConfig) -> Iterator[None]:
+    """Hold one slot of the team's node limit (a Prefect global concurrency limit), if one is set."""
+    if config.node_limit is None:
+        yield
+        return
+    try:
+        with concurrency(config.node_limit, occupy=1, strict=True, timeout_seconds=config.node_limit_wait_s):
+            yield
+    except ConcurrencySlotAcquisitionError as exc:
+        if "must be created" in str(exc):
+            raise NoSuchNodeLimit(
+                f"session.node_limit: the Prefect server has no global concurrency limit named {config.node_limit!r}; "
+                f"create it with `prefect gcl create {config.node_limit} --limit N`"
+            ) from exc
+        raise
+
+
 @contextmanager
 def model_session(config: SessionConfig) -> Iterator[Session]:
     """Hold a ready model server for the body of the ``with``; always tear it down after."""
+    with node_slot(config):
+        with _model_session(config) as session:
+            yield session
+
+
+@contextmanager
+def _model_session(config: SessionConfig) -> Iterator[Session]:
     logger = get_run_logger()
     driver = driver_for(config)
     driver.preflight()
     for lease in release_leftovers(config.runs_dir):
         logger.warning("released a server left by a dead run: %s (pgid %d)", lease.run_id, lease.pgid)
     allocation = allocate_node(config, new_run_id())
+    outcome: dict[str, Any] = {}
     logger.info("allocated %s on %s; run folder %s", allocation.run_id, allocation.node, allocation.run_dir)
     try:
         handle = warm_model(config, allocation)
         tunnel = open_tunnel(config, handle)
         ready = health_gate(config, handle, tunnel)
         logger.info("%s ready at %s after %.1fs", handle.engine, tunnel.base_url, ready.seconds_to_ready)
-        yield Session(config, allocation, handle, tunnel, ready)
+        yield Session(config, allocation, handle, tunnel, ready, outcome)
     finally:
         try:
             released = tear_down(config, allocation)
+            outcome["teardown"] = released
             if released.not_ours:
                 logger.info("tear down: nothing to stop (the endpoint is not ours)")
             else:

@@ -309,6 +309,17 @@ class SessionConfig(_Strict):
     engine: Engine = Field(default_factory=LlamaCppEngine, description="What serves the model.")
     model: ModelConfig = Field(default_factory=ModelConfig, description="The weights.")
     gate: GateConfig = Field(default_factory=GateConfig, description="Readiness polling.")
+    node_limit: str | None = Field(
+        default=None,
+        min_length=1,
+        description=(
+            "Name of a Prefect global concurrency limit: each session holds one slot from allocation to "
+            "release, so schedules and people pressing Run never hold more nodes than the limit allows."
+        ),
+    )
+    node_limit_wait_s: PositiveFloat | None = Field(
+        default=None, description="Give up if no slot of node_limit frees up in this many seconds; None waits."
+    )
     runs_dir: Path = Field(
         default=PROJECT_ROOT / "runs",
         description="Parent folder of per-run folders (server log, endpoint record, API key).",

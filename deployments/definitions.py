@@ -1,0 +1,45 @@
+"""The project's deployments, defined once: ``serve.py`` serves them from one process and
+``deploy.py`` registers them on a work pool. ``prefect.yaml`` says the same for `prefect deploy`
+(a unit test keeps the three in step)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+NIGHTLY_CRON = os.environ.get("LLMFLOW_NIGHTLY_CRON", "0 2 * * *")
+TIMEZONE = os.environ.get("LLMFLOW_TIMEZONE", "Europe/Berlin")
+WORK_POOL = os.environ.get("LLMFLOW_WORK_POOL", "llmflow")
+
+
+@dataclass(frozen=True)
+class DeploymentSpec:
+    """What differs between deployments; the flow's own parameter models give the UI its forms."""
+
+    name: str
+    entrypoint: str
+    description: str
+    tags: list[str]
+    cron: str | None = None
+    timezone: str | None = None
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+
+DEPLOYMENTS = [
+    DeploymentSpec(
+        name="nightly-batch",
+        entrypoint="flows/batch.py:batch_inference",
+        description="Every night, serve the model, run the batch file once (resuming what is done), record tok/s, release the node.",
+        tags=["llmflow", "batch", "nightly"],
+        cron=NIGHTLY_CRON,
+        timezone=TIMEZONE,
+        parameters={"batch": {"output_path": "out/nightly.jsonl"}},
+    ),
+    DeploymentSpec(
+        name="batch",
+        entrypoint="flows/batch.py:batch_inference",
+        description="Batch inference started by hand from the UI (no schedule); fill in the session and batch forms.",
+        tags=["llmflow", "batch"],
+    ),
+]

@@ -1,0 +1,229 @@
+"""Prefect-native operation, for real: a `prefect server start` (SQLite) of its own, a process work
+pool and worker, deployments/deploy.py (the documented equivalent of `prefect deploy --all`), runs started through the
+API the UI uses, artifacts and events read back through it, and a cancellation mid-batch."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from uuid import UUID
+
+import httpx
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterDeploymentId, FlowRunFilterId
+from prefect.settings import PREFECT_API_URL, temporary_settings
+from prefect.states import Cancelling
+
+from llmflow.config import PROJECT_ROOT, SAMPLE_INPUT
+from tests.conftest import llama_processes
+
+pytestmark = pytest.mark.integration
+
+PREFECT = str(Path(sys.executable).parent / "prefect")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def prefect_server(tmp_path_factory) -> Iterator[dict[str, str]]:
+    """`prefect server start` on a free loopback port with its own home (SQLite), and a process
+    work pool and worker on it; yields the environment that points a client or CLI at it."""
+    home = tmp_path_factory.mktemp("prefect-home")
+    url = f"http://127.0.0.1:{_free_port()}/api"
+    env = {
+        **os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": url,
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2",
+    }
+    port = url.rsplit(":", 1)[1].split("/")[0]
+    logs = home / "logs"
+    logs.mkdir()
+    server = subprocess.Popen(
+        [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", port],
+        env=env, stdout=(logs / "server.log").open("wb"), stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    worker = None
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert server.poll() is None, (logs / "server.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "prefect server did not come up in 120 s"
+            time.sleep(0.5)
+        subprocess.run([PREFECT, "work-pool", "create", "llmflow", "--type", "process"], env=env, check=True,
+                       capture_output=True, cwd=PROJECT_ROOT)
+        worker = subprocess.Popen(
+            [PREFECT, "worker", "start", "--pool", "llmflow", "--prefetch-seconds", "1"],
+            env=env, cwd=PROJECT_ROOT, stdout=(logs / "worker.log").open("wb"), stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        yield env
+    finally:
+        if worker is not None:
+            _stop(worker)
+        _stop(server)
+
+
+@contextmanager
+def _client(env: dict[str, str]):
+    """A client of this module's server (settings are read once per process: override them here)."""
+    with temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}), get_client(sync_client=True) as client:
+        yield client
+
+
+def _deploy(env: dict[str, str]) -> subprocess.CompletedProcess:
+    """What a user runs from a fresh clone (see deployments/deploy.py for why not `prefect deploy`)."""
+    return subprocess.run(
+        [sys.executable, "deployments/deploy.py"], env=env, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300,
+    )
+
+
+def _parameters(tmp_path: Path, lines: int, concurrency: int = 4) -> dict:
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(SAMPLE_INPUT.read_text().splitlines(keepends=True)[:lines]) if lines <= 240 else
+                   "".join(json.dumps({**json.loads(SAMPLE_INPUT.read_text().splitlines()[i % 240]), "custom_id": f"r{i}"}) + "\n"
+                           for i in range(lines)))
+    model = tmp_path / "model" / "tiny.gguf"
+    model.parent.mkdir(exist_ok=True)
+    shutil.copy(PROJECT_ROOT / "models" / "tiny-llama.gguf", model)
+    return {
+        "session": {"model": {"path": str(model)}, "runs_dir": str(tmp_path / "runs")},
+        "batch": {"input_path": str(src), "output_path": str(tmp_path / "out.jsonl"), "concurrency": concurrency},
+    }
+
+
+def _wait_state(client, flow_run_id: UUID, done: set[str], timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    while True:
+        state = client.read_flow_run(flow_run_id).state
+        if state is not None and state.type.value in done:
+            return state.type.value
+        assert time.monotonic() < deadline, f"flow run still {state.type.value if state else None} after {timeout:.0f}s"
+        time.sleep(1)
+
+
+def test_deploy_schedule_trigger_from_the_api_and_read_the_artifacts(prefect_server, server_env, tmp_path: Path):
+    res = _deploy(prefect_server)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    with _client(prefect_server) as client:
+        nightly = client.read_deployment_by_name("batch-inference/nightly-batch")
+        schedule = nightly.schedules[0].schedule
+        assert (schedule.cron, schedule.timezone) == ("0 2 * * *", "Europe/Berlin")
+        # the server's scheduler puts the next nightly runs in the calendar
+        deadline = time.monotonic() + 60
+        while not (upcoming := client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(deployment_id=FlowRunFilterDeploymentId(any_=[nightly.id]))
+        )):
+            assert time.monotonic() < deadline, "no scheduled run of the nightly deployment after 60 s"
+            time.sleep(1)
+        assert upcoming[0].state.type.value == "SCHEDULED" and upcoming[0].expected_start_time.hour in (0, 1)  # 02:00 Berlin in UTC
+
+        on_demand = client.read_deployment_by_name("batch-inference/batch")
+        run = client.create_flow_run_from_deployment(on_demand.id, parameters=_parameters(tmp_path, 40))
+        assert _wait_state(client, run.id, {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}, 300) == "COMPLETED"
+        artifacts = {a.key: a for a in client.read_artifacts(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])))}
+        assert {"batch-summary", "batch-report"} <= set(artifacts)
+        row = json.loads(artifacts["batch-summary"].data)[0]
+        assert row["succeeded"] == 40 and row["placement"] == "local" and row["completion_tokens"] > 0
+        assert "40 ok" in artifacts["batch-report"].data
+        kinds = {a.type for a in client.read_artifacts(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])))}
+        assert "progress" in kinds
+    # the finished batch emitted an event with its summary (events are stored asynchronously)
+    deadline, events = time.monotonic() + 30, []
+    while not any(e["payload"].get("succeeded") == 40 for e in events):
+        assert time.monotonic() < deadline, f"no llmflow.batch.finished event with the summary: {events}"
+        time.sleep(1)
+        resp = httpx.post(
+            f"{prefect_server['PREFECT_API_URL']}/events/filter",
+            json={"filter": {"event": {"name": ["llmflow.batch.finished"]}}, "limit": 10},
+        )
+        assert resp.status_code == 200, resp.text
+        events = resp.json()["events"]
+    assert llama_processes(str(tmp_path)) == []
+
+
+def test_cancel_from_the_api_mid_batch_tears_the_server_down(prefect_server, server_env, tmp_path: Path):
+    with _client(prefect_server) as client:
+        if not client.read_deployments():
+            assert _deploy(prefect_server).returncode == 0
+        deployment = client.read_deployment_by_name("batch-inference/batch")
+        run = client.create_flow_run_from_deployment(deployment.id, parameters=_parameters(tmp_path, 5000, concurrency=1))
+        out = tmp_path / "out.jsonl"
+        deadline = time.monotonic() + 300
+        while not (out.exists() and len(out.read_text().splitlines()) >= 20):
+            assert time.monotonic() < deadline, "the batch did not get going in 300 s"
+            time.sleep(0.5)
+        assert llama_processes(str(tmp_path)), "the server should be running mid-batch"
+        client.set_flow_run_state(run.id, Cancelling(), force=True)
+        cancelled_at = time.monotonic()
+        assert _wait_state(client, run.id, {"CANCELLED", "COMPLETED", "FAILED", "CRASHED"}, 90) == "CANCELLED"
+    while llama_processes(str(tmp_path)) and time.monotonic() - cancelled_at < 30:
+        time.sleep(0.5)
+    assert llama_processes(str(tmp_path)) == [], "the server outlived the cancellation by 30 s"
+    assert len(out.read_text().splitlines()) < 5000
+
+
+def test_node_limit_lets_one_session_at_a_time_hold_a_node(prefect_server, server_env, tmp_path: Path):
+    """Two batch runs started together against a limit of one node: the second allocates only
+    after the first released its server. A limit that does not exist fails at once, clearly."""
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+
+    with _client(prefect_server) as client:
+        client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name="test-nodes", limit=1))
+    params = _parameters(tmp_path, 40, concurrency=1)
+    procs = []
+    for i in (0, 1):
+        config = tmp_path / f"config-{i}.json"
+        config.write_text(json.dumps({"session": {**params["session"], "runs_dir": str(tmp_path / f"runs-{i}"),
+                                                  "node_limit": "test-nodes"}}))
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "llmflow.cli", "batch", params["batch"]["input_path"], "-o", str(tmp_path / f"out-{i}.jsonl"),
+             "--config", str(config), "--concurrency", "1"],
+            env=prefect_server, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        ))
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    windows = []
+    for i in (0, 1):
+        (run_dir,) = (tmp_path / f"runs-{i}").iterdir()
+        started = (run_dir / "endpoint.json").stat().st_mtime  # written once, when its server started
+        windows.append((started, (tmp_path / f"out-{i}.jsonl").stat().st_mtime))  # last record written
+    (first_start, first_end), (second_start, second_end) = sorted(windows)
+    assert second_start > first_end, f"the sessions overlapped: {windows}"
+
+    config = tmp_path / "config-missing.json"
+    config.write_text(json.dumps({"session": {**params["session"], "node_limit": "no-such-limit"}}))
+    res = subprocess.run(
+        [sys.executable, "-m", "llmflow.cli", "batch", params["batch"]["input_path"], "-o", str(tmp_path / "o.jsonl"),
+         "--config", str(config)],
+        env=prefect_server, capture_output=True, text=True, timeout=300,
+    )
+    assert res.returncode == 1 and "prefect gcl create no-such-limit" in res.stdout + res.stderr
+    assert llama_processes(str(tmp_path)) == []

@@ -1,0 +1,32 @@
+"""deployments/prefect.yaml, deploy.py and serve.py describe the same deployments."""
+
+from __future__ import annotations
+
+import sys
+
+import yaml
+
+from llmflow.config import PROJECT_ROOT
+
+sys.path.insert(0, str(PROJECT_ROOT / "deployments"))
+
+from definitions import DEPLOYMENTS  # noqa: E402
+
+
+def test_prefect_yaml_matches_the_python_definitions():
+    doc = yaml.safe_load((PROJECT_ROOT / "deployments" / "prefect.yaml").read_text())
+    in_yaml = {d["name"]: d for d in doc["deployments"]}
+    assert set(in_yaml) == {spec.name for spec in DEPLOYMENTS}
+    for spec in DEPLOYMENTS:
+        d = in_yaml[spec.name]
+        assert d["entrypoint"] == spec.entrypoint and d["tags"] == spec.tags and d["description"] == spec.description
+        assert d.get("parameters", {}) == spec.parameters
+        schedules = d.get("schedules") or []
+        assert [(s["cron"], s["timezone"]) for s in schedules] == ([(spec.cron, spec.timezone)] if spec.cron else [])
+        assert (PROJECT_ROOT / spec.entrypoint.split(":")[0]).exists()
+
+
+def test_nightly_is_scheduled_and_on_demand_is_not():
+    by_name = {spec.name: spec for spec in DEPLOYMENTS}
+    assert by_name["nightly-batch"].cron and by_name["nightly-batch"].timezone
+    assert by_name["batch"].cron is None
