@@ -9,7 +9,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.events import emit_event
 from pydantic import BaseModel
 
-from flows.session import model_session, release_session
+from flows.session import model_session, release_session, with_blocks
 from llmflow.config import BatchConfig, SessionConfig
 from llmflow.metrics import merge_reports
 from llmflow.report import batch_markdown, batch_summary
@@ -48,13 +48,25 @@ class UnfinishedRequests(RuntimeError):
     on_cancellation=[release_session],
     persist_result=True,
 )
-def batch_inference(session: SessionConfig = SessionConfig(), batch: BatchConfig = BatchConfig()) -> BatchResult:
+def batch_inference(
+    session: SessionConfig = SessionConfig(),
+    batch: BatchConfig = BatchConfig(),
+    cluster_block: str | None = None,
+    model_server_block: str | None = None,
+) -> BatchResult:
     """Serve the model, run every request of ``batch.input_path`` once, record tok/s, tear down.
 
     Finished records are appended to ``batch.output_path`` as they come back, so a rerun after
     any failure sends only what is missing.
+
+    Args:
+        session: Where and how the model is served (inline).
+        batch: The input, the output and how to send the requests.
+        cluster_block: Name of a saved Slurm Cluster block; replaces ``session.placement``.
+        model_server_block: Name of a saved Model Server block; replaces ``session.engine`` and ``session.model``.
     """
     logger = get_run_logger()
+    session = with_blocks(session, cluster_block, model_server_block)
     with model_session(session) as s:
         report = run_batch_inference(session, batch, s.handle, s.tunnel)
         for _ in range(batch.max_recoveries):

@@ -51,6 +51,18 @@ def new_run_id() -> str:
     return f"{stamp}-{run[:8] if run else secrets.token_hex(4)}"
 
 
+def with_blocks(session: SessionConfig, cluster_block: str | None = None, model_server_block: str | None = None) -> SessionConfig:
+    """The session with a saved Slurm Cluster block as its placement and a saved Model Server
+    block as its engine and model, for flows started by block name (from the UI, say)."""
+    from blocks import ModelServer, SlurmCluster  # blocks import llmflow.config only
+
+    if cluster_block:
+        session = session.model_copy(update={"placement": SlurmCluster.load(cluster_block).placement()})
+    if model_server_block:
+        session = ModelServer.load(model_server_block).apply(session)
+    return session
+
+
 class NoSuchNodeLimit(ValueError):
     """``session.node_limit`` names a concurrency limit the Prefect server does not have."""
 

@@ -35,10 +35,10 @@ def _session_config(args: argparse.Namespace) -> SessionConfig:
     if args.runs_dir:
         data["runs_dir"] = args.runs_dir
     session = SessionConfig.model_validate(data)
-    if args.cluster_block:
-        from blocks import SlurmCluster
+    if args.cluster_block or args.model_server_block:
+        from flows.session import with_blocks
 
-        session = session.model_copy(update={"placement": SlurmCluster.load(args.cluster_block).placement()})
+        session = with_blocks(session, args.cluster_block, args.model_server_block)
     return session
 
 
@@ -127,6 +127,7 @@ def _add_session_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--runs-dir", type=Path, help="where per-run folders (server log, key) go (default runs/)")
     p.add_argument("--config", type=Path, help='JSON file {"session": {...}, "batch": {...}}; flags override it')
     p.add_argument("--cluster-block", help="run on the Slurm cluster saved as this SlurmCluster block")
+    p.add_argument("--model-server-block", help="serve the engine and model saved as this ModelServer block")
 
 
 def build_parser() -> argparse.ArgumentParser:

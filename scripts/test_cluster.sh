@@ -20,10 +20,13 @@ need_packages() {
   for cmd in slurmctld slurmd sbatch munged sshd; do
     command -v "$cmd" >/dev/null 2>&1 || [ -x "/usr/sbin/$cmd" ] || missing+=("$cmd")
   done
+  # PostgreSQL's server, for the test that runs a Prefect server on PostgreSQL (its fixture starts
+  # and stops a private instance; nothing is started here)
+  compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || missing+=(postgresql)
   if [ ${#missing[@]} -gt 0 ]; then
-    echo "[cluster] installing slurmctld slurmd slurm-client munge openssh-server (missing: ${missing[*]})"
+    echo "[cluster] installing slurmctld slurmd slurm-client munge openssh-server postgresql (missing: ${missing[*]})"
     apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurmctld slurmd slurm-client munge openssh-server >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurmctld slurmd slurm-client munge openssh-server postgresql >/dev/null
   fi
 }
 

@@ -22,6 +22,7 @@ def record_tok_s(report: BatchReport, allocation: Allocation, ready: Ready) -> T
             "node": allocation.node,
             "run_id": allocation.run_id,
             "seconds_to_ready": ready.seconds_to_ready,
+            "served_models": ready.models,
         },
     )
     return tokps

@@ -54,3 +54,29 @@ def test_a_dead_runs_slurm_job_is_cancelled_by_cleanup(test_cluster, server_env,
     assert _jobs_of(tmp_path) == [] and not lease_file.exists()
     again = SlurmDriver(config).teardown(alloc)  # teardown after a cleanup: nothing left, no error
     assert again.already_gone and again.cancelled_job is None
+
+
+def test_model_server_block_round_trip_and_a_flow_started_by_block_names(prefect_api_url, server_env, tmp_path: Path):
+    """A Model Server block saved once (here llama.cpp's server with its own n_ctx) is what a
+    batch run started by block name serves."""
+    from blocks import ModelServer
+    from flows.batch import batch_inference
+    from llmflow.config import BatchConfig, LlamaCppEngine, ModelConfig, SAMPLE_INPUT
+
+    venv, model = server_env
+    ModelServer(engine=LlamaCppEngine(venv=venv, n_ctx=512), model=ModelConfig(path=model, served_name="from-block")).save(
+        "test-tiny", overwrite=True
+    )
+    loaded = ModelServer.load("test-tiny")
+    assert loaded.engine.kind == "llama_cpp" and loaded.engine.n_ctx == 512 and loaded.model.served_name == "from-block"
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(SAMPLE_INPUT.read_text().splitlines(keepends=True)[:10]))
+    out = tmp_path / "out.jsonl"
+    result = batch_inference(
+        session=SessionConfig(runs_dir=tmp_path / "runs", model=ModelConfig(served_name="ignored")),
+        batch=BatchConfig(input_path=src, output_path=out),
+        model_server_block="test-tiny",
+    )
+    assert result.report.succeeded == 10
+    summary = json.loads(result.tokps.summary_path.read_text())
+    assert summary["served_models"] == ["from-block"]  # what the server itself listed at /v1/models

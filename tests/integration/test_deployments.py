@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -48,15 +49,15 @@ def _stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
-@pytest.fixture(scope="module")
-def prefect_server(tmp_path_factory) -> Iterator[dict[str, str]]:
-    """`prefect server start` on a free loopback port with its own home (SQLite), and a process
-    work pool and worker on it; yields the environment that points a client or CLI at it."""
-    home = tmp_path_factory.mktemp("prefect-home")
+@contextmanager
+def _prefect_server_and_worker(home: Path, extra_env: dict[str, str] | None = None) -> Iterator[dict[str, str]]:
+    """`prefect server start` on a free loopback port with its own home, a process work pool and a
+    worker on it; yields the environment that points a client or CLI at it. Stops both after."""
     url = f"http://127.0.0.1:{_free_port()}/api"
     env = {
         **os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": url,
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2",
+        **(extra_env or {}),
     }
     port = url.rsplit(":", 1)[1].split("/")[0]
     logs = home / "logs"
@@ -89,6 +90,36 @@ def prefect_server(tmp_path_factory) -> Iterator[dict[str, str]]:
         if worker is not None:
             _stop(worker)
         _stop(server)
+
+
+@pytest.fixture(scope="module")
+def prefect_server(tmp_path_factory) -> Iterator[dict[str, str]]:
+    """A Prefect server on SQLite, with a work pool and a worker."""
+    with _prefect_server_and_worker(tmp_path_factory.mktemp("prefect-home")) as env:
+        yield env
+
+
+@contextmanager
+def _postgres() -> Iterator[tuple[str, list[str]]]:
+    """A private PostgreSQL instance (Debian's packages, run as the postgres user) on a free
+    loopback port; yields its asyncpg URL and a psql command line for it. Removed after."""
+    (bindir,) = sorted(Path("/usr/lib/postgresql").glob("*/bin"))[-1:]
+    root = Path(tempfile.mkdtemp(prefix="llmflow-pg-"))  # not under pytest's 0700 root-only tmp
+    data, port = root / "pgdata", _free_port()
+    shutil.chown(root, "postgres")
+    as_postgres = ["runuser", "-u", "postgres", "--"]
+    subprocess.run([*as_postgres, str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres"],
+                   check=True, capture_output=True)
+    subprocess.run([*as_postgres, str(bindir / "pg_ctl"), "-D", str(data), "-l", str(root / "pg.log"), "-w", "-o",
+                    f"-p {port} -k {root} -c listen_addresses=127.0.0.1", "start"], check=True, capture_output=True)
+    try:
+        subprocess.run([*as_postgres, str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "prefect"],
+                       check=True, capture_output=True)
+        psql = [str(bindir / "psql"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "-d", "prefect", "-tAc"]
+        yield f"postgresql+asyncpg://postgres@127.0.0.1:{port}/prefect", psql
+    finally:
+        subprocess.run([*as_postgres, str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"], capture_output=True)
+        shutil.rmtree(root, ignore_errors=True)
 
 
 @contextmanager
@@ -130,6 +161,25 @@ def _wait_state(client, flow_run_id: UUID, done: set[str], timeout: float) -> st
 
 
 def test_deploy_schedule_trigger_from_the_api_and_read_the_artifacts(prefect_server, server_env, tmp_path: Path):
+    _deploy_trigger_and_check(prefect_server, tmp_path)
+
+
+def test_the_same_on_a_prefect_server_backed_by_postgresql(server_env, tmp_path: Path):
+    """Teams that schedule every night outgrow SQLite: the whole path once on PostgreSQL."""
+    (tmp_path / "prefect-home").mkdir()
+    with _postgres() as (db_url, psql), _prefect_server_and_worker(
+        tmp_path / "prefect-home", {"PREFECT_API_DATABASE_CONNECTION_URL": db_url}
+    ) as env:
+        _deploy_trigger_and_check(env, tmp_path / "run")
+        # the runs, their artifacts and the deployments' schedules are rows in PostgreSQL
+        rows = subprocess.run([*psql, "select count(*) from artifact where key = 'batch-summary'"],
+                              capture_output=True, text=True, check=True).stdout.strip()
+        assert rows == "1"
+    assert not list((tmp_path / "prefect-home").glob("*.db")), "the server fell back to SQLite"
+
+
+def _deploy_trigger_and_check(prefect_server: dict[str, str], tmp_path: Path) -> None:
+    tmp_path.mkdir(exist_ok=True)
     res = _deploy(prefect_server)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     with _client(prefect_server) as client:
