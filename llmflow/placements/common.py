@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import os
+import shlex
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from llmflow.config import SSHLogin
+    from llmflow.shell import Shell
 
 LAUNCHER = Path(__file__).resolve().parent.parent / "node_launcher.py"
 
@@ -26,3 +32,15 @@ def write_secret(path: Path, value: str) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(value)
+
+
+def remote_tail(shell: "Shell", path: str, lines: int = 30) -> str:
+    """The last lines of a log on the remote host (for error messages)."""
+    res = shell.run(f"tail -n {lines} {shlex.quote(path)} 2>/dev/null")
+    return res.stdout.strip() or "(no log yet)"
+
+
+def check_key_file(login: "SSHLogin | None") -> None:
+    """Preflight for SSH placements: a named key file must exist before we try to connect."""
+    if login is not None and login.key_file is not None and not login.key_file.expanduser().exists():
+        raise ValueError(f"placement.login.key_file: {login.key_file} does not exist")

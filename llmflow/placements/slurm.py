@@ -24,7 +24,7 @@ from pathlib import Path
 from llmflow import engines, slurm
 from llmflow.config import SessionConfig, SlurmPlacement
 from llmflow.leases import Lease, read_lease, remove_lease, write_lease
-from llmflow.placements.common import ServerDied, make_run_dir, write_secret
+from llmflow.placements.common import ServerDied, check_key_file, make_run_dir, remote_tail, write_secret
 from llmflow.results import Allocation, ServerHandle, Teardown, Tunnel
 from llmflow.shell import Shell, SSHShell, open_shell
 from llmflow.tunnel import LocalForward
@@ -79,11 +79,6 @@ def settled_info(shell: Shell, job_id: str, settle_s: float = 6.0) -> slurm.JobI
     return info
 
 
-def remote_tail(shell: Shell, path: str, lines: int = 30) -> str:
-    res = shell.run(f"tail -n {lines} {shlex.quote(path)} 2>/dev/null")
-    return res.stdout.strip() or "(no log yet)"
-
-
 def cancel_and_confirm(shell: Shell, job_id: str, timeout_s: float = 60.0) -> slurm.JobInfo:
     """scancel, then wait until Slurm reports the job finished or forgotten."""
     info = job_info(shell, job_id)
@@ -125,9 +120,7 @@ class SlurmDriver:
         return _SHELLS[run_id]
 
     def preflight(self) -> None:
-        login = self.placement.login
-        if login is not None and login.key_file is not None and not login.key_file.expanduser().exists():
-            raise ValueError(f"placement.login.key_file: {login.key_file} does not exist")
+        check_key_file(self.placement.login)
 
     # -- allocate ----------------------------------------------------------------------
     def allocate(self, run_id: str, flow_run_id: str | None = None) -> Allocation:

@@ -22,7 +22,7 @@ from pathlib import Path
 from llmflow import engines
 from llmflow.config import SessionConfig, SSHPlacement
 from llmflow.leases import Lease, read_lease, remove_lease, write_lease
-from llmflow.placements.common import ServerDied, make_run_dir, write_secret
+from llmflow.placements.common import ServerDied, check_key_file, make_run_dir, remote_tail, write_secret
 from llmflow.remote_script import launcher_source, server_start_lines
 from llmflow.results import Allocation, ServerHandle, Teardown, Tunnel
 from llmflow.shell import Shell, SSHShell
@@ -61,11 +61,6 @@ def stop_command(pgid: int, grace_s: int = GRACE_S) -> str:
         f"kill -KILL -- -{g} 2>/dev/null; "
         f"for _ in $(seq 1 50); do kill -0 -- -{g} 2>/dev/null || exit 0; sleep 0.1; done; exit 4"
     )
-
-
-def remote_tail(shell: Shell, path: str, lines: int = 30) -> str:
-    res = shell.run(f"tail -n {lines} {shlex.quote(path)} 2>/dev/null")
-    return res.stdout.strip() or "(no log yet)"
 
 
 def stop_remote_group(shell: Shell, pgid: int) -> bool:
@@ -112,9 +107,7 @@ class SSHDriver:
         return _SHELLS[run_id]
 
     def preflight(self) -> None:
-        key_file = self.placement.login.key_file
-        if key_file is not None and not key_file.expanduser().exists():
-            raise ValueError(f"placement.login.key_file: {key_file} does not exist")
+        check_key_file(self.placement.login)
 
     # -- allocate ----------------------------------------------------------------------
     def allocate(self, run_id: str, flow_run_id: str | None = None) -> Allocation:
