@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-
 from typing import Any
 
 from llmflow.results import BatchReport, TokPS
@@ -64,7 +63,6 @@ def timings_summary(sums: dict[str, float]) -> dict[str, float] | None:
     if sums.get("predicted_ms"):
         out["decode_tok_per_s"] = round(sums.get("predicted_n", 0.0) / sums["predicted_ms"] * 1000, 3)
     return out
-
 
 
 def merge_reports(first: BatchReport, later: BatchReport) -> BatchReport:

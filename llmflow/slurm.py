@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import re
 import shlex
-from pathlib import Path
 
 from pydantic import BaseModel
 
 from llmflow.config import SlurmOptions
-from llmflow.remote_script import LAUNCHER_DELIMITER, launcher_source, server_start_lines  # noqa: F401 (re-exported)
+from llmflow.remote_script import server_start_lines
 
 # States after which the job will not run (again) on its own.
 TERMINAL = frozenset(

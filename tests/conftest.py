@@ -86,3 +86,19 @@ def test_cluster() -> dict[str, str]:
         pytest.fail(f"the test cluster did not come up:\n{proc.stdout}\n{proc.stderr}")
     env_file = root / "build" / "testcluster" / "env"
     return dict(line.strip().split("=", 1) for line in env_file.read_text().splitlines() if "=" in line)
+
+
+def orphan_lease(run_dir: Path) -> Path:
+    """Make the run's lease look like its flow process was killed (owner: a pid that has exited)."""
+    import json
+    import subprocess
+    import sys
+
+    from llmflow.leases import LEASE_FILE
+
+    lease_file = run_dir / LEASE_FILE
+    data = json.loads(lease_file.read_text())
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    data.update(owner_pid=int(dead.stdout), owner_start=None)
+    lease_file.write_text(json.dumps(data))
+    return lease_file

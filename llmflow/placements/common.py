@@ -1,4 +1,5 @@
-"""What every placement shares: run folders, secrets on disk, the supervisor, the failure type."""
+"""What every placement shares: run folders, secrets on disk, the supervisor, the failure type,
+and (for the remote ones) run folders on the host, log tails and SSH forwards by run id."""
 
 from __future__ import annotations
 
@@ -7,9 +8,16 @@ import shlex
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from llmflow.shell import SSHShell
+from llmflow.tunnel import LocalForward
+
 if TYPE_CHECKING:
     from llmflow.config import SSHLogin
     from llmflow.shell import Shell
+
+# SSH forwards are process-local objects, kept by run id; each has its own SSH connection
+_TUNNEL_SHELLS: dict[str, SSHShell] = {}
+_FORWARDS: dict[str, LocalForward] = {}
 
 LAUNCHER = Path(__file__).resolve().parent.parent / "node_launcher.py"
 
@@ -44,3 +52,33 @@ def check_key_file(login: "SSHLogin | None") -> None:
     """Preflight for SSH placements: a named key file must exist before we try to connect."""
     if login is not None and login.key_file is not None and not login.key_file.expanduser().exists():
         raise ValueError(f"placement.login.key_file: {login.key_file} does not exist")
+
+
+def make_remote_run_dir(shell: "Shell", runs_dir: str, run_id: str, where: str) -> str:
+    """Create ``runs_dir/run_id`` (mode 0700) on the remote host; its absolute path."""
+    base, rid = shlex.quote(runs_dir), shlex.quote(run_id)
+    return shell.run(
+        f"mkdir -p {base} && mkdir -p -m 700 {base}/{rid} && cd {base}/{rid} && pwd"
+    ).check(f"creating the run folder on the {where}").stdout.strip()
+
+
+def forward_for(run_id: str, login: "SSHLogin", host: str, port: int) -> LocalForward:
+    """The run's forward from 127.0.0.1 to ``host:port`` as seen from the login host: opened on
+    first use, pointed at the new address after (a requeued job's new node and port)."""
+    forward = _FORWARDS.get(run_id)
+    if forward is None:
+        tunnel_shell = SSHShell(login)  # its own connection, apart from commands
+        _TUNNEL_SHELLS[run_id] = tunnel_shell
+        forward = LocalForward(lambda: tunnel_shell.transport, host, port)
+        _FORWARDS[run_id] = forward
+    else:
+        forward.retarget(host, port)
+    return forward
+
+
+def close_forward(run_id: str) -> None:
+    """Close the run's forward and its SSH connection, if it has one."""
+    if (forward := _FORWARDS.pop(run_id, None)) is not None:
+        forward.close()
+    if (tunnel_shell := _TUNNEL_SHELLS.pop(run_id, None)) is not None:
+        tunnel_shell.close()

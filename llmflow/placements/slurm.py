@@ -8,7 +8,7 @@ warm: wait for the job's endpoint record (node, port, pid). tunnel: a paramiko f
 endpoint. teardown: scancel, confirm the job is gone, close tunnel and SSH, and account
 node-hours and GPU-hours.
 
-SSH connections and forwards are process-local objects, kept here by run id; everything a
+SSH connections (here) and forwards (placements.common) are process-local objects, kept by run id; everything a
 later process needs to clean up (job id, cluster address) is in the lease file.
 """
 
@@ -24,14 +24,14 @@ from pathlib import Path
 from llmflow import engines, slurm
 from llmflow.config import SessionConfig, SlurmPlacement
 from llmflow.leases import Lease, read_lease, remove_lease, write_lease
-from llmflow.placements.common import ServerDied, check_key_file, make_run_dir, remote_tail, write_secret
+from llmflow.placements.common import (
+    ServerDied, check_key_file, close_forward, forward_for, make_remote_run_dir, make_run_dir, remote_tail, write_secret,
+)
+from llmflow.remote_script import launcher_source
 from llmflow.results import Allocation, ServerHandle, Teardown, Tunnel
-from llmflow.shell import Shell, SSHShell, open_shell
-from llmflow.tunnel import LocalForward
+from llmflow.shell import Shell, open_shell
 
 _SHELLS: dict[str, Shell] = {}
-_TUNNEL_SHELLS: dict[str, SSHShell] = {}
-_FORWARDS: dict[str, LocalForward] = {}
 
 # Pending reasons that mean the job can never start as asked: fail now, don't wait out the deadline.
 HOPELESS_REASONS = frozenset(
@@ -138,11 +138,7 @@ class SlurmDriver:
         )
 
     def _submit(self, shell: Shell, run_id: str, local_dir: Path, flow_run_id: str | None) -> tuple[str, str]:
-        base = shlex.quote(self.placement.remote_runs_dir)
-        rid = shlex.quote(run_id)
-        remote_dir = shell.run(
-            f"mkdir -p {base} && mkdir -p -m 700 {base}/{rid} && cd {base}/{rid} && pwd"
-        ).check("creating the run folder on the cluster").stdout.strip()
+        remote_dir = make_remote_run_dir(shell, self.placement.remote_runs_dir, run_id, "cluster")
         api_key = secrets.token_urlsafe(32) if engines.accepts_api_key(self.config.engine) else None
         if api_key:
             write_secret(local_dir / "api_key", api_key)
@@ -156,7 +152,7 @@ class SlurmDriver:
             server_python=str(engines.server_python(self.config.engine)),
             server_argv=spec.argv,
             bind_host=self.placement.bind_host,
-            launcher_source=slurm.launcher_source(),
+            launcher_source=launcher_source(),
             api_key_env=engines.api_key_env(self.config.engine),
         )
         shell.write_file(f"{remote_dir}/job.sh", script, 0o700)
@@ -233,14 +229,7 @@ class SlurmDriver:
     def tunnel(self, handle: ServerHandle) -> Tunnel:
         if self.placement.login is None:
             return Tunnel(base_url=f"http://{handle.host}:{handle.port}", local_port=handle.port, forwarded=False)
-        forward = _FORWARDS.get(handle.run_id)
-        if forward is None:
-            tunnel_shell = SSHShell(self.placement.login)  # its own connection, apart from commands
-            _TUNNEL_SHELLS[handle.run_id] = tunnel_shell
-            forward = LocalForward(lambda: tunnel_shell.transport, handle.host, handle.port)
-            _FORWARDS[handle.run_id] = forward
-        else:
-            forward.retarget(handle.host, handle.port)
+        forward = forward_for(handle.run_id, self.placement.login, handle.host, handle.port)
         return Tunnel(base_url=f"http://127.0.0.1:{forward.local_port}", local_port=forward.local_port, forwarded=True)
 
     # -- watching ----------------------------------------------------------------------
@@ -268,10 +257,7 @@ class SlurmDriver:
     def teardown(self, alloc: Allocation) -> Teardown:
         """Close the forward, scancel, confirm the job is gone; account node- and GPU-hours."""
         run_id = alloc.run_id
-        if (forward := _FORWARDS.pop(run_id, None)) is not None:
-            forward.close()
-        if (tunnel_shell := _TUNNEL_SHELLS.pop(run_id, None)) is not None:
-            tunnel_shell.close()
+        close_forward(run_id)
         lease = read_lease(alloc.run_dir)
         job_id = alloc.job_id or (lease.job_id if lease else None)
         result = Teardown(run_id=run_id, already_gone=True, released_at=datetime.now(timezone.utc))

@@ -22,15 +22,14 @@ from pathlib import Path
 from llmflow import engines
 from llmflow.config import SessionConfig, SSHPlacement
 from llmflow.leases import Lease, read_lease, remove_lease, write_lease
-from llmflow.placements.common import ServerDied, check_key_file, make_run_dir, remote_tail, write_secret
+from llmflow.placements.common import (
+    ServerDied, check_key_file, close_forward, forward_for, make_remote_run_dir, make_run_dir, remote_tail, write_secret,
+)
 from llmflow.remote_script import launcher_source, server_start_lines
 from llmflow.results import Allocation, ServerHandle, Teardown, Tunnel
 from llmflow.shell import Shell, SSHShell
-from llmflow.tunnel import LocalForward
 
 _SHELLS: dict[str, SSHShell] = {}
-_TUNNEL_SHELLS: dict[str, SSHShell] = {}
-_FORWARDS: dict[str, LocalForward] = {}
 
 GRACE_S = 10
 
@@ -114,11 +113,7 @@ class SSHDriver:
         """The host is already up: allocating is making the run folder there and a lease here."""
         local_dir = make_run_dir(self.config.runs_dir, run_id)
         shell = self.shell(run_id)
-        base = shlex.quote(self.placement.remote_runs_dir)
-        rid = shlex.quote(run_id)
-        remote_dir = shell.run(
-            f"mkdir -p {base} && mkdir -p -m 700 {base}/{rid} && cd {base}/{rid} && pwd"
-        ).check("creating the run folder on the host").stdout.strip()
+        remote_dir = make_remote_run_dir(shell, self.placement.remote_runs_dir, run_id, "host")
         node = shell.run("hostname").stdout.strip() or self.placement.login.host
         write_lease(
             local_dir, run_id, self.kind, flow_run_id=flow_run_id, remote_dir=remote_dir,
@@ -188,13 +183,8 @@ class SSHDriver:
     # -- tunnel ------------------------------------------------------------------------
     def tunnel(self, handle: ServerHandle) -> Tunnel:
         """A forward from 127.0.0.1 here to the server's address as seen from the host."""
-        forward = _FORWARDS.get(handle.run_id)
-        if forward is None:
-            tunnel_shell = SSHShell(self.placement.login)  # its own connection, apart from commands
-            _TUNNEL_SHELLS[handle.run_id] = tunnel_shell
-            target = "127.0.0.1" if handle.host in ("0.0.0.0", "") else handle.host
-            forward = LocalForward(lambda: tunnel_shell.transport, target, handle.port)
-            _FORWARDS[handle.run_id] = forward
+        target = "127.0.0.1" if handle.host in ("0.0.0.0", "") else handle.host
+        forward = forward_for(handle.run_id, self.placement.login, target, handle.port)
         return Tunnel(base_url=f"http://127.0.0.1:{forward.local_port}", local_port=forward.local_port, forwarded=True)
 
     # -- watching ----------------------------------------------------------------------
@@ -233,10 +223,7 @@ class SSHDriver:
     def teardown(self, alloc: Allocation) -> Teardown:
         """Close the forward, stop the server's group on the host, confirm it is gone."""
         run_id = alloc.run_id
-        if (forward := _FORWARDS.pop(run_id, None)) is not None:
-            forward.close()
-        if (tunnel_shell := _TUNNEL_SHELLS.pop(run_id, None)) is not None:
-            tunnel_shell.close()
+        close_forward(run_id)
         stopped = self._stop(alloc)
         remove_lease(alloc.run_dir)
         if (shell := _SHELLS.pop(run_id, None)) is not None:

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from blocks import SlurmCluster
 from llmflow.config import SessionConfig, SlurmOptions, SSHLogin
-from llmflow.leases import LEASE_FILE, release_leftovers
+from llmflow.leases import release_leftovers
 from llmflow.placements import SlurmDriver
+from tests.conftest import orphan_lease
 from tests.integration.test_slurm import _jobs_of, _login
 
 pytestmark = pytest.mark.integration
@@ -44,11 +43,7 @@ def test_a_dead_runs_slurm_job_is_cancelled_by_cleanup(test_cluster, server_env,
     })
     alloc = SlurmDriver(config).allocate("dead-run")
     assert _jobs_of(tmp_path), "the job should be queued or running"
-    lease_file = alloc.run_dir / LEASE_FILE
-    data = json.loads(lease_file.read_text())
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    data.update(owner_pid=int(dead.stdout), owner_start=None)  # as if its flow process had been killed
-    lease_file.write_text(json.dumps(data))
+    lease_file = orphan_lease(alloc.run_dir)  # as if its flow process had been killed
     released = release_leftovers(config.runs_dir)
     assert [lease.job_id for lease in released] == [alloc.job_id]
     assert _jobs_of(tmp_path) == [] and not lease_file.exists()

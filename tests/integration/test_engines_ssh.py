@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -21,9 +19,9 @@ from llmflow.config import (
     SAMPLE_INPUT, BatchConfig, CommandEngine, LlamaCppEngine, LlamaServerEngine, ModelConfig, SessionConfig,
     SSHPlacement,
 )
-from llmflow.leases import LEASE_FILE, release_leftovers
+from llmflow.leases import release_leftovers
 from llmflow.placements import ServerDied, SSHDriver
-from tests.conftest import llama_processes
+from tests.conftest import llama_processes, orphan_lease
 from tests.integration.test_slurm import _login
 
 pytestmark = pytest.mark.integration
@@ -200,11 +198,7 @@ def test_a_dead_runs_ssh_server_is_stopped_by_cleanup(ssh_session: SessionConfig
     alloc = driver.allocate("dead-run")
     driver.warm(alloc)
     assert llama_processes(str(tmp_path / "host-runs")), "the server should be running on the host"
-    lease_file = alloc.run_dir / LEASE_FILE
-    data = json.loads(lease_file.read_text())
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    data.update(owner_pid=int(dead.stdout), owner_start=None)  # as if its flow process had been killed
-    lease_file.write_text(json.dumps(data))
+    lease_file = orphan_lease(alloc.run_dir)  # as if its flow process had been killed
     released = release_leftovers(ssh_session.runs_dir)
     assert [lease.run_id for lease in released] == ["dead-run"]
     assert _wait_no_processes(str(tmp_path)) == [] and not lease_file.exists()

@@ -19,7 +19,8 @@ from flows.session import model_session
 from llmflow.config import SAMPLE_INPUT, BatchConfig, LlamaCppEngine, ModelConfig, SessionConfig, SlurmOptions, SlurmPlacement, SSHLogin
 from llmflow.leases import read_lease
 from llmflow.placements import ServerDied
-from llmflow.placements.slurm import _FORWARDS, _TUNNEL_SHELLS, JobRejected, QueueTimeout
+from llmflow.placements.common import _FORWARDS, _TUNNEL_SHELLS
+from llmflow.placements.slurm import JobRejected, QueueTimeout
 from llmflow.shell import HostKeyRejected, SSHShell
 
 pytestmark = pytest.mark.integration

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from llmflow import engines, slurm
+from llmflow import engines, remote_script, slurm
 from llmflow.config import LlamaCppEngine, ModelConfig, SlurmOptions
 from llmflow.metrics import merge_reports
 from llmflow.results import BatchReport
@@ -27,7 +27,7 @@ def _render(tmp_path: Path, **opts) -> str:
     return slurm.render_job_script(
         opts=SlurmOptions(**opts), job_name="llmflow-run 1", run_dir="/home/u/llmflow runs/r1",
         setup=spec.setup, server_python=str(engine.python), server_argv=spec.argv, bind_host="0.0.0.0",
-        launcher_source=slurm.launcher_source(),
+        launcher_source=remote_script.launcher_source(),
     )
 
 
@@ -63,8 +63,8 @@ def test_unset_options_are_left_out_and_key_never_in_script(tmp_path: Path):
 
 def test_embedded_launcher_is_the_real_one(tmp_path: Path):
     script = _render(tmp_path)
-    body = re.search(rf"<<'{slurm.LAUNCHER_DELIMITER}'\n(.*?)\n{slurm.LAUNCHER_DELIMITER}\n", script, re.S).group(1)
-    assert body + "\n" == slurm.launcher_source()
+    body = re.search(rf"<<'{remote_script.LAUNCHER_DELIMITER}'\n(.*?)\n{remote_script.LAUNCHER_DELIMITER}\n", script, re.S).group(1)
+    assert body + "\n" == remote_script.launcher_source()
 
 
 def test_parse_sbatch():
