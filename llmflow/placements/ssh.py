@@ -42,8 +42,13 @@ def start_command(remote_dir: str) -> str:
     """
     d = shlex.quote(remote_dir)
     # `&` must apply to setsid alone: a backgrounded `cd && setsid ...` list would be a subshell
-    # holding the SSH channel's stdout open, and the command would never return.
-    return f"cd {d} || exit 1; setsid nohup bash start.sh >> server.log 2>&1 < /dev/null & echo $!"
+    # holding the SSH channel's stdout open, and the command would never return. The group
+    # exists only once the child has called setsid(): wait for it (up to 1 s) before printing,
+    # or a liveness check right after start can find no group and call the server dead.
+    return (
+        f"cd {d} || exit 1; setsid nohup bash start.sh >> server.log 2>&1 < /dev/null & pid=$!; "
+        "for _ in $(seq 1 50); do kill -0 -- -$pid 2>/dev/null && break; sleep 0.02; done; echo $pid"
+    )
 
 
 def alive_command(pgid: int) -> str:
