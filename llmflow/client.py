@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -22,6 +21,7 @@ from typing import Any, Literal, Protocol
 import aiohttp
 import httpx
 
+from llmflow.aio import run_sync
 from llmflow.batch_io import (
     JsonlAppender,
     count_lines,
@@ -300,52 +300,24 @@ def run_batch_sync(
 ) -> BatchReport:
     """``run_batch`` for synchronous callers (Prefect tasks, the CLI).
 
-    The event loop runs in a helper thread; this thread only waits, and calls ``progress``.
-    Signals are handled in the main thread, so whatever handler is installed raises *here*:
-    Ctrl-C's KeyboardInterrupt, and Prefect's SIGTERM bridge, which also tells a cancellation
-    from the UI/API (the run ends Cancelled) from any other termination (Crashed). Raised inside
-    the event loop instead, such an exception lands in some socket callback, where asyncio logs
-    and swallows it and the batch goes on. On any exception the pass is cancelled, its finished
-    records are already on disk, and the exception propagates. Progress and its Prefect API
-    calls stay on the caller's thread and context.
+    Runs through ``aio.run_sync`` so that Ctrl-C and Prefect's cancellation raise in the
+    caller's thread; the pass is then cancelled with its finished records already on disk.
+    Progress and its Prefect API calls stay on the caller's thread and context.
     """
     latest: list[tuple[int, int]] = []
-    finished = threading.Event()
+    shown: list[tuple[int, int]] = []
 
-    async def main() -> BatchReport:
-        try:
-            return await run_batch(
-                config, base_url, api_key, progress=(lambda d, t: latest.append((d, t))) if progress else None, **kwargs
-            )
-        finally:
-            finished.set()
-
-    def flush(last: tuple[int, int] | None) -> tuple[int, int] | None:
-        if progress and latest and latest[-1] != last:
-            last = latest[-1]
+    def tick() -> None:
+        if progress and latest and (not shown or latest[-1] != shown[-1]):
+            shown[:] = [latest[-1]]
             del latest[:-1]
-            progress(*last)
-        return last
+            progress(*shown[0])
 
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, name="llmflow-batch-loop", daemon=True)
-    thread.start()
-    future = asyncio.run_coroutine_threadsafe(main(), loop)
-    shown: tuple[int, int] | None = None
-    try:
-        while not finished.wait(0.2):
-            shown = flush(shown)
-        flush(shown)
-        return future.result()
-    except BaseException:
-        future.cancel()  # cancels the pass in the loop's thread
-        finished.wait(60)  # its cleanup: in-flight requests dropped, files closed
-        raise
-    finally:
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
-        if not thread.is_alive():
-            loop.close()
+    return run_sync(
+        lambda: run_batch(config, base_url, api_key, progress=(lambda d, t: latest.append((d, t))) if progress else None, **kwargs),
+        tick,
+        name="llmflow-batch-loop",
+    )
 
 
 __all__ = ["run_batch", "run_batch_sync", "RetryableError", "HttpResult", "make_sender"]
