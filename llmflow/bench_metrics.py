@@ -15,7 +15,7 @@ Token counts come from the server's ``usage`` (not re-tokenised text). Key names
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, Field
@@ -35,6 +35,10 @@ class RequestTiming(BaseModel):
     completion_tokens: int | None = Field(default=None, description="From the server's usage.")
     requested_prompt_tokens: int | None = None
     requested_output_tokens: int | None = None
+    usage_source: Literal["server", "chunks"] | None = Field(
+        default=None, description="server: from the stream's usage; chunks: counted text chunks (no usage sent)."
+    )
+    server_timings: dict[str, Any] | None = Field(default=None, description="llama-server's own timings of the request.")
 
 
 def classify(status_code: int | None, error: BaseException | None = None, timed_out: bool = False) -> Outcome:
@@ -86,7 +90,13 @@ def cell_summary(timings: list[RequestTiming], duration_s: float) -> dict[str, f
     itls = [gap for m in per for gap in m["itl"]]
     total_in = sum(t.prompt_tokens or 0 for t in ok)
     total_out = sum(t.completion_tokens or 0 for t in ok)
-    prefill = [(t.prompt_tokens or 0) / m["ttft"] for t, m in zip(ok, per) if m["ttft"]]
+    # Pooled per-request rates: all prompt tokens over all TTFTs, all tokens after the first
+    # over all time after the first token. A mean of per-request ratios would let one request
+    # whose chunks arrived bunched (a near-zero TPOT) swamp the rest.
+    prefill_time = sum(m["ttft"] for m in per if m["ttft"])
+    prefill_tokens = sum(t.prompt_tokens or 0 for t, m in zip(ok, per) if m["ttft"])
+    decode_time = sum(m["e2el"] - m["ttft"] for m in per if m["tpot"] is not None)
+    decode_tokens = sum((t.completion_tokens or 0) - 1 for t, m in zip(ok, per) if m["tpot"] is not None)
     mismatched = sum(
         1
         for t in ok
@@ -107,17 +117,63 @@ def cell_summary(timings: list[RequestTiming], duration_s: float) -> dict[str, f
         **_stats("tpot", tpots),
         **_stats("itl", itls),
         **_stats("e2el", e2els),
-        # per request, then averaged: prompt tokens over TTFT, and 1 / TPOT
-        "prefill_tok_per_s": float(np.mean(prefill)) if prefill else None,
-        "decode_tok_per_s": float(np.mean([1.0 / x for x in tpots if x > 0])) if tpots else None,
+        "prefill_tok_per_s": prefill_tokens / prefill_time if prefill_time > 0 else None,
+        "decode_tok_per_s": decode_tokens / decode_time if decode_time > 0 else None,
         "length_mismatches": mismatched,
     }
     return summary
 
 
-def cell_status(summary: dict[str, float | int | None]) -> Outcome:
-    """A cell's verdict: ok if every request was ok, else the worst thing that happened."""
+CellStatus = Literal["ok", "rejected", "crashed", "timed_out", "length_mismatch", "skipped", "not_run"]
+
+
+def cell_status(summary: dict[str, float | int | None]) -> CellStatus:
+    """A cell's verdict: the worst thing that happened to any request; ``length_mismatch`` when
+    all were answered but some prompt or completion came out another length than asked (a
+    context too small for prompt + output truncates the completion, for one)."""
     for outcome in ("crashed", "timed_out", "rejected"):
         if summary.get(outcome):
             return outcome  # type: ignore[return-value]
+    if summary.get("length_mismatches"):
+        return "length_mismatch"
     return "ok"
+
+
+# Prometheus series a campaign reads before and after each cell (vLLM's histograms give
+# _sum and _count; the token counters are those of metrics.SERVER_COUNTERS).
+BENCH_COUNTERS = {
+    "vllm:prompt_tokens_total": "prompt_tokens",
+    "vllm:generation_tokens_total": "generation_tokens",
+    "vllm:request_prefill_time_seconds_sum": "prefill_seconds",
+    "vllm:request_decode_time_seconds_sum": "decode_seconds",
+    "vllm:time_to_first_token_seconds_sum": "ttft_seconds",
+    "vllm:time_to_first_token_seconds_count": "ttft_count",
+    "llamacpp:prompt_tokens_total": "prompt_tokens",
+    "llamacpp:tokens_predicted_total": "generation_tokens",
+}
+
+
+def _ratio(num: float | None, den: float | None, scale: float = 1.0) -> float | None:
+    return num / den * scale if num is not None and den else None
+
+
+def server_figures(delta: dict[str, float] | None, timings: dict[str, float] | None) -> dict[str, float | None]:
+    """The server's own view of a cell, beside the client's: token counts from its counters,
+    prefill and decode tok/s per sequence from its prefill/decode time (vLLM histograms) or
+    from per-response ``timings`` (llama-server), and its mean TTFT where it measures one."""
+    delta = delta or {}
+    timings = timings or {}
+    prefill = _ratio(delta.get("prompt_tokens"), delta.get("prefill_seconds")) or _ratio(
+        timings.get("prompt_n"), timings.get("prompt_ms"), 1000.0
+    )
+    decode = _ratio(delta.get("generation_tokens"), delta.get("decode_seconds")) or _ratio(
+        timings.get("predicted_n"), timings.get("predicted_ms"), 1000.0
+    )
+    return {
+        "server_prompt_tokens": delta.get("prompt_tokens"),
+        "server_generation_tokens": delta.get("generation_tokens"),
+        "server_prefill_tok_per_s": prefill,
+        "server_decode_tok_per_s": decode,
+        "server_mean_ttft_ms": _ratio(delta.get("ttft_seconds"), delta.get("ttft_count"), 1000.0),
+        "server_cached_prompt_tokens": timings.get("cache_n"),
+    }

@@ -1,8 +1,11 @@
-"""Command line: run the batch flow on a file, the demo, write the tiny model, clean up leftovers.
+"""Command line: run the batch flow on a file, the demo, a benchmark campaign, write the tiny
+model, clean up leftovers.
 
-Exit codes: 0 every valid request finished; 3 finished, but some input lines were invalid
-(see the errors file); 1 the run failed (the message says why; rerun to resume);
-2 invalid configuration; 130 interrupted (Ctrl-C or SIGTERM), after tearing the server down.
+Exit codes: 0 every valid request finished (bench: the campaign ran; rejected or crashed cells
+are measurements, not failures); 3 finished, but some input lines were invalid (see the errors
+file); 4 (bench --fail-on-regression) a cell regressed against the baseline; 1 the run failed
+(the message says why; rerun to resume); 2 invalid configuration; 130 interrupted (Ctrl-C or
+SIGTERM), after tearing the server down.
 """
 
 from __future__ import annotations
@@ -114,6 +117,60 @@ def _hold(args: argparse.Namespace) -> int:
     return 0
 
 
+DEFAULT_CAMPAIGN = PROJECT_ROOT / "benchmarks" / "campaigns" / "tiny-llama-cpp.toml"
+EXIT_REGRESSION = 4
+
+
+def _bench(args: argparse.Namespace) -> int:
+    """Run a campaign file; print one line per cell and where the outputs are."""
+    from prefect.exceptions import TerminationSignal
+
+    from llmflow.campaign_config import CampaignFileError, load_campaign
+
+    try:
+        campaign, file_session = load_campaign(args.campaign)
+        updates = {k: v for k, v in (("output_dir", args.output_dir), ("baseline", args.baseline)) if v is not None}
+        campaign = campaign.model_validate({**campaign.model_dump(), **updates})
+        data = dict(file_session or {})
+        if args.runs_dir:
+            data["runs_dir"] = args.runs_dir
+        session = SessionConfig.model_validate(data)
+        if args.cluster_block or args.model_server_block:
+            from flows.session import with_blocks
+
+            session = with_blocks(session, args.cluster_block, args.model_server_block)
+    except (CampaignFileError, ValidationError) as exc:
+        print(f"invalid campaign:\n{exc}", file=sys.stderr)
+        return 2
+    if session.model.path == DEFAULT_MODEL and not DEFAULT_MODEL.exists():
+        from llmflow.tiny_model import write_tiny_llama
+
+        write_tiny_llama(DEFAULT_MODEL)
+
+    from flows.campaign import benchmark_campaign
+
+    try:
+        result = benchmark_campaign(session=session, campaign=campaign)
+    except (KeyboardInterrupt, TerminationSignal):
+        print("interrupted: the server was torn down; finished cells are in requests.jsonl", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as exc:  # noqa: BLE001 - the flow's message is the useful part
+        print(f"campaign failed: {exc}", file=sys.stderr)
+        return 1
+    for c in result.cells:
+        s = c.summary
+        rates = (
+            f"prefill {s['prefill_tok_per_s']:.0f} tok/s, decode {s['decode_tok_per_s']:.0f} tok/s, TTFT {s['mean_ttft_ms']:.1f} ms"
+            if c.status == "ok" and s.get("prefill_tok_per_s") and s.get("decode_tok_per_s")
+            else (c.reason or "").splitlines()[0][:100] if c.reason else ""
+        )
+        print(f"{c.key:<24} {c.status:<16} {rates}")
+    print(f"outputs:  {result.output_dir}  (summary.json, cells.csv, requests.parquet, plot.png, vllm/)")
+    for r in result.regressions:
+        print(f"regression: {r['key']} {r['metric']}: {r['baseline']} -> {r['current']}")
+    return EXIT_REGRESSION if result.regressions and args.fail_on_regression else 0
+
+
 def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--concurrency", type=int, help="requests in flight (default 8)")
     p.add_argument("--fixed-output-tokens", type=int, help="force each completion to exactly N tokens")
@@ -150,6 +207,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hours", type=float, default=1.0, help="how long to hold the session (default 1)")
     p.add_argument("--check-every", type=float, default=30.0, help="seconds between health checks (default 30)")
     _add_session_options(p)
+
+    p = sub.add_parser("bench", help="run a stress-test campaign (context sizes x concurrency) from a TOML/YAML file")
+    p.add_argument("campaign", type=Path, nargs="?", default=DEFAULT_CAMPAIGN,
+                   help=f"campaign file (default {DEFAULT_CAMPAIGN.relative_to(PROJECT_ROOT)})")
+    p.add_argument("--output-dir", type=Path, help="where the outputs go (default out/campaigns/<name>-<time>)")
+    p.add_argument("--baseline", type=Path, help="an earlier campaign's summary.json to compare against")
+    p.add_argument("--fail-on-regression", action="store_true", help=f"exit {EXIT_REGRESSION} when a cell regressed")
+    p.add_argument("--runs-dir", type=Path, help="where per-run folders (server log, key) go (default runs/)")
+    p.add_argument("--cluster-block", help="run on the Slurm cluster saved as this SlurmCluster block")
+    p.add_argument("--model-server-block", help="serve the engine and model saved as this ModelServer block")
 
     p = sub.add_parser("make-model", help="write the tiny random Llama GGUF model (offline)")
     p.add_argument("path", type=Path, nargs="?", default=DEFAULT_MODEL)
@@ -188,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command == "hold":
         return _hold(args)
+    if args.command == "bench":
+        return _bench(args)
     input_path = SAMPLE_INPUT if args.command == "demo" else args.input
     try:
         session = _session_config(args)

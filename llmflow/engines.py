@@ -42,6 +42,8 @@ class EngineSpec(Protocol):
 
     def fixed_length_fields(self, tokens: int) -> dict[str, Any]: ...
 
+    def tokenize_request(self, text: str, served_name: str) -> tuple[str, dict[str, Any]] | None: ...
+
 
 def _key_env(name: str | None, api_key: str | None) -> dict[str, str]:
     return {name: api_key} if name and api_key else {}
@@ -67,6 +69,9 @@ class LlamaCppSpec:
             str(engine.python), "-m", "llama_cpp.server",
             "--model", str(model.path), "--model_alias", model.served_name,
             "--host", host, "--port", PORT_PLACEHOLDER, "--n_ctx", str(engine.n_ctx),
+            # its default (True) aborts a running stream when the next request arrives, so
+            # concurrent streaming clients would cut each other off
+            "--interrupt_requests", "False",
         ]
         if engine.n_threads is not None:
             argv += ["--n_threads", str(engine.n_threads)]
@@ -75,6 +80,9 @@ class LlamaCppSpec:
 
     def fixed_length_fields(self, tokens: int) -> dict[str, Any]:
         return {"max_tokens": tokens, "min_tokens": tokens}
+
+    def tokenize_request(self, text: str, served_name: str) -> tuple[str, dict[str, Any]] | None:
+        return "/extras/tokenize", {"input": text}  # counts BOS, as the completion does
 
 
 class VllmSpec:
@@ -109,6 +117,9 @@ class VllmSpec:
     def fixed_length_fields(self, tokens: int) -> dict[str, Any]:
         return {"max_tokens": tokens, "min_tokens": tokens, "ignore_eos": True}
 
+    def tokenize_request(self, text: str, served_name: str) -> tuple[str, dict[str, Any]] | None:
+        return "/tokenize", {"model": served_name, "prompt": text}  # add_special_tokens defaults to true
+
 
 class LlamaServerSpec:
     """llama.cpp's native server: /health is 503 while the model loads and 200 once it can
@@ -141,6 +152,9 @@ class LlamaServerSpec:
     def fixed_length_fields(self, tokens: int) -> dict[str, Any]:
         return {"max_tokens": tokens, "ignore_eos": True}
 
+    def tokenize_request(self, text: str, served_name: str) -> tuple[str, dict[str, Any]] | None:
+        return "/tokenize", {"content": text, "add_special": True}
+
 
 class CommandSpec:
     """Any OpenAI-style server: everything the other specs know is given in the config."""
@@ -167,6 +181,9 @@ class CommandSpec:
         if "ignore_eos" in self.engine.fixed_length:
             fields["ignore_eos"] = True
         return fields
+
+    def tokenize_request(self, text: str, served_name: str) -> tuple[str, dict[str, Any]] | None:
+        return None  # unknown server: prompt lengths are calibrated from usage.prompt_tokens
 
 
 _SPECS: dict[str, Callable[[Any], EngineSpec]] = {
@@ -204,6 +221,17 @@ def readiness_path(engine: Any) -> str:
 def fixed_length_fields(engine: Any, tokens: int) -> dict[str, Any]:
     """Body fields that make a completion exactly ``tokens`` long on this engine."""
     return spec_for(engine).fixed_length_fields(tokens)
+
+
+def tokenize_request(engine: Any, text: str, served_name: str) -> tuple[str, dict[str, Any]] | None:
+    """Path and body that make the server count ``text``'s tokens, or None if it has no such API."""
+    return spec_for(engine).tokenize_request(text, served_name)
+
+
+def stream_usage(engine: Any) -> bool:
+    """Whether streamed completions end with a ``usage`` chunk (``stream_options.include_usage``).
+    llama-cpp-python's server ignores the option, so there the client counts text chunks."""
+    return engine.kind != "llama_cpp"
 
 
 def metrics_path(engine: Any) -> str | None:

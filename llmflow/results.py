@@ -127,3 +127,30 @@ class Teardown(BaseModel):
     node_hours: float = 0.0
     gpu_hours: float = 0.0
     released_at: datetime
+
+
+class CellResult(BaseModel):
+    """One campaign cell: its verdict, the client's and the server's figures, peak memory."""
+
+    key: str = Field(description="ctx<prompt tokens>-c<concurrency>-out<output tokens>")
+    context: int
+    concurrency: int
+    output_tokens: int
+    status: str = Field(description="ok, rejected, crashed, timed_out, length_mismatch, skipped or not_run.")
+    reason: str | None = Field(default=None, description="Why it was skipped or not run, or the first error seen.")
+    requests: int = Field(default=0, description="Timed requests sent (warm-up not counted).")
+    summary: dict[str, float | int | None] = Field(default_factory=dict, description="bench_metrics.cell_summary")
+    server: dict[str, float | None] = Field(default_factory=dict, description="bench_metrics.server_figures")
+    peak_rss_mib: float | None = Field(default=None, description="Server process group, local placement only.")
+    peak_gpu_mib: float | None = Field(default=None, description="nvidia-smi memory.used, when present.")
+    session: int = Field(default=0, description="Which server (1 = first; a crash starts the next).")
+
+
+class CampaignResult(BaseModel):
+    """Where a campaign's outputs are and how its cells ended."""
+
+    name: str
+    output_dir: Path
+    cells: list[CellResult]
+    sessions: int = Field(description="Servers started: 1 plus one per restart after a crash.")
+    regressions: list[dict] = Field(default_factory=list, description="Cells worse than the baseline beyond the threshold.")

@@ -2,6 +2,7 @@
 
 from tasks.allocate import allocate_node
 from tasks.batch import run_batch_inference
+from tasks.benchmark import run_benchmark_cell
 from tasks.gate import health_gate
 from tasks.record import record_tok_s
 from tasks.recover import recover_session
@@ -15,6 +16,7 @@ __all__ = [
     "open_tunnel",
     "health_gate",
     "run_batch_inference",
+    "run_benchmark_cell",
     "record_tok_s",
     "recover_session",
     "tear_down",

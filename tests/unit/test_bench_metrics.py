@@ -38,8 +38,8 @@ def test_cell_summary_keys_values_and_mismatches():
     tpots = [(1.1 - 0.5) / 3, (0.9 - 0.3) / 3, 0.2]
     assert s["median_tpot_ms"] == pytest.approx(1000 * float(np.median(tpots)))
     assert s["mean_itl_ms"] == pytest.approx(1000 * float(np.mean([0.1, 0.2, 0.3, 0.2, 0.2, 0.2, 0.2])))
-    assert s["prefill_tok_per_s"] == pytest.approx(np.mean([100 / 0.5, 100 / 0.3, 90 / 0.2]))
-    assert s["decode_tok_per_s"] == pytest.approx(np.mean([1 / x for x in tpots]))
+    assert s["prefill_tok_per_s"] == pytest.approx((100 + 100 + 90) / (0.5 + 0.3 + 0.2))
+    assert s["decode_tok_per_s"] == pytest.approx((3 + 3 + 1) / ((1.1 - 0.5) + (0.9 - 0.3) + (0.4 - 0.2)))
     assert s["length_mismatches"] == 1
     assert cell_status(s) == "rejected"
 

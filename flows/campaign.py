@@ -1,0 +1,178 @@
+"""Benchmark campaign flow: a grid of context sizes x concurrency x output length, measured
+on one model session, with a new session after the server crashes."""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import httpx
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_image_artifact, create_markdown_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact
+from prefect.events import emit_event
+
+from flows.session import model_session, release_session, with_blocks
+from llmflow import engines
+from llmflow.campaign_config import CampaignConfig, campaign_path, grid, load_campaign, skip_reason
+from llmflow.campaign_report import CELL_COLUMNS, cell_record, compare, load_baseline, markdown_report, utc_stamp, write_outputs
+from llmflow.config import SessionConfig
+from llmflow.placements import ServerDied, driver_for
+from llmflow.results import CampaignResult, CellResult, ServerHandle, Tunnel
+from tasks.benchmark import run_benchmark_cell
+
+
+class CampaignIncomplete(RuntimeError):
+    """Some cells could not be run (no server came up again); the outputs hold the rest."""
+
+
+def _unrun(cell, status: str, reason: str, session_no: int = 0) -> CellResult:
+    return CellResult(
+        key=cell.key, context=cell.context, concurrency=cell.concurrency, output_tokens=cell.output_tokens,
+        status=status, reason=reason, session=session_no,
+    )
+
+
+@flow(name="benchmark-campaign", on_crashed=[release_session], on_cancellation=[release_session], persist_result=True)
+def benchmark_campaign(
+    session: SessionConfig = SessionConfig(),
+    campaign: CampaignConfig = CampaignConfig(),
+    campaign_file: str | None = None,
+    cluster_block: str | None = None,
+    model_server_block: str | None = None,
+) -> CampaignResult:
+    """Measure TTFT, prefill and decode tok/s and survival over a grid of cells.
+
+    Cells run smallest context first for each concurrency and output length; once a context is
+    rejected the larger ones are skipped. A cell in which the server died is recorded as
+    crashed, a new server is started (up to ``campaign.max_restarts`` times) and the campaign
+    goes on, so one night still yields the whole table.
+
+    Args:
+        session: Where and how the model is served.
+        campaign: The grid and how hard to push each cell.
+        campaign_file: A TOML/YAML campaign under benchmarks/campaigns/; replaces ``campaign``, and
+            ``session`` too when the file has a session table.
+        cluster_block: Name of a saved Slurm Cluster block; replaces ``session.placement``.
+        model_server_block: Name of a saved Model Server block; replaces ``session.engine`` and ``session.model``.
+    """
+    logger = get_run_logger()
+    if campaign_file:
+        campaign, file_session = load_campaign(campaign_path(campaign_file))
+        if file_session is not None:
+            session = SessionConfig.model_validate({**file_session, **({"runs_dir": session.runs_dir} if "runs_dir" not in file_session else {})})
+    session = with_blocks(session, cluster_block, model_server_block)
+    out_dir = campaign.resolved_output_dir(utc_stamp())
+    baseline_path = campaign.resolved_baseline(out_dir)
+    baseline = load_baseline(baseline_path) if baseline_path else None
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if baseline_path:
+        logger.info("comparing with %s", baseline_path)
+    rows_path = out_dir / "requests.jsonl"
+    cells = grid(campaign)
+    logger.info("campaign %s: %d cells, output in %s", campaign.name, len(cells), out_dir)
+    progress = create_progress_artifact(progress=0.0, key=f"campaign-progress-{campaign.name}".lower().replace("_", "-").replace(".", "-"), description=f"cells of {campaign.name}")
+
+    results: dict[str, CellResult] = {}
+    pending = list(cells)
+    sessions = 0
+    node = "-"
+    failure: BaseException | None = None
+    while pending:
+        if sessions > campaign.max_restarts:
+            for cell in pending:
+                results[cell.key] = _unrun(cell, "not_run", f"the server crashed {sessions} times (max_restarts {campaign.max_restarts})")
+            break
+        sessions += 1
+        try:
+            with model_session(session) as s:
+                node = s.allocation.node
+                while pending:
+                    cell = pending.pop(0)
+                    reason = skip_reason(cell, results.values(), campaign.skip_larger_on)
+                    if reason:
+                        results[cell.key] = _unrun(cell, "skipped", reason, sessions)
+                        logger.info("cell %s skipped: %s", cell.key, reason)
+                    else:
+                        results[cell.key] = run_benchmark_cell(session, campaign, cell, s.handle, s.tunnel, rows_path, sessions)
+                    update_progress_artifact(progress, progress=100.0 * len(results) / len(cells))
+                    if results[cell.key].status == "crashed" and not _server_usable(session, s.handle, s.tunnel):
+                        logger.warning("the server died during cell %s; starting a new one for the %d cells left", cell.key, len(pending))
+                        break
+        except Exception as exc:  # no server came up again: record the rest as not run, keep what was measured
+            if sessions == 1 and not results:
+                raise
+            failure = exc
+            logger.error("could not start a server again: %s", exc)
+            for cell in pending:
+                results[cell.key] = _unrun(cell, "not_run", f"no server: {type(exc).__name__}: {exc}"[:500], sessions)
+            pending = []
+
+    ordered = [results[c.key] for c in cells]
+    meta = {
+        "name": campaign.name, "engine": session.engine.kind, "model": session.model.served_name,
+        "model_path": str(session.model.path), "placement": session.placement.kind, "node": node, "sessions": sessions,
+        "date": datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S"), "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "campaign": campaign.model_dump(mode="json"), "baseline": str(baseline_path) if baseline_path else None,
+    }
+    regressions = compare([cell_record(c) for c in ordered], baseline, campaign.regression_threshold) if baseline else []
+    paths = write_outputs(out_dir, ordered, rows_path, meta, regressions)
+    publish_campaign(meta, ordered, regressions, paths, campaign)
+    for r in regressions:
+        logger.warning("regression in %s: %s %s -> %s", r["key"], r["metric"], r["baseline"], r["current"])
+    logger.info("campaign %s done: %s; outputs in %s", campaign.name, _tally(ordered), out_dir)
+    result = CampaignResult(name=campaign.name, output_dir=out_dir, cells=ordered, sessions=sessions, regressions=regressions)
+    if failure is not None:
+        raise CampaignIncomplete(f"{sum(c.status == 'not_run' for c in ordered)} cells not run: {failure}; results so far in {out_dir}") from failure
+    return result
+
+
+def _server_usable(session: SessionConfig, handle: ServerHandle, tunnel: Tunnel, settle_s: float = 3.0) -> bool:
+    """After a crashed cell: is the same server still there and answering?
+
+    The supervisor notices its server's death within half a second, so the placement's
+    liveness check is repeated for ``settle_s`` before it is believed; a server that is up
+    must then still answer its readiness path (a hung one gets replaced too).
+    """
+    driver = driver_for(session)
+    deadline = time.monotonic() + settle_s
+    while True:
+        try:
+            driver.check_alive(handle)
+        except ServerDied:
+            return False
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(0.25)
+    key = handle.api_key()
+    try:
+        resp = httpx.get(
+            tunnel.base_url + engines.readiness_path(session.engine),
+            headers={"Authorization": f"Bearer {key}"} if key else {}, timeout=10,
+        )
+    except httpx.HTTPError:
+        return False
+    return resp.status_code < 500
+
+
+def _tally(cells: list[CellResult]) -> str:
+    counts: dict[str, int] = {}
+    for c in cells:
+        counts[c.status] = counts.get(c.status, 0) + 1
+    return ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
+
+
+def publish_campaign(meta: dict, cells: list[CellResult], regressions: list[dict], paths: dict[str, Path], campaign: CampaignConfig) -> None:
+    """Table and markdown artifacts, the plot as an image artifact when its folder has a URL,
+    and an ``llmflow.campaign.finished`` event for automations."""
+    table = [{k: v for k, v in cell_record(c).items() if k in CELL_COLUMNS} for c in cells]
+    key = f"campaign-{campaign.name}".lower().replace("_", "-").replace(".", "-")
+    create_table_artifact(table=table, key=key, description=f"campaign {campaign.name}: one row per cell")
+    create_markdown_artifact(markdown=markdown_report(meta, cells, regressions, paths), key=f"{key}-report", description="campaign report")
+    if campaign.publish_url and "plot" in paths:
+        create_image_artifact(image_url=f"{campaign.publish_url.rstrip('/')}/{paths['plot'].name}", key=f"{key}-plot", description="tok/s and TTFT against context")
+    emit_event(
+        event="llmflow.campaign.finished",
+        resource={"prefect.resource.id": f"llmflow.campaign.{campaign.name}", "prefect.resource.name": campaign.name},
+        payload={"output_dir": str(paths["summary"].parent), "statuses": _tally(cells), "regressions": len(regressions)},
+    )

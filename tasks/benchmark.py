@@ -1,0 +1,175 @@
+"""Run one benchmark cell: exact-length prompts, warm-up, timed streaming requests, figures.
+
+Every request's row is appended to the campaign's ``requests.jsonl`` as it finishes, so a
+crash loses nothing that was measured; the cell's summary is the task's persisted result.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import secrets
+
+import httpx
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from llmflow import engines
+from llmflow.aio import run_sync
+from llmflow.batch_io import JsonlAppender
+from llmflow.bench_metrics import BENCH_COUNTERS, RequestTiming, cell_status, cell_summary, request_metrics, server_figures
+from llmflow.campaign_config import CampaignConfig, Cell
+from llmflow.memory import PeakSampler
+from llmflow.metrics import add_timings, counter_delta, parse_prometheus_counters, timings_summary
+from llmflow.prompts import PromptFactory
+from llmflow.results import CellResult, ServerHandle, Tunnel
+from llmflow.config import SessionConfig
+from llmflow.stream import StreamRequest, completion_body, run_requests
+
+
+def read_counters(client: httpx.Client, engine: Any) -> dict[str, float] | None:
+    path = engines.metrics_path(engine)
+    if path is None:
+        return None
+    try:
+        resp = client.get(path)
+        resp.raise_for_status()
+    except httpx.HTTPError:
+        return None
+    return parse_prometheus_counters(resp.text, BENCH_COUNTERS)
+
+
+def request_row(cell: Cell, repeat: int, index: int, warmup: bool, start_s: float, t: RequestTiming) -> dict[str, Any]:
+    """One row of requests.parquet."""
+    m = request_metrics(t)
+    timings = t.server_timings or {}
+    return {
+        "cell": cell.key, "context": cell.context, "concurrency": cell.concurrency, "output_tokens": cell.output_tokens,
+        "repeat": repeat, "index": index, "warmup": warmup, "start_s": start_s,
+        "outcome": t.outcome, "status_code": t.status_code, "error": t.error,
+        "ttft_s": m["ttft"], "e2el_s": m["e2el"], "tpot_s": m["tpot"], "itl_s": m["itl"],
+        "prompt_tokens": t.prompt_tokens, "completion_tokens": t.completion_tokens,
+        "requested_prompt_tokens": t.requested_prompt_tokens, "requested_output_tokens": t.requested_output_tokens,
+        "usage_source": t.usage_source,
+        "server_prompt_n": timings.get("prompt_n"), "server_prompt_ms": timings.get("prompt_ms"),
+        "server_cache_n": timings.get("cache_n"),
+        "server_predicted_n": timings.get("predicted_n"), "server_predicted_ms": timings.get("predicted_ms"),
+    }
+
+
+def _failed_before_sending(cell: Cell, exc: httpx.HTTPError, session_no: int) -> CellResult:
+    """Preparing prompts needs the server: a refused or reset connection means it is gone."""
+    status = "crashed"
+    if isinstance(exc, httpx.HTTPStatusError) and 400 <= exc.response.status_code < 500:
+        status = "rejected"  # e.g. a tokenizer that refuses a prompt past the model's length
+    return CellResult(
+        key=cell.key, context=cell.context, concurrency=cell.concurrency, output_tokens=cell.output_tokens,
+        status=status, reason=f"preparing prompts: {type(exc).__name__}: {exc}"[:500], session=session_no,
+    )
+
+
+def shape_check(client: httpx.Client, model: str, prompt: str, fixed: dict[str, Any]) -> tuple[str, str] | None:
+    """One plain (not streamed) request of the cell's shape before anything is timed.
+
+    A stream cannot carry a status once it has started: llama-cpp-python answers 200 to an
+    over-long prompt and closes the stream empty. Unstreamed, the same request gets its 400,
+    so a cell past the context limit is ``rejected`` with the server's own words. Returns
+    (status, detail) when the server refuses or fails, None when it answers.
+    """
+    try:
+        resp = client.post("/v1/completions", json={"model": model, "prompt": prompt, **fixed})
+    except httpx.TimeoutException as exc:
+        return "timed_out", f"shape check: {type(exc).__name__}: {exc}"
+    except httpx.TransportError as exc:
+        return "crashed", f"shape check: {type(exc).__name__}: {exc}"
+    if resp.status_code < 400:
+        return None
+    status = "rejected" if resp.status_code < 500 else "crashed"
+    return status, f"shape check: HTTP {resp.status_code}: {resp.text[:400]}"
+
+
+@task(name="run-benchmark-cell", timeout_seconds=6 * 3600, persist_result=True, cache_policy=NO_CACHE)
+def run_benchmark_cell(
+    session: SessionConfig,
+    campaign: CampaignConfig,
+    cell: Cell,
+    handle: ServerHandle,
+    tunnel: Tunnel,
+    rows_path: Path,
+    session_no: int = 1,
+) -> CellResult:
+    """Run ``cell`` ``campaign.repeats`` times after its warm-up; summarise it.
+
+    Not retried: a failure is a measurement (rejected, crashed ...), recorded as such.
+    """
+    logger = get_run_logger()
+    api_key = handle.api_key()
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    fixed = engines.fixed_length_fields(session.engine, cell.output_tokens)
+    n = cell.concurrency * campaign.rounds
+    pgid = handle.pid if session.placement.kind == "local" else None
+    with httpx.Client(base_url=tunnel.base_url, headers=headers, timeout=campaign.request_timeout_s) as client:
+        try:
+            factory = PromptFactory(client, session.engine, handle.served_name)
+            # short random ids: unique prefixes that leave room for small contexts
+            uids = [secrets.token_hex(4) for _ in range(1 + campaign.warmup_requests + campaign.repeats * n)]
+            prompts = factory.prompts(uids, cell.context)
+        except httpx.HTTPError as exc:
+            logger.warning("cell %s: %s", cell.key, exc)
+            return _failed_before_sending(cell, exc, session_no)
+        logger.info("cell %s: %d prompts of %d tokens ready (%d tokenizer calls)", cell.key, len(prompts), cell.context, factory.calls)
+        refused = shape_check(client, handle.served_name, prompts[0][0], fixed)
+        if refused is not None:
+            status, detail = refused
+            logger.info("cell %s: %s before timing: %s", cell.key, status, detail)
+            return CellResult(
+                key=cell.key, context=cell.context, concurrency=cell.concurrency, output_tokens=cell.output_tokens,
+                status=status, reason=detail, session=session_no,
+            )
+        reqs = [StreamRequest(uid, completion_body(handle.served_name, text, fixed), count, cell.output_tokens) for uid, (text, count) in zip(uids[1:], prompts[1:])]
+        warm, timed = reqs[: campaign.warmup_requests], reqs[campaign.warmup_requests :]
+
+        timings: list[RequestTiming] = []
+        duration = 0.0
+        with JsonlAppender(rows_path) as rows:
+            if warm:
+                run_sync(lambda: run_requests(
+                    tunnel.base_url, api_key, warm, min(cell.concurrency, len(warm)), campaign.request_timeout_s,
+                    on_done=lambda i, start, t: rows.write(request_row(cell, -1, i, True, start, t)),
+                ))
+            before = read_counters(client, session.engine)
+            with PeakSampler(pgid) as memory:
+                for r in range(campaign.repeats):
+                    batch = timed[r * n : (r + 1) * n]
+                    results, wall = run_sync(lambda: run_requests(
+                        tunnel.base_url, api_key, batch, cell.concurrency, campaign.request_timeout_s,
+                        on_done=lambda i, start, t, r=r: rows.write(request_row(cell, r, i, False, start, t)),
+                    ))
+                    timings += [t for _, t in results]
+                    duration += wall
+            after = read_counters(client, session.engine)
+
+    summary = cell_summary(timings, duration)
+    sums: dict[str, float] = {}
+    for t in timings:
+        if t.outcome == "ok" and t.server_timings:
+            add_timings(sums, t.server_timings)
+    server = server_figures(counter_delta(before, after), timings_summary(sums))
+    status = cell_status(summary)
+    first_error = next((t.error for t in timings if t.error), None)
+    result = CellResult(
+        key=cell.key, context=cell.context, concurrency=cell.concurrency, output_tokens=cell.output_tokens,
+        status=status, reason=first_error[:500] if first_error and status != "ok" else None, requests=len(timings),
+        summary=summary, server=server, peak_rss_mib=memory.peak_rss_mib, peak_gpu_mib=memory.peak_gpu_mib,
+        session=session_no,
+    )
+    logger.info(
+        "cell %s: %s; %d/%d ok, %s output tok/s, mean TTFT %s ms", cell.key, status, summary["completed"], len(timings),
+        _fmt(summary.get("output_throughput")), _fmt(summary.get("mean_ttft_ms")),
+    )
+    return result
+
+
+def _fmt(x: object) -> str:
+    return f"{x:.1f}" if isinstance(x, (int, float)) else "-"

@@ -1,0 +1,153 @@
+"""Stress-test campaigns against real servers: llama-cpp-python (fast to start) and vLLM.
+
+Each test runs the ``benchmark-campaign`` flow in-process against the session's Prefect
+server and checks the files, the artifacts and the verdicts the issue asks for.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from prefect import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+from flows.campaign import benchmark_campaign
+from llmflow.campaign_config import CampaignConfig
+from llmflow.config import LlamaCppEngine, ModelConfig, SessionConfig, VllmEngine
+from tests.conftest import llama_processes
+
+pytestmark = pytest.mark.integration
+
+
+def _artifacts(flow_run_id) -> dict:
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return {a.key: a for a in found if a.key}
+
+
+def _check_outputs(out: Path, cells: list, ok_contexts: list[int], past_limit: int) -> pd.DataFrame:
+    """The files exist; every ok cell's completions are exactly as long as asked; the cell past
+    the context limit is rejected (and did not stop the cells after it)."""
+    for name in ("requests.parquet", "summary.json", "cells.csv", "plot.png"):
+        assert (out / name).stat().st_size > 0, name
+    assert (out / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = pd.read_parquet(out / "requests.parquet")
+    by_key = {c.key: c for c in cells}
+    for cell in cells:
+        if cell.context in ok_contexts:
+            assert cell.status == "ok", (cell.key, cell.status, cell.reason)
+            timed = rows[(rows["cell"] == cell.key) & (~rows["warmup"])]
+            assert len(timed) == cell.requests == cell.concurrency * 2
+            assert (timed["completion_tokens"] == cell.output_tokens).all()
+            assert (timed["prompt_tokens"] == cell.context).all()  # exact prompt lengths
+            assert cell.summary["prefill_tok_per_s"] > 0 and cell.summary["decode_tok_per_s"] > 0
+            assert cell.summary["mean_ttft_ms"] > 0 and cell.summary["p99_itl_ms"] is not None
+            vllm = json.loads((out / "vllm" / f"{cell.key}.json").read_text())
+            assert vllm["completed"] == cell.requests and vllm["max_concurrency"] == cell.concurrency
+            assert vllm["output_lens"] == [cell.output_tokens] * cell.requests and len(vllm["ttfts"]) == cell.requests
+        elif cell.context == past_limit:
+            assert cell.status == "rejected", (cell.key, cell.status, cell.reason)
+            assert "400" in cell.reason
+    # the rejected cell of the first concurrency did not end the campaign: the next concurrency ran
+    assert [c.status for c in cells].count("ok") == len(ok_contexts) * 2
+    assert list(by_key)[-1].startswith(f"ctx{past_limit}-")
+    return rows
+
+
+def test_llama_cpp_campaign_table_plot_artifacts_rejected_cell_and_baseline(server_env, prefect_api_url, tmp_path: Path):
+    venv, model = server_env
+    contexts = [32, 64, 128, 240]
+    # a baseline no real run can match: every ok cell must be flagged as a regression
+    baseline = tmp_path / "baseline.json"
+    baseline.write_text(json.dumps({"cells": [
+        {"key": f"ctx{c}-c{k}-out8", "status": "ok", "output_throughput": 1e9} for c in contexts for k in (1, 2)
+    ]}))
+    campaign = CampaignConfig(
+        name="it-llama-cpp", context_sizes=[*contexts, 512], concurrencies=[1, 2], output_tokens=[8], rounds=2,
+        output_dir=tmp_path / "out", baseline=baseline,
+    )
+    session = SessionConfig(engine=LlamaCppEngine(venv=venv, n_ctx=256), model=ModelConfig(path=model), runs_dir=tmp_path / "runs")
+    state = benchmark_campaign(session=session, campaign=campaign, return_state=True)
+    result = state.result()
+    assert result.sessions == 1
+    rows = _check_outputs(tmp_path / "out", result.cells, contexts, 512)
+    assert set(rows["usage_source"].dropna()) == {"chunks"}  # llama-cpp-python streams no usage
+    assert {r["key"] for r in result.regressions} == {f"ctx{c}-c{k}-out8" for c in contexts for k in (1, 2)}
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert len(summary["cells"]) == 10 and summary["regressions"]
+    artifacts = _artifacts(state.state_details.flow_run_id)
+    assert {"campaign-it-llama-cpp", "campaign-it-llama-cpp-report"} <= set(artifacts)
+    table = json.loads(artifacts["campaign-it-llama-cpp"].data)
+    assert [r["status"] for r in table].count("rejected") == 2
+    assert "Regressions against the baseline" in artifacts["campaign-it-llama-cpp-report"].data
+    assert not llama_processes(str(tmp_path / "runs"))
+
+
+def test_killed_server_is_crashed_and_the_campaign_goes_on_with_a_new_one(server_env, prefect_api_url, tmp_path: Path):
+    """SIGKILL the server once the second cell has finished its first request: that cell is
+    crashed, a new server is started, and every later cell runs ok."""
+    venv, model = server_env
+    out, runs = tmp_path / "out", tmp_path / "runs"
+    campaign = CampaignConfig(
+        name="it-crash", context_sizes=[32, 64, 128], concurrencies=[1], output_tokens=[128], rounds=40,
+        warmup_requests=0, output_dir=out,
+    )
+    session = SessionConfig(engine=LlamaCppEngine(venv=venv, n_ctx=512), model=ModelConfig(path=model), runs_dir=runs)
+    killed: list[int] = []
+
+    def kill_during_second_cell() -> None:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not killed:
+            rows = out / "requests.jsonl"
+            if rows.exists() and '"cell":"ctx64-c1-out128"' in rows.read_text():
+                for ep in runs.glob("*/endpoint.json"):
+                    pid = json.loads(ep.read_text())["server_pid"]
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+            time.sleep(0.01)
+
+    killer = threading.Thread(target=kill_during_second_cell, daemon=True)
+    killer.start()
+    result = benchmark_campaign(session=session, campaign=campaign)
+    killer.join(5)
+    assert len(killed) == 1
+    status = {c.key: c for c in result.cells}
+    assert status["ctx32-c1-out128"].status == "ok"
+    crashed = status["ctx64-c1-out128"]
+    assert crashed.status == "crashed" and crashed.summary["crashed"] > 0 and crashed.session == 1
+    assert status["ctx128-c1-out128"].status == "ok" and status["ctx128-c1-out128"].session == 2
+    assert result.sessions == 2
+    rows = pd.read_parquet(out / "requests.parquet")
+    assert set(rows[rows["cell"] == "ctx64-c1-out128"]["outcome"]) == {"ok", "crashed"}
+    assert not llama_processes(str(runs))
+
+
+def test_vllm_campaign_server_figures_beside_the_client(vllm_env, prefect_api_url, tmp_path: Path):
+    venv, model = vllm_env
+    contexts = [64, 128, 256, 496]
+    campaign = CampaignConfig(
+        name="it-vllm", context_sizes=[*contexts, 1024], concurrencies=[1, 2], output_tokens=[16], rounds=2,
+        output_dir=tmp_path / "out",
+    )
+    engine = VllmEngine(
+        venv=venv, max_model_len=512, dtype="float32", setup=["export HF_HUB_OFFLINE=1", "export VLLM_CPU_KVCACHE_SPACE=1"]
+    )
+    session = SessionConfig(engine=engine, model=ModelConfig(path=model), runs_dir=tmp_path / "runs")
+    result = benchmark_campaign(session=session, campaign=campaign)
+    rows = _check_outputs(tmp_path / "out", result.cells, contexts, 1024)
+    assert set(rows[rows["outcome"] == "ok"]["usage_source"]) == {"server"}  # stream_options.include_usage
+    for cell in result.cells:
+        if cell.status == "ok":
+            # vLLM's own counters over the cell agree with the client's usage sums
+            assert cell.server["server_prompt_tokens"] == cell.summary["total_input_tokens"]
+            assert cell.server["server_generation_tokens"] == cell.summary["total_output_tokens"]
+            assert cell.server["server_prefill_tok_per_s"] > 0 and cell.server["server_decode_tok_per_s"] > 0
+            assert cell.peak_rss_mib > 100  # the vLLM process group, API server and engine core
+    assert not llama_processes(str(tmp_path / "runs"))
