@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 NIGHTLY_CRON = os.environ.get("LLMFLOW_NIGHTLY_CRON", "0 2 * * *")
+CAMPAIGN_CRON = os.environ.get("LLMFLOW_CAMPAIGN_CRON", "0 4 * * *")
 TIMEZONE = os.environ.get("LLMFLOW_TIMEZONE", "Europe/Berlin")
 WORK_POOL = os.environ.get("LLMFLOW_WORK_POOL", "llmflow")
 
@@ -41,5 +42,20 @@ DEPLOYMENTS = [
         entrypoint="flows/batch.py:batch_inference",
         description="Batch inference started by hand from the UI (no schedule); fill in the session and batch forms.",
         tags=["llmflow", "batch"],
+    ),
+    DeploymentSpec(
+        name="nightly-campaign",
+        entrypoint="flows/campaign.py:benchmark_campaign",
+        description="Every night, measure TTFT, prefill/decode tok/s and survival across context sizes and concurrency; flag regressions against the night before.",
+        tags=["llmflow", "benchmark", "nightly"],
+        cron=CAMPAIGN_CRON,
+        timezone=TIMEZONE,
+        parameters={"campaign_file": "benchmarks/campaigns/tiny-llama-cpp.toml"},
+    ),
+    DeploymentSpec(
+        name="campaign",
+        entrypoint="flows/campaign.py:benchmark_campaign",
+        description="A stress-test campaign started by hand from the UI: fill in the campaign form (or name a campaign file) and the session.",
+        tags=["llmflow", "benchmark"],
     ),
 ]

@@ -5,7 +5,7 @@
     .venv/bin/prefect worker start --pool llmflow                    # runs what the schedule or the UI starts
 
 Why not `prefect deploy --all --prefect-file deployments/prefect.yaml`: with prefect 3.8.8 and the
-fastapi<0.155 it needs, `prefect deploy` creates the first deployment and then stops on a 422
+fastapi<0.151 it needs, `prefect deploy` creates the first deployment and then stops on a 422
 (its client sends `limit: null` to /work_pools/{name}/workers/filter, which that server rejects).
 This script registers the same deployments through the Python API (RunnerDeployment.apply,
 which does not make that call). The code is not copied

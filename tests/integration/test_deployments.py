@@ -277,3 +277,27 @@ def test_node_limit_lets_one_session_at_a_time_hold_a_node(prefect_server, serve
     )
     assert res.returncode == 1 and "prefect gcl create no-such-limit" in res.stdout + res.stderr
     assert llama_processes(str(tmp_path)) == []
+
+
+def test_campaign_deployment_run_from_the_api_writes_its_table_and_report(prefect_server, server_env, tmp_path: Path):
+    """What pressing Run on benchmark-campaign/campaign does: the worker runs the campaign
+    given as a form (here: the API), and its artifacts are there for the UI."""
+    with _client(prefect_server) as client:
+        if not {d.name for d in client.read_deployments()} >= {"nightly-campaign", "campaign"}:
+            assert _deploy(prefect_server).returncode == 0
+        nightly = client.read_deployment_by_name("benchmark-campaign/nightly-campaign")
+        assert nightly.schedules and nightly.parameters == {"campaign_file": "benchmarks/campaigns/tiny-llama-cpp.toml"}
+        deployment = client.read_deployment_by_name("benchmark-campaign/campaign")
+        params = _parameters(tmp_path, 1)
+        params.pop("batch")
+        params["session"]["engine"] = {"kind": "llama_cpp", "n_ctx": 256}
+        params["campaign"] = {"name": "from-ui", "context_sizes": [32, 64, 128, 512], "concurrencies": [1, 2],
+                              "output_tokens": [4], "output_dir": str(tmp_path / "campaign")}
+        run = client.create_flow_run_from_deployment(deployment.id, parameters=params)
+        assert _wait_state(client, run.id, {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}, 300) == "COMPLETED"
+        artifacts = {a.key: a for a in client.read_artifacts(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])))}
+        assert {"campaign-from-ui", "campaign-from-ui-report"} <= set(artifacts)
+        statuses = [row["status"] for row in json.loads(artifacts["campaign-from-ui"].data)]
+        assert statuses == ["ok", "ok", "ok", "rejected"] * 2
+    assert (tmp_path / "campaign" / "plot.png").exists() and (tmp_path / "campaign" / "requests.parquet").exists()
+    assert llama_processes(str(tmp_path)) == []

@@ -30,3 +30,12 @@ def test_nightly_is_scheduled_and_on_demand_is_not():
     by_name = {spec.name: spec for spec in DEPLOYMENTS}
     assert by_name["nightly-batch"].cron and by_name["nightly-batch"].timezone
     assert by_name["batch"].cron is None
+    assert by_name["nightly-campaign"].cron and by_name["campaign"].cron is None
+
+
+def test_the_nightly_campaign_file_exists_and_validates():
+    from llmflow.campaign_config import load_campaign
+
+    spec = {s.name: s for s in DEPLOYMENTS}["nightly-campaign"]
+    campaign, session = load_campaign(PROJECT_ROOT / spec.parameters["campaign_file"])
+    assert campaign.compare_to_last and session is not None
