@@ -3,6 +3,7 @@ on one model session, with a new session after the server crashes."""
 
 from __future__ import annotations
 
+import json
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -14,6 +15,7 @@ from prefect.events import emit_event
 
 from flows.session import model_session, release_session, with_blocks
 from llmflow import engines
+from llmflow.batch_io import JsonlAppender
 from llmflow.campaign_config import CampaignConfig, campaign_path, grid, load_campaign, skip_reason
 from llmflow.campaign_report import CELL_COLUMNS, cell_record, compare, load_baseline, markdown_report, utc_stamp, write_outputs
 from llmflow.config import SessionConfig
@@ -73,39 +75,57 @@ def benchmark_campaign(
     logger.info("campaign %s: %d cells, output in %s", campaign.name, len(cells), out_dir)
     progress = create_progress_artifact(progress=0.0, key=f"campaign-progress-{campaign.name}".lower().replace("_", "-").replace(".", "-"), description=f"cells of {campaign.name}")
 
-    results: dict[str, CellResult] = {}
-    pending = list(cells)
-    sessions = 0
+    cells_path = out_dir / "cells.jsonl"
+    if cells_path.exists() and not campaign.resume:
+        raise FileExistsError(
+            f"campaign.output_dir: {out_dir} already holds a campaign (cells.jsonl); "
+            "set campaign.resume (llmflow bench --resume DIR) to finish it, or choose another folder"
+        )
+    results: dict[str, CellResult] = resumed_cells(cells_path, rows_path) if campaign.resume else {}
+    if results:
+        logger.info("resuming: %d cells already measured in %s", len(results), cells_path)
+    pending = [c for c in cells if c.key not in results]
+    sessions = max((r.session for r in results.values()), default=0)
+    first_session = sessions + 1
     node = "-"
     failure: BaseException | None = None
+
+    def record(result: CellResult) -> None:
+        results[result.key] = result
+        with JsonlAppender(cells_path) as out:
+            out.write(result.model_dump(mode="json"))
+        update_progress_artifact(progress, progress=100.0 * len(results) / len(cells))
+
     while pending:
-        if sessions > campaign.max_restarts:
+        if sessions - first_session + 1 > campaign.max_restarts:
             for cell in pending:
-                results[cell.key] = _unrun(cell, "not_run", f"the server crashed {sessions} times (max_restarts {campaign.max_restarts})")
+                record(_unrun(cell, "not_run", f"the server crashed {campaign.max_restarts + 1} times (max_restarts {campaign.max_restarts})"))
             break
         sessions += 1
+        measuring = False
         try:
             with model_session(session) as s:
-                node = s.allocation.node
+                node, measuring = s.allocation.node, True
                 while pending:
-                    cell = pending.pop(0)
+                    cell = pending[0]
                     reason = skip_reason(cell, results.values(), campaign.skip_larger_on)
                     if reason:
-                        results[cell.key] = _unrun(cell, "skipped", reason, sessions)
+                        record(_unrun(cell, "skipped", reason, sessions))
                         logger.info("cell %s skipped: %s", cell.key, reason)
                     else:
-                        results[cell.key] = run_benchmark_cell(session, campaign, cell, s.handle, s.tunnel, rows_path, sessions)
-                    update_progress_artifact(progress, progress=100.0 * len(results) / len(cells))
+                        record(run_benchmark_cell(session, campaign, cell, s.handle, s.tunnel, rows_path, sessions))
+                    pending.pop(0)
                     if results[cell.key].status == "crashed" and not _server_usable(session, s.handle, s.tunnel):
                         logger.warning("the server died during cell %s; starting a new one for the %d cells left", cell.key, len(pending))
                         break
-        except Exception as exc:  # no server came up again: record the rest as not run, keep what was measured
-            if sessions == 1 and not results:
-                raise
+        except Exception as exc:  # record the rest as not run and keep what was measured
+            if sessions == first_session and not measuring:
+                raise  # the campaign's first server did not come up: nothing was measured
             failure = exc
-            logger.error("could not start a server again: %s", exc)
+            what = "the campaign failed" if measuring else "no server came up again"
+            logger.error("%s: %s", what, exc)
             for cell in pending:
-                results[cell.key] = _unrun(cell, "not_run", f"no server: {type(exc).__name__}: {exc}"[:500], sessions)
+                record(_unrun(cell, "not_run", f"{what}: {type(exc).__name__}: {exc}"[:500], sessions))
             pending = []
 
     ordered = [results[c.key] for c in cells]
@@ -125,6 +145,33 @@ def benchmark_campaign(
     if failure is not None:
         raise CampaignIncomplete(f"{sum(c.status == 'not_run' for c in ordered)} cells not run: {failure}; results so far in {out_dir}") from failure
     return result
+
+
+def resumed_cells(cells_path: Path, rows_path: Path) -> dict[str, CellResult]:
+    """Cells a stopped run of this campaign finished (``cells.jsonl``); rows of any cell it
+    did not finish are dropped from ``requests.jsonl``, as that cell runs again."""
+    if not cells_path.exists():
+        return {}
+    done: dict[str, CellResult] = {}
+    for line in cells_path.read_text().splitlines():
+        try:
+            cell = CellResult.model_validate_json(line)
+        except ValueError:
+            continue  # a torn last line
+        if cell.status != "not_run":
+            done[cell.key] = cell
+    cells_path.write_text("".join(c.model_dump_json() + "\n" for c in done.values()))
+    if rows_path.exists():
+        kept = [line for line in rows_path.read_text().splitlines() if _row_cell(line) in done]
+        rows_path.write_text("".join(line + "\n" for line in kept))
+    return done
+
+
+def _row_cell(line: str) -> str | None:
+    try:
+        return json.loads(line).get("cell")
+    except ValueError:
+        return None
 
 
 def _server_usable(session: SessionConfig, handle: ServerHandle, tunnel: Tunnel, settle_s: float = 3.0) -> bool:

@@ -56,6 +56,10 @@ class CampaignConfig(BaseModel):
     output_dir: Path | None = Field(
         default=None, description="Where the tables, JSON and plot go; default out/campaigns/<name>-<UTC time>."
     )
+    resume: bool = Field(
+        default=False,
+        description="Keep the cells a stopped run already finished in output_dir (cells.jsonl) and run only the rest.",
+    )
     baseline: Path | None = Field(
         default=None, description="A previous campaign's summary.json to compare against; regressions are flagged."
     )

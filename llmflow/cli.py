@@ -129,7 +129,9 @@ def _bench(args: argparse.Namespace) -> int:
 
     try:
         campaign, file_session = load_campaign(args.campaign)
-        updates = {k: v for k, v in (("output_dir", args.output_dir), ("baseline", args.baseline)) if v is not None}
+        updates = {k: v for k, v in (("output_dir", args.resume or args.output_dir), ("baseline", args.baseline)) if v is not None}
+        if args.resume:
+            updates["resume"] = True
         campaign = campaign.model_validate({**campaign.model_dump(), **updates})
         data = dict(file_session or {})
         if args.runs_dir:
@@ -152,7 +154,7 @@ def _bench(args: argparse.Namespace) -> int:
     try:
         result = benchmark_campaign(session=session, campaign=campaign)
     except (KeyboardInterrupt, TerminationSignal):
-        print("interrupted: the server was torn down; finished cells are in requests.jsonl", file=sys.stderr)
+        print("interrupted: the server was torn down; finish the campaign with --resume <its output folder>", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as exc:  # noqa: BLE001 - the flow's message is the useful part
         print(f"campaign failed: {exc}", file=sys.stderr)
@@ -212,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("campaign", type=Path, nargs="?", default=DEFAULT_CAMPAIGN,
                    help=f"campaign file (default {DEFAULT_CAMPAIGN.relative_to(PROJECT_ROOT)})")
     p.add_argument("--output-dir", type=Path, help="where the outputs go (default out/campaigns/<name>-<time>)")
+    p.add_argument("--resume", type=Path, metavar="DIR", help="finish a stopped campaign in its output folder DIR (measured cells are kept)")
     p.add_argument("--baseline", type=Path, help="an earlier campaign's summary.json to compare against")
     p.add_argument("--fail-on-regression", action="store_true", help=f"exit {EXIT_REGRESSION} when a cell regressed")
     p.add_argument("--runs-dir", type=Path, help="where per-run folders (server log, key) go (default runs/)")

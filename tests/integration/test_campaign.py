@@ -39,7 +39,6 @@ def _check_outputs(out: Path, cells: list, ok_contexts: list[int], past_limit: i
         assert (out / name).stat().st_size > 0, name
     assert (out / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rows = pd.read_parquet(out / "requests.parquet")
-    by_key = {c.key: c for c in cells}
     for cell in cells:
         if cell.context in ok_contexts:
             assert cell.status == "ok", (cell.key, cell.status, cell.reason)
@@ -57,7 +56,7 @@ def _check_outputs(out: Path, cells: list, ok_contexts: list[int], past_limit: i
             assert "400" in cell.reason
     # the rejected cell of the first concurrency did not end the campaign: the next concurrency ran
     assert [c.status for c in cells].count("ok") == len(ok_contexts) * 2
-    assert list(by_key)[-1].startswith(f"ctx{past_limit}-")
+    assert [c.status for c in cells].count("rejected") == 2
     return rows
 
 
@@ -70,7 +69,7 @@ def test_llama_cpp_campaign_table_plot_artifacts_rejected_cell_and_baseline(serv
         {"key": f"ctx{c}-c{k}-out8", "status": "ok", "output_throughput": 1e9} for c in contexts for k in (1, 2)
     ]}))
     campaign = CampaignConfig(
-        name="it-llama-cpp", context_sizes=[*contexts, 512], concurrencies=[1, 2], output_tokens=[8], rounds=2,
+        name="it-llama-cpp", context_sizes=[*contexts, 512, 1024], concurrencies=[1, 2], output_tokens=[8], rounds=2,
         output_dir=tmp_path / "out", baseline=baseline,
     )
     session = SessionConfig(engine=LlamaCppEngine(venv=venv, n_ctx=256), model=ModelConfig(path=model), runs_dir=tmp_path / "runs")
@@ -81,7 +80,9 @@ def test_llama_cpp_campaign_table_plot_artifacts_rejected_cell_and_baseline(serv
     assert set(rows["usage_source"].dropna()) == {"chunks"}  # llama-cpp-python streams no usage
     assert {r["key"] for r in result.regressions} == {f"ctx{c}-c{k}-out8" for c in contexts for k in (1, 2)}
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
-    assert len(summary["cells"]) == 10 and summary["regressions"]
+    assert len(summary["cells"]) == 12 and summary["regressions"]
+    skipped = [c for c in result.cells if c.context == 1024]
+    assert [c.status for c in skipped] == ["skipped", "skipped"] and skipped[0].reason == "context 512 was rejected"
     artifacts = _artifacts(state.state_details.flow_run_id)
     assert {"campaign-it-llama-cpp", "campaign-it-llama-cpp-report"} <= set(artifacts)
     table = json.loads(artifacts["campaign-it-llama-cpp"].data)
@@ -151,3 +152,25 @@ def test_vllm_campaign_server_figures_beside_the_client(vllm_env, prefect_api_ur
             assert cell.server["server_prefill_tok_per_s"] > 0 and cell.server["server_decode_tok_per_s"] > 0
             assert cell.peak_rss_mib > 100  # the vLLM process group, API server and engine core
     assert not llama_processes(str(tmp_path / "runs"))
+
+
+def test_a_stopped_campaign_resumes_where_it_stopped(server_env, prefect_api_url, tmp_path: Path):
+    """cells.jsonl is written cell by cell: a rerun with resume keeps the finished cells and
+    their request rows, drops the rows of the cell that was cut off, and runs only the rest."""
+    venv, model = server_env
+    out = tmp_path / "out"
+    session = SessionConfig(engine=LlamaCppEngine(venv=venv, n_ctx=256), model=ModelConfig(path=model), runs_dir=tmp_path / "runs")
+    campaign = CampaignConfig(name="it-resume", context_sizes=[32, 64, 128], concurrencies=[1], output_tokens=[4], output_dir=out)
+    first = benchmark_campaign(session=session, campaign=campaign)
+    assert [c.status for c in first.cells] == ["ok"] * 3
+    # as if the run had been killed during the third cell: its record never written, a torn line
+    lines = (out / "cells.jsonl").read_text().splitlines()
+    (out / "cells.jsonl").write_text("\n".join(lines[:2]) + '\n{"key": "ctx128-c1')
+    with pytest.raises(FileExistsError, match="resume"):
+        benchmark_campaign(session=session, campaign=campaign)
+    again = benchmark_campaign(session=session, campaign=campaign.model_copy(update={"resume": True}))
+    assert [c.session for c in again.cells] == [1, 1, 2]
+    assert again.cells[0].summary == first.cells[0].summary
+    rows = pd.read_parquet(out / "requests.parquet")
+    assert rows.groupby("cell").size().to_dict() == {"ctx32-c1-out4": 3, "ctx64-c1-out4": 3, "ctx128-c1-out4": 3}  # warm-up + 2
+    assert len((out / "cells.jsonl").read_text().splitlines()) == 3

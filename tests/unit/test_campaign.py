@@ -145,6 +145,8 @@ async def _sse(request: web.Request) -> web.StreamResponse:
         return web.json_response({"error": "too long"}, status=400)
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
     await resp.prepare(request)
+    if mode == "slow":
+        await asyncio.sleep(2.0)  # nothing within the client's read timeout
     for i, text in enumerate(["a", "", "b", "c"]):  # one token decodes to no text
         await resp.write(b"data: " + json.dumps({"choices": [{"text": text, "finish_reason": None}]}).encode() + b"\n\n")
         await asyncio.sleep(0.01)
@@ -166,23 +168,24 @@ def test_stream_client_outcomes_against_a_real_sse_server():
         site = web.TCPSite(runner, "127.0.0.1", 0)
         await site.start()
         port = site._server.sockets[0].getsockname()[1]
-        reqs = [StreamRequest(m, json.dumps({"prompt": m}).encode(), 7, 4) for m in ("usage", "chunks", "cut", "reject")]
+        reqs = [StreamRequest(m, json.dumps({"prompt": m}).encode(), 7, 4) for m in ("usage", "chunks", "cut", "reject", "slow")]
         seen = []
         try:
-            results, wall = await run_requests(f"http://127.0.0.1:{port}", "k", reqs, 2, 5.0, on_done=lambda i, s, t: seen.append(i))
+            results, wall = await run_requests(f"http://127.0.0.1:{port}", "k", reqs, 2, 0.5, on_done=lambda i, s, t: seen.append(i))
         finally:
             await runner.cleanup()
         return results, wall, seen
 
     results, wall, seen = asyncio.run(go())
-    (_, usage), (_, chunks), (_, cut), (_, reject) = results
+    (_, usage), (_, chunks), (_, cut), (_, reject), (_, slow) = results
     assert usage.outcome == "ok" and usage.usage_source == "server" and usage.completion_tokens == 4
     assert len(usage.text_chunk_times) == 3  # TTFT/ITL from chunks that carry text
     assert chunks.outcome == "ok" and chunks.usage_source == "chunks" and chunks.completion_tokens == 4
     assert chunks.prompt_tokens == 7  # the measured prompt length
     assert cut.outcome == "crashed" and "[DONE]" in cut.error
     assert reject.outcome == "rejected" and reject.status_code == 400
-    assert sorted(seen) == [0, 1, 2, 3] and wall > 0
+    assert slow.outcome == "timed_out" and slow.status_code == 200
+    assert sorted(seen) == [0, 1, 2, 3, 4] and wall > 0
 
 
 def test_server_figures_from_vllm_histograms_and_llama_server_timings():
