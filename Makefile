@@ -20,3 +20,4 @@ test-unit: setup
 
 bench: setup
 	.venv/bin/python benchmarks/client_throughput.py
+	.venv/bin/python benchmarks/stream_overhead.py
