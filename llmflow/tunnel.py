@@ -76,10 +76,13 @@ class LocalForward:
                     if not data:
                         break
                     client.sendall(data)
-        except OSError:
-            pass
+        except (OSError, EOFError, paramiko.SSHException):
+            pass  # either side went away (the SSH connection may be closing with the forward)
         finally:
-            channel.close()
+            try:
+                channel.close()
+            except (OSError, EOFError, paramiko.SSHException):
+                pass  # its transport is already gone: nothing left to tell the far side
             client.close()
 
     def close(self) -> None:
