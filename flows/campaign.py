@@ -16,7 +16,7 @@ from prefect.events import emit_event
 from flows.session import model_session, release_session, with_blocks
 from llmflow import engines
 from llmflow.batch_io import JsonlAppender
-from llmflow.campaign_config import CampaignConfig, campaign_path, grid, load_campaign, skip_reason
+from llmflow.campaign_config import CampaignConfig, campaign_path, cell_result, grid, load_campaign, skip_reason
 from llmflow.campaign_report import CELL_COLUMNS, cell_record, compare, load_baseline, markdown_report, utc_stamp, write_outputs
 from llmflow.config import SessionConfig
 from llmflow.placements import ServerDied, driver_for
@@ -26,13 +26,6 @@ from tasks.benchmark import run_benchmark_cell
 
 class CampaignIncomplete(RuntimeError):
     """Some cells could not be run (no server came up again); the outputs hold the rest."""
-
-
-def _unrun(cell, status: str, reason: str, session_no: int = 0) -> CellResult:
-    return CellResult(
-        key=cell.key, context=cell.context, concurrency=cell.concurrency, output_tokens=cell.output_tokens,
-        status=status, reason=reason, session=session_no,
-    )
 
 
 @flow(name="benchmark-campaign", on_crashed=[release_session], on_cancellation=[release_session], persist_result=True)
@@ -62,7 +55,7 @@ def benchmark_campaign(
     if campaign_file:
         campaign, file_session = load_campaign(campaign_path(campaign_file))
         if file_session is not None:
-            session = SessionConfig.model_validate({**file_session, **({"runs_dir": session.runs_dir} if "runs_dir" not in file_session else {})})
+            session = SessionConfig.model_validate({"runs_dir": session.runs_dir, **file_session})
     session = with_blocks(session, cluster_block, model_server_block)
     out_dir = campaign.resolved_output_dir(utc_stamp())
     baseline_path = campaign.resolved_baseline(out_dir)
@@ -73,7 +66,7 @@ def benchmark_campaign(
     rows_path = out_dir / "requests.jsonl"
     cells = grid(campaign)
     logger.info("campaign %s: %d cells, output in %s", campaign.name, len(cells), out_dir)
-    progress = create_progress_artifact(progress=0.0, key=f"campaign-progress-{campaign.name}".lower().replace("_", "-").replace(".", "-"), description=f"cells of {campaign.name}")
+    progress = create_progress_artifact(progress=0.0, key=artifact_key(campaign.name, "progress"), description=f"cells of {campaign.name}")
 
     cells_path = out_dir / "cells.jsonl"
     if cells_path.exists() and not campaign.resume:
@@ -99,7 +92,7 @@ def benchmark_campaign(
     while pending:
         if sessions - first_session + 1 > campaign.max_restarts:
             for cell in pending:
-                record(_unrun(cell, "not_run", f"the server crashed {campaign.max_restarts + 1} times (max_restarts {campaign.max_restarts})"))
+                record(cell_result(cell, "not_run", reason=f"the server crashed {campaign.max_restarts + 1} times (max_restarts {campaign.max_restarts})"))
             break
         sessions += 1
         measuring = False
@@ -110,7 +103,7 @@ def benchmark_campaign(
                     cell = pending[0]
                     reason = skip_reason(cell, results.values(), campaign.skip_larger_on)
                     if reason:
-                        record(_unrun(cell, "skipped", reason, sessions))
+                        record(cell_result(cell, "skipped", reason=reason, session=sessions))
                         logger.info("cell %s skipped: %s", cell.key, reason)
                     else:
                         record(run_benchmark_cell(session, campaign, cell, s.handle, s.tunnel, rows_path, sessions))
@@ -125,7 +118,7 @@ def benchmark_campaign(
             what = "the campaign failed" if measuring else "no server came up again"
             logger.error("%s: %s", what, exc)
             for cell in pending:
-                record(_unrun(cell, "not_run", f"{what}: {type(exc).__name__}: {exc}"[:500], sessions))
+                record(cell_result(cell, "not_run", reason=f"{what}: {type(exc).__name__}: {exc}"[:500], session=sessions))
             pending = []
 
     ordered = [results[c.key] for c in cells]
@@ -209,11 +202,16 @@ def _tally(cells: list[CellResult]) -> str:
     return ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
 
 
+def artifact_key(name: str, kind: str = "") -> str:
+    """``campaign-[kind-]<name>`` in the lowercase letters, digits and dashes Prefect accepts as a key."""
+    return f"campaign-{kind + '-' if kind else ''}{name}".lower().replace("_", "-").replace(".", "-")
+
+
 def publish_campaign(meta: dict, cells: list[CellResult], regressions: list[dict], paths: dict[str, Path], campaign: CampaignConfig) -> None:
     """Table and markdown artifacts, the plot as an image artifact when its folder has a URL,
     and an ``llmflow.campaign.finished`` event for automations."""
     table = [{k: v for k, v in cell_record(c).items() if k in CELL_COLUMNS} for c in cells]
-    key = f"campaign-{campaign.name}".lower().replace("_", "-").replace(".", "-")
+    key = artifact_key(campaign.name)
     create_table_artifact(table=table, key=key, description=f"campaign {campaign.name}: one row per cell")
     create_markdown_artifact(markdown=markdown_report(meta, cells, regressions, paths), key=f"{key}-report", description="campaign report")
     if campaign.publish_url and "plot" in paths:

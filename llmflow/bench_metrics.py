@@ -20,6 +20,8 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, Field
 
+from llmflow.metrics import SERVER_COUNTERS
+
 Outcome = Literal["ok", "rejected", "crashed", "timed_out"]
 PERCENTILES = (50, 90, 99)
 
@@ -139,17 +141,14 @@ def cell_status(summary: dict[str, float | int | None]) -> CellStatus:
     return "ok"
 
 
-# Prometheus series a campaign reads before and after each cell (vLLM's histograms give
-# _sum and _count; the token counters are those of metrics.SERVER_COUNTERS).
+# Prometheus series a campaign reads before and after each cell: the token counters a batch
+# reads, plus vLLM's prefill/decode/TTFT histograms (their _sum and _count).
 BENCH_COUNTERS = {
-    "vllm:prompt_tokens_total": "prompt_tokens",
-    "vllm:generation_tokens_total": "generation_tokens",
+    **SERVER_COUNTERS,
     "vllm:request_prefill_time_seconds_sum": "prefill_seconds",
     "vllm:request_decode_time_seconds_sum": "decode_seconds",
     "vllm:time_to_first_token_seconds_sum": "ttft_seconds",
     "vllm:time_to_first_token_seconds_count": "ttft_count",
-    "llamacpp:prompt_tokens_total": "prompt_tokens",
-    "llamacpp:tokens_predicted_total": "generation_tokens",
 }
 
 

@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, ValidationError, field_validator
 
 from llmflow.config import PROJECT_ROOT
+from llmflow.results import CellResult
 
 Outcome = Literal["ok", "rejected", "crashed", "timed_out"]
 DEFAULT_OUTPUT_ROOT = PROJECT_ROOT / "out" / "campaigns"
@@ -110,6 +111,11 @@ class Cell(BaseModel):
     @property
     def key(self) -> str:
         return f"ctx{self.context}-c{self.concurrency}-out{self.output_tokens}"
+
+
+def cell_result(cell: Cell, status: str, **fields: Any) -> CellResult:
+    """The result record of ``cell``: its identity, its verdict and whatever else is known."""
+    return CellResult(key=cell.key, **cell.model_dump(), status=status, **fields)
 
 
 def grid(campaign: CampaignConfig) -> list[Cell]:

@@ -184,9 +184,9 @@ def markdown_report(meta: dict[str, Any], cells: list[CellResult], regressions: 
     for c in cells:
         s, v = c.summary, c.server
         lines.append(
-            f"| {c.key} | {c.status} | {s.get('completed', 0)}/{c.requests} | {_f(s.get('prefill_tok_per_s'))} | "
-            f"{_f(s.get('decode_tok_per_s'))} | {_f(v.get('server_prefill_tok_per_s'))} | {_f(v.get('server_decode_tok_per_s'))} | "
-            f"{_f(s.get('mean_ttft_ms'))} | {_f(s.get('p99_ttft_ms'))} | {_f(c.peak_rss_mib)} |"
+            f"| {c.key} | {c.status} | {s.get('completed', 0)}/{c.requests} | {fmt(s.get('prefill_tok_per_s'))} | "
+            f"{fmt(s.get('decode_tok_per_s'))} | {fmt(v.get('server_prefill_tok_per_s'))} | {fmt(v.get('server_decode_tok_per_s'))} | "
+            f"{fmt(s.get('mean_ttft_ms'))} | {fmt(s.get('p99_ttft_ms'))} | {fmt(c.peak_rss_mib)} |"
         )
     notes = [c for c in cells if c.reason]
     if notes:
@@ -200,7 +200,8 @@ def markdown_report(meta: dict[str, Any], cells: list[CellResult], regressions: 
     return "\n".join(lines) + "\n"
 
 
-def _f(x: Any) -> str:
+def fmt(x: Any) -> str:
+    """A figure for a report or log line: one decimal, or '-' when there is none."""
     return f"{x:,.1f}" if _number(x) else "-"
 
 

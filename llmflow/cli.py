@@ -26,15 +26,18 @@ EXIT_INVALID_LINES = 3
 EXIT_INTERRUPTED = 130
 
 
-def _session_config(args: argparse.Namespace) -> SessionConfig:
-    data: dict = json.loads(Path(args.config).read_text()).get("session", {}) if args.config else {}
-    engine = data.setdefault("engine", {})
-    if args.venv:
-        engine["venv"] = args.venv
-    if args.n_ctx:
-        engine["n_ctx"] = args.n_ctx
-    if args.model:
-        data.setdefault("model", {})["path"] = args.model
+def _session_config(args: argparse.Namespace, data: dict | None = None) -> SessionConfig:
+    """The session from ``data`` (a campaign file's session table), else from ``--config`` and
+    the engine flags; then ``--runs-dir`` and the block names."""
+    if data is None:
+        data = json.loads(Path(args.config).read_text()).get("session", {}) if args.config else {}
+        engine = data.setdefault("engine", {})
+        if args.venv:
+            engine["venv"] = args.venv
+        if args.n_ctx:
+            engine["n_ctx"] = args.n_ctx
+        if args.model:
+            data.setdefault("model", {})["path"] = args.model
     if args.runs_dir:
         data["runs_dir"] = args.runs_dir
     session = SessionConfig.model_validate(data)
@@ -133,14 +136,7 @@ def _bench(args: argparse.Namespace) -> int:
         if args.resume:
             updates["resume"] = True
         campaign = campaign.model_validate({**campaign.model_dump(), **updates})
-        data = dict(file_session or {})
-        if args.runs_dir:
-            data["runs_dir"] = args.runs_dir
-        session = SessionConfig.model_validate(data)
-        if args.cluster_block or args.model_server_block:
-            from flows.session import with_blocks
-
-            session = with_blocks(session, args.cluster_block, args.model_server_block)
+        session = _session_config(args, dict(file_session or {}))
     except (CampaignFileError, ValidationError) as exc:
         print(f"invalid campaign:\n{exc}", file=sys.stderr)
         return 2
@@ -183,8 +179,12 @@ def _add_session_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", type=Path, help=f"GGUF model (default {DEFAULT_MODEL.relative_to(PROJECT_ROOT)})")
     p.add_argument("--venv", type=Path, help="model server's virtual environment (default .venvs/llama_cpp)")
     p.add_argument("--n-ctx", type=int, help="server context length (default 2048)")
-    p.add_argument("--runs-dir", type=Path, help="where per-run folders (server log, key) go (default runs/)")
     p.add_argument("--config", type=Path, help='JSON file {"session": {...}, "batch": {...}}; flags override it')
+    _add_where_options(p)
+
+
+def _add_where_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--runs-dir", type=Path, help="where per-run folders (server log, key) go (default runs/)")
     p.add_argument("--cluster-block", help="run on the Slurm cluster saved as this SlurmCluster block")
     p.add_argument("--model-server-block", help="serve the engine and model saved as this ModelServer block")
 
@@ -217,9 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", type=Path, metavar="DIR", help="finish a stopped campaign in its output folder DIR (measured cells are kept)")
     p.add_argument("--baseline", type=Path, help="an earlier campaign's summary.json to compare against")
     p.add_argument("--fail-on-regression", action="store_true", help=f"exit {EXIT_REGRESSION} when a cell regressed")
-    p.add_argument("--runs-dir", type=Path, help="where per-run folders (server log, key) go (default runs/)")
-    p.add_argument("--cluster-block", help="run on the Slurm cluster saved as this SlurmCluster block")
-    p.add_argument("--model-server-block", help="serve the engine and model saved as this ModelServer block")
+    _add_where_options(p)
 
     p = sub.add_parser("make-model", help="write the tiny random Llama GGUF model (offline)")
     p.add_argument("path", type=Path, nargs="?", default=DEFAULT_MODEL)

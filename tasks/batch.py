@@ -13,12 +13,15 @@ import httpx
 from llmflow import engines, progress
 from llmflow.client import run_batch_sync
 from llmflow.config import BatchConfig, SessionConfig
-from llmflow.metrics import counter_delta, parse_prometheus_counters
+from llmflow.metrics import SERVER_COUNTERS, counter_delta, parse_prometheus_counters
 from llmflow.results import BatchReport, ServerHandle, Tunnel
 
 
-def server_counters(session: SessionConfig, tunnel: Tunnel, handle: ServerHandle) -> dict[str, float] | None:
-    """The engine's own token counters now, or None when it publishes none (or cannot be read)."""
+def server_counters(
+    session: SessionConfig, tunnel: Tunnel, handle: ServerHandle, names: dict[str, str] = SERVER_COUNTERS
+) -> dict[str, float] | None:
+    """The engine's own counters now (``names``: Prometheus series to read), or None when it
+    publishes none (or they cannot be read)."""
     path = engines.metrics_path(session.engine)
     if path is None:
         return None
@@ -28,7 +31,7 @@ def server_counters(session: SessionConfig, tunnel: Tunnel, handle: ServerHandle
         resp.raise_for_status()
     except httpx.HTTPError:
         return None
-    return parse_prometheus_counters(resp.text)
+    return parse_prometheus_counters(resp.text, names)
 
 
 @task(

@@ -6,10 +6,9 @@ crash loses nothing that was measured; the cell's summary is the task's persiste
 
 from __future__ import annotations
 
+import secrets
 from pathlib import Path
 from typing import Any
-
-import secrets
 
 import httpx
 from prefect import get_run_logger, task
@@ -19,25 +18,15 @@ from llmflow import engines
 from llmflow.aio import run_sync
 from llmflow.batch_io import JsonlAppender
 from llmflow.bench_metrics import BENCH_COUNTERS, RequestTiming, cell_status, cell_summary, request_metrics, server_figures
-from llmflow.campaign_config import CampaignConfig, Cell
+from llmflow.campaign_config import CampaignConfig, Cell, cell_result
+from llmflow.campaign_report import fmt
+from llmflow.config import SessionConfig
 from llmflow.memory import PeakSampler
-from llmflow.metrics import add_timings, counter_delta, parse_prometheus_counters, timings_summary
+from llmflow.metrics import add_timings, counter_delta, timings_summary
 from llmflow.prompts import PromptFactory
 from llmflow.results import CellResult, ServerHandle, Tunnel
-from llmflow.config import SessionConfig
 from llmflow.stream import StreamRequest, completion_body, run_requests
-
-
-def read_counters(client: httpx.Client, engine: Any) -> dict[str, float] | None:
-    path = engines.metrics_path(engine)
-    if path is None:
-        return None
-    try:
-        resp = client.get(path)
-        resp.raise_for_status()
-    except httpx.HTTPError:
-        return None
-    return parse_prometheus_counters(resp.text, BENCH_COUNTERS)
+from tasks.batch import server_counters
 
 
 def request_row(cell: Cell, repeat: int, index: int, warmup: bool, start_s: float, t: RequestTiming) -> dict[str, Any]:
@@ -63,10 +52,7 @@ def _failed_before_sending(cell: Cell, exc: httpx.HTTPError, session_no: int) ->
     status = "crashed"
     if isinstance(exc, httpx.HTTPStatusError) and 400 <= exc.response.status_code < 500:
         status = "rejected"  # e.g. a tokenizer that refuses a prompt past the model's length
-    return CellResult(
-        key=cell.key, context=cell.context, concurrency=cell.concurrency, output_tokens=cell.output_tokens,
-        status=status, reason=f"preparing prompts: {type(exc).__name__}: {exc}"[:500], session=session_no,
-    )
+    return cell_result(cell, status, reason=f"preparing prompts: {type(exc).__name__}: {exc}"[:500], session=session_no)
 
 
 def shape_check(client: httpx.Client, model: str, prompt: str, fixed: dict[str, Any]) -> tuple[str, str] | None:
@@ -123,10 +109,7 @@ def run_benchmark_cell(
         if refused is not None:
             status, detail = refused
             logger.info("cell %s: %s before timing: %s", cell.key, status, detail)
-            return CellResult(
-                key=cell.key, context=cell.context, concurrency=cell.concurrency, output_tokens=cell.output_tokens,
-                status=status, reason=detail, session=session_no,
-            )
+            return cell_result(cell, status, reason=detail, session=session_no)
         reqs = [StreamRequest(uid, completion_body(handle.served_name, text, fixed), count, cell.output_tokens) for uid, (text, count) in zip(uids[1:], prompts[1:])]
         warm, timed = reqs[: campaign.warmup_requests], reqs[campaign.warmup_requests :]
 
@@ -138,7 +121,7 @@ def run_benchmark_cell(
                     tunnel.base_url, api_key, warm, min(cell.concurrency, len(warm)), campaign.request_timeout_s,
                     on_done=lambda i, start, t: rows.write(request_row(cell, -1, i, True, start, t)),
                 ))
-            before = read_counters(client, session.engine)
+            before = server_counters(session, tunnel, handle, BENCH_COUNTERS)
             with PeakSampler(pgid) as memory:
                 for r in range(campaign.repeats):
                     batch = timed[r * n : (r + 1) * n]
@@ -148,7 +131,7 @@ def run_benchmark_cell(
                     ))
                     timings += [t for _, t in results]
                     duration += wall
-            after = read_counters(client, session.engine)
+            after = server_counters(session, tunnel, handle, BENCH_COUNTERS)
 
     summary = cell_summary(timings, duration)
     sums: dict[str, float] = {}
@@ -158,18 +141,13 @@ def run_benchmark_cell(
     server = server_figures(counter_delta(before, after), timings_summary(sums))
     status = cell_status(summary)
     first_error = next((t.error for t in timings if t.error), None)
-    result = CellResult(
-        key=cell.key, context=cell.context, concurrency=cell.concurrency, output_tokens=cell.output_tokens,
-        status=status, reason=first_error[:500] if first_error and status != "ok" else None, requests=len(timings),
+    result = cell_result(
+        cell, status, reason=first_error[:500] if first_error and status != "ok" else None, requests=len(timings),
         summary=summary, server=server, peak_rss_mib=memory.peak_rss_mib, peak_gpu_mib=memory.peak_gpu_mib,
         session=session_no,
     )
     logger.info(
         "cell %s: %s; %d/%d ok, %s output tok/s, mean TTFT %s ms", cell.key, status, summary["completed"], len(timings),
-        _fmt(summary.get("output_throughput")), _fmt(summary.get("mean_ttft_ms")),
+        fmt(summary.get("output_throughput")), fmt(summary.get("mean_ttft_ms")),
     )
     return result
-
-
-def _fmt(x: object) -> str:
-    return f"{x:.1f}" if isinstance(x, (int, float)) else "-"

@@ -102,3 +102,45 @@ def orphan_lease(run_dir: Path) -> Path:
     data.update(owner_pid=int(dead.stdout), owner_start=None)
     lease_file.write_text(json.dumps(data))
     return lease_file
+
+
+async def serve_aiohttp(handler, paths=("/v1/completions", "/v1/chat/completions")):
+    """A small real aiohttp server on a free loopback port answering POSTs to ``paths`` with
+    ``handler``; returns its runner (``await runner.cleanup()`` stops it) and base URL."""
+    from aiohttp import web
+
+    app = web.Application()
+    for path in paths:
+        app.router.add_post(path, handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    return runner, f"http://127.0.0.1:{port}"
+
+
+def kill_server_during_cell(rows_path: Path, cell_key: str, endpoints: Path, timeout_s: float = 600):
+    """Start a thread that SIGKILLs the campaign's model server as soon as ``cell_key`` has its
+    first request row in ``rows_path``; the server's pid comes from the ``endpoint.json``
+    files under ``endpoints``. Returns the thread and the list of pids it killed."""
+    import json
+    import signal
+    import threading
+    import time
+
+    killed: list[int] = []
+
+    def watch() -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and not killed:
+            if rows_path.exists() and f'"cell":"{cell_key}"' in rows_path.read_text():
+                for ep in endpoints.glob("*/endpoint.json"):
+                    pid = json.loads(ep.read_text())["server_pid"]
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+            time.sleep(0.01)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread, killed

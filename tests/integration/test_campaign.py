@@ -7,10 +7,6 @@ server and checks the files, the artifacts and the verdicts the issue asks for.
 from __future__ import annotations
 
 import json
-import os
-import signal
-import threading
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -21,7 +17,7 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from flows.campaign import benchmark_campaign
 from llmflow.campaign_config import CampaignConfig
 from llmflow.config import LlamaCppEngine, ModelConfig, SessionConfig, VllmEngine
-from tests.conftest import llama_processes
+from tests.conftest import kill_server_during_cell, llama_processes
 
 pytestmark = pytest.mark.integration
 
@@ -101,21 +97,7 @@ def test_killed_server_is_crashed_and_the_campaign_goes_on_with_a_new_one(server
         warmup_requests=0, output_dir=out,
     )
     session = SessionConfig(engine=LlamaCppEngine(venv=venv, n_ctx=512), model=ModelConfig(path=model), runs_dir=runs)
-    killed: list[int] = []
-
-    def kill_during_second_cell() -> None:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and not killed:
-            rows = out / "requests.jsonl"
-            if rows.exists() and '"cell":"ctx64-c1-out128"' in rows.read_text():
-                for ep in runs.glob("*/endpoint.json"):
-                    pid = json.loads(ep.read_text())["server_pid"]
-                    os.kill(pid, signal.SIGKILL)
-                    killed.append(pid)
-            time.sleep(0.01)
-
-    killer = threading.Thread(target=kill_during_second_cell, daemon=True)
-    killer.start()
+    killer, killed = kill_server_during_cell(out / "requests.jsonl", "ctx64-c1-out128", runs, timeout_s=300)
     result = benchmark_campaign(session=session, campaign=campaign)
     killer.join(5)
     assert len(killed) == 1

@@ -222,30 +222,15 @@ def test_hold_prints_a_working_url_and_key_then_tears_down(slurm_session: Sessio
 def test_campaign_on_slurm_kill_mid_cell_starts_a_new_job(slurm_session: SessionConfig, tmp_path: Path):
     """A campaign through the SSH tunnel: the server is SIGKILLed during the second cell, its job
     ends, the cell is crashed, a new job serves the rest; no job is left."""
-    import os
-    import signal
-    import threading
-
     from flows.campaign import benchmark_campaign
     from llmflow.campaign_config import CampaignConfig
+    from tests.conftest import kill_server_during_cell
 
     out = tmp_path / "campaign"
     session = slurm_session.model_copy(update={"engine": slurm_session.engine.model_copy(update={"n_ctx": 512})})
     campaign = CampaignConfig(name="it-slurm", context_sizes=[32, 64, 128], concurrencies=[1], output_tokens=[128],
                               rounds=40, warmup_requests=0, output_dir=out)
-    killed: list[int] = []
-
-    def kill_during_second_cell() -> None:
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline and not killed:
-            rows = out / "requests.jsonl"
-            if rows.exists() and '"cell":"ctx64-c1-out128"' in rows.read_text():
-                for ep in (tmp_path / "cluster-runs").glob("*/endpoint.json"):
-                    os.kill(json.loads(ep.read_text())["server_pid"], signal.SIGKILL)
-                    killed.append(1)
-            time.sleep(0.01)
-
-    threading.Thread(target=kill_during_second_cell, daemon=True).start()
+    _, killed = kill_server_during_cell(out / "requests.jsonl", "ctx64-c1-out128", tmp_path / "cluster-runs")
     result = benchmark_campaign(session=session, campaign=campaign)
     assert killed
     assert [c.status for c in result.cells] == ["ok", "crashed", "ok"]

@@ -21,6 +21,7 @@ from llmflow.memory import group_rss_bytes
 from llmflow.prompts import PromptFactory, fit_prompt, prompt_text
 from llmflow.results import CellResult
 from llmflow.stream import StreamRequest, parse_event, run_requests
+from tests.conftest import serve_aiohttp
 
 CAMPAIGNS = PROJECT_ROOT / "benchmarks" / "campaigns"
 
@@ -161,17 +162,11 @@ async def _sse(request: web.Request) -> web.StreamResponse:
 
 def test_stream_client_outcomes_against_a_real_sse_server():
     async def go():
-        app = web.Application()
-        app.router.add_post("/v1/completions", _sse)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]
+        runner, url = await serve_aiohttp(_sse)
         reqs = [StreamRequest(m, json.dumps({"prompt": m}).encode(), 7, 4) for m in ("usage", "chunks", "cut", "reject", "slow")]
         seen = []
         try:
-            results, wall = await run_requests(f"http://127.0.0.1:{port}", "k", reqs, 2, 0.5, on_done=lambda i, s, t: seen.append(i))
+            results, wall = await run_requests(url, "k", reqs, 2, 0.5, on_done=lambda i, s, t: seen.append(i))
         finally:
             await runner.cleanup()
         return results, wall, seen

@@ -16,6 +16,7 @@ from aiohttp import web
 
 from llmflow.client import run_batch
 from llmflow.config import BatchConfig, Timeouts
+from tests.conftest import serve_aiohttp as _serve
 
 
 class FaultyServer:
@@ -40,18 +41,6 @@ class FaultyServer:
             await asyncio.sleep(1.0)
         usage = {"prompt_tokens": 3, "completion_tokens": body.get("max_tokens", 5), "total_tokens": 8}
         return web.json_response({"choices": [{"text": "ok"}], "usage": usage}, headers={"x-request-id": f"r-{cid}"})
-
-
-async def _serve(app_handler) -> tuple[web.AppRunner, str]:
-    app = web.Application()
-    app.router.add_post("/v1/completions", app_handler)
-    app.router.add_post("/v1/chat/completions", app_handler)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]
-    return runner, f"http://127.0.0.1:{port}"
 
 
 def _write_input(path: Path, ids: list[str]) -> None:
