@@ -142,7 +142,7 @@ async def openai_loop(url: str, n: int, concurrency: int) -> None:
 
 
 def llmflow_runner(transport: str):
-    from llmflow.client import run_batch
+    from llmflow.batch.client import run_batch
     from llmflow.config import BatchConfig
 
     async def run(url: str, n: int, concurrency: int, workdir: Path) -> None:
@@ -171,7 +171,7 @@ def memory_probe(url: str, lines: int, workdir: Path) -> dict:
     """Run the batch client on ``lines`` requests in a fresh process; its peak RSS and time."""
     code = (
         "import asyncio, json, resource, sys, time; sys.path.insert(0, sys.argv[4]);"
-        "from llmflow.client import run_batch; from llmflow.config import BatchConfig; from pathlib import Path;"
+        "from llmflow.batch.client import run_batch; from llmflow.config import BatchConfig; from pathlib import Path;"
         "cfg = BatchConfig(input_path=Path(sys.argv[1]), output_path=Path(sys.argv[2]), concurrency=16);"
         "t = time.perf_counter(); r = asyncio.run(run_batch(cfg, sys.argv[3])); wall = time.perf_counter() - t;"
         "print(json.dumps({'lines': r.input_lines, 'succeeded': r.succeeded, 'wall_s': round(wall, 1),"

@@ -2,7 +2,7 @@
 
 Side by side, in one run, against the same server, the same prompts, concurrency and count:
 
-* ``llmflow stream client`` - ``llmflow.stream.run_requests``, what every campaign cell runs
+* ``llmflow stream client`` - ``llmflow.bench.stream.run_requests``, what every campaign cell runs
   (aiohttp, SSE parsing, per-chunk timestamps, usage, the finished-request callback);
 * ``plain httpx loop``      - ``httpx.AsyncClient.stream`` and ``aiter_lines``, first text chunk timed;
 * ``openai AsyncOpenAI``    - ``completions.create(stream=True)``, first text chunk timed.
@@ -122,7 +122,7 @@ def fixed(out: int) -> dict:
 
 
 async def llmflow_client(url: str, texts: list[str], out: int, concurrency: int) -> tuple[list[float], float]:
-    from llmflow.stream import StreamRequest, completion_body, run_requests
+    from llmflow.bench.stream import StreamRequest, completion_body, run_requests
 
     reqs = [StreamRequest(str(i), completion_body("bench", t, fixed(out)), 0, out) for i, t in enumerate(texts)]
     results, wall = await run_requests(url, None, reqs, concurrency, 60.0)

@@ -11,8 +11,8 @@ from pydantic import BaseModel
 
 from flows.session import model_session, release_session, with_blocks
 from llmflow.config import BatchConfig, SessionConfig
-from llmflow.metrics import merge_reports
-from llmflow.report import batch_markdown, batch_summary
+from llmflow.batch.report import merge_reports
+from llmflow.batch.report import batch_markdown, batch_summary
 from llmflow.results import Allocation, BatchReport, Teardown, TokPS
 from tasks import record_tok_s, recover_session, run_batch_inference
 

@@ -15,9 +15,9 @@ from prefect.events import emit_event
 
 from flows.session import model_session, release_session, with_blocks
 from llmflow import engines
-from llmflow.batch_io import JsonlAppender
-from llmflow.campaign_config import CampaignConfig, campaign_path, cell_result, grid, load_campaign, skip_reason
-from llmflow.campaign_report import CELL_COLUMNS, cell_record, compare, load_baseline, markdown_report, utc_stamp, write_outputs
+from llmflow.batch.jsonl import JsonlAppender
+from llmflow.bench.config import CampaignConfig, campaign_path, cell_result, grid, load_campaign, skip_reason
+from llmflow.bench.report import CELL_COLUMNS, cell_record, compare, load_baseline, markdown_report, utc_stamp, write_outputs
 from llmflow.config import SessionConfig
 from llmflow.placements import ServerDied, driver_for
 from llmflow.results import CampaignResult, CellResult, ServerHandle, Tunnel

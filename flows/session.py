@@ -22,7 +22,7 @@ from prefect.concurrency._asyncio import ConcurrencySlotAcquisitionError  # not 
 from prefect.runtime import flow_run as current_flow_run
 
 from llmflow.config import SessionConfig
-from llmflow.leases import release_leftovers
+from llmflow.remote.leases import release_leftovers
 from llmflow.placements import driver_for
 from llmflow.results import Allocation, Ready, ServerHandle, Tunnel
 from tasks import allocate_node, health_gate, open_tunnel, tear_down, warm_model

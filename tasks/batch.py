@@ -10,10 +10,11 @@ from prefect.cache_policies import NO_CACHE
 
 import httpx
 
-from llmflow import engines, progress
-from llmflow.client import run_batch_sync
+from llmflow import engines
+from llmflow.batch import progress
+from llmflow.batch.client import run_batch_sync
 from llmflow.config import BatchConfig, SessionConfig
-from llmflow.metrics import SERVER_COUNTERS, counter_delta, parse_prometheus_counters
+from llmflow.engines.figures import SERVER_COUNTERS, counter_delta, parse_prometheus_counters
 from llmflow.results import BatchReport, ServerHandle, Tunnel
 
 

@@ -16,16 +16,16 @@ from prefect.cache_policies import NO_CACHE
 
 from llmflow import engines
 from llmflow.aio import run_sync
-from llmflow.batch_io import JsonlAppender
-from llmflow.bench_metrics import BENCH_COUNTERS, RequestTiming, cell_status, cell_summary, request_metrics, server_figures
-from llmflow.campaign_config import CampaignConfig, Cell, cell_result
-from llmflow.campaign_report import fmt
+from llmflow.batch.jsonl import JsonlAppender
+from llmflow.bench.metrics import BENCH_COUNTERS, RequestTiming, cell_status, cell_summary, request_metrics, server_figures
+from llmflow.bench.config import CampaignConfig, Cell, cell_result
+from llmflow.bench.report import fmt
 from llmflow.config import SessionConfig
-from llmflow.memory import PeakSampler
-from llmflow.metrics import add_timings, counter_delta, timings_summary
-from llmflow.prompts import PromptFactory
+from llmflow.bench.memory import PeakSampler
+from llmflow.engines.figures import add_timings, counter_delta, timings_summary
+from llmflow.bench.prompts import PromptFactory
 from llmflow.results import CellResult, ServerHandle, Tunnel
-from llmflow.stream import StreamRequest, completion_body, run_requests
+from llmflow.bench.stream import StreamRequest, completion_body, run_requests
 from tasks.batch import server_counters
 
 

@@ -6,7 +6,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from llmflow.config import SessionConfig
-from llmflow.gate import gate_server
+from llmflow.readiness import gate_server
 from llmflow.results import Ready, ServerHandle, Tunnel
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from llmflow.batch_io import summary_path_for
-from llmflow.metrics import tok_per_s, write_summary
+from llmflow.batch.jsonl import summary_path_for
+from llmflow.batch.report import tok_per_s, write_summary
 from llmflow.results import Allocation, BatchReport, Ready, TokPS
 
 

@@ -94,7 +94,7 @@ def orphan_lease(run_dir: Path) -> Path:
     import subprocess
     import sys
 
-    from llmflow.leases import LEASE_FILE
+    from llmflow.remote.leases import LEASE_FILE
 
     lease_file = run_dir / LEASE_FILE
     data = json.loads(lease_file.read_text())

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Union
 
 from llmflow.config import EndpointPlacement, LocalPlacement, SessionConfig, SlurmPlacement, SSHPlacement
-from llmflow.placements.common import LAUNCHER, ServerDied, make_run_dir, write_secret
+from llmflow.placements.base import LAUNCHER, ServerDied, make_run_dir, write_secret
 from llmflow.placements.endpoint import EndpointDriver
 from llmflow.placements.local import LocalDriver, launch_script
 from llmflow.placements.slurm import SlurmDriver

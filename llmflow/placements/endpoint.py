@@ -11,7 +11,7 @@ from datetime import datetime, timezone
 from urllib.parse import urlsplit
 
 from llmflow.config import EndpointPlacement, SessionConfig
-from llmflow.placements.common import make_run_dir, write_secret
+from llmflow.placements.base import make_run_dir, write_secret
 from llmflow.results import Allocation, ServerHandle, Teardown, Tunnel
 
 

@@ -14,9 +14,9 @@ from pathlib import Path
 
 from llmflow import engines
 from llmflow.config import LocalPlacement, SessionConfig
-from llmflow.leases import read_lease, remove_lease, write_lease
-from llmflow.placements.common import LAUNCHER, ServerDied, make_run_dir, write_secret
-from llmflow.procs import group_alive, stop_group, tail
+from llmflow.remote.leases import read_lease, remove_lease, write_lease
+from llmflow.placements.base import LAUNCHER, ServerDied, make_run_dir, write_secret
+from llmflow.remote.procs import group_alive, stop_group, tail
 from llmflow.results import Allocation, ServerHandle, Teardown, Tunnel
 
 

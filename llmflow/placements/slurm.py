@@ -21,15 +21,16 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from llmflow import engines, slurm
+from llmflow import engines
+from llmflow.placements import slurm_jobs as slurm
 from llmflow.config import SessionConfig, SlurmPlacement
-from llmflow.leases import Lease, read_lease, remove_lease, write_lease
-from llmflow.placements.common import (
+from llmflow.remote.leases import Lease, read_lease, remove_lease, write_lease
+from llmflow.placements.base import (
     ServerDied, check_key_file, close_forward, forward_for, make_remote_run_dir, make_run_dir, remote_tail, write_secret,
 )
-from llmflow.remote_script import launcher_source
+from llmflow.remote.start_script import launcher_source
 from llmflow.results import Allocation, ServerHandle, Teardown, Tunnel
-from llmflow.shell import Shell, open_shell
+from llmflow.remote.shell import Shell, open_shell
 
 _SHELLS: dict[str, Shell] = {}
 

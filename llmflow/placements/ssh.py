@@ -21,13 +21,13 @@ from pathlib import Path
 
 from llmflow import engines
 from llmflow.config import SessionConfig, SSHPlacement
-from llmflow.leases import Lease, read_lease, remove_lease, write_lease
-from llmflow.placements.common import (
+from llmflow.remote.leases import Lease, read_lease, remove_lease, write_lease
+from llmflow.placements.base import (
     ServerDied, check_key_file, close_forward, forward_for, make_remote_run_dir, make_run_dir, remote_tail, write_secret,
 )
-from llmflow.remote_script import launcher_source, server_start_lines
+from llmflow.remote.start_script import launcher_source, server_start_lines
 from llmflow.results import Allocation, ServerHandle, Teardown, Tunnel
-from llmflow.shell import Shell, SSHShell
+from llmflow.remote.shell import Shell, SSHShell
 
 _SHELLS: dict[str, SSHShell] = {}
 

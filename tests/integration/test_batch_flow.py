@@ -105,7 +105,7 @@ def test_broken_model_fails_fast_with_the_servers_error(session_config: SessionC
 
 
 def _cli(args: list[str], env: dict[str, str], **kw) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "llmflow.cli", *args], env=env, **kw)
+    return subprocess.Popen([sys.executable, "-m", "cli.main", *args], env=env, **kw)
 
 
 @pytest.fixture

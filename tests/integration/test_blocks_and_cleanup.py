@@ -9,7 +9,7 @@ import pytest
 
 from blocks import SlurmCluster
 from llmflow.config import SessionConfig, SlurmOptions, SSHLogin
-from llmflow.leases import release_leftovers
+from llmflow.remote.leases import release_leftovers
 from llmflow.placements import SlurmDriver
 from tests.conftest import orphan_lease
 from tests.integration.test_slurm import _jobs_of, _login

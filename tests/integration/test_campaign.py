@@ -15,7 +15,7 @@ from prefect import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
 from flows.campaign import benchmark_campaign
-from llmflow.campaign_config import CampaignConfig
+from llmflow.bench.config import CampaignConfig
 from llmflow.config import LlamaCppEngine, ModelConfig, SessionConfig, VllmEngine
 from tests.conftest import kill_server_during_cell, llama_processes
 

@@ -254,7 +254,7 @@ def test_node_limit_lets_one_session_at_a_time_hold_a_node(prefect_server, serve
         config.write_text(json.dumps({"session": {**params["session"], "runs_dir": str(tmp_path / f"runs-{i}"),
                                                   "node_limit": "test-nodes"}}))
         procs.append(subprocess.Popen(
-            [sys.executable, "-m", "llmflow.cli", "batch", params["batch"]["input_path"], "-o", str(tmp_path / f"out-{i}.jsonl"),
+            [sys.executable, "-m", "cli.main", "batch", params["batch"]["input_path"], "-o", str(tmp_path / f"out-{i}.jsonl"),
              "--config", str(config), "--concurrency", "1"],
             env=prefect_server, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         ))
@@ -271,7 +271,7 @@ def test_node_limit_lets_one_session_at_a_time_hold_a_node(prefect_server, serve
     config = tmp_path / "config-missing.json"
     config.write_text(json.dumps({"session": {**params["session"], "node_limit": "no-such-limit"}}))
     res = subprocess.run(
-        [sys.executable, "-m", "llmflow.cli", "batch", params["batch"]["input_path"], "-o", str(tmp_path / "o.jsonl"),
+        [sys.executable, "-m", "cli.main", "batch", params["batch"]["input_path"], "-o", str(tmp_path / "o.jsonl"),
          "--config", str(config)],
         env=prefect_server, capture_output=True, text=True, timeout=300,
     )

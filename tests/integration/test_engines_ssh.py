@@ -19,7 +19,7 @@ from llmflow.config import (
     SAMPLE_INPUT, BatchConfig, CommandEngine, LlamaCppEngine, LlamaServerEngine, ModelConfig, SessionConfig,
     SSHPlacement,
 )
-from llmflow.leases import release_leftovers
+from llmflow.remote.leases import release_leftovers
 from llmflow.placements import ServerDied, SSHDriver
 from tests.conftest import llama_processes, orphan_lease
 from tests.integration.test_slurm import _login

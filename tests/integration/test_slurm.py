@@ -17,11 +17,11 @@ from prefect import flow
 from flows.batch import batch_inference
 from flows.session import model_session
 from llmflow.config import SAMPLE_INPUT, BatchConfig, LlamaCppEngine, ModelConfig, SessionConfig, SlurmOptions, SlurmPlacement, SSHLogin
-from llmflow.leases import read_lease
+from llmflow.remote.leases import read_lease
 from llmflow.placements import ServerDied
-from llmflow.placements.common import _FORWARDS, _TUNNEL_SHELLS
+from llmflow.placements.base import _FORWARDS, _TUNNEL_SHELLS
 from llmflow.placements.slurm import JobRejected, QueueTimeout
-from llmflow.shell import HostKeyRejected, SSHShell
+from llmflow.remote.shell import HostKeyRejected, SSHShell
 
 pytestmark = pytest.mark.integration
 
@@ -198,7 +198,7 @@ def test_hold_prints_a_working_url_and_key_then_tears_down(slurm_session: Sessio
     config = tmp_path / "cluster.json"
     config.write_text(json.dumps({"session": slurm_session.model_dump(mode="json")}))
     proc = subprocess.Popen(
-        [sys.executable, "-m", "llmflow.cli", "hold", "--hours", "0.005", "--check-every", "2", "--config", str(config)],
+        [sys.executable, "-m", "cli.main", "hold", "--hours", "0.005", "--check-every", "2", "--config", str(config)],
         env={**os.environ, "PREFECT_API_URL": prefect_api_url}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     seen = ""
@@ -223,7 +223,7 @@ def test_campaign_on_slurm_kill_mid_cell_starts_a_new_job(slurm_session: Session
     """A campaign through the SSH tunnel: the server is SIGKILLed during the second cell, its job
     ends, the cell is crashed, a new job serves the rest; no job is left."""
     from flows.campaign import benchmark_campaign
-    from llmflow.campaign_config import CampaignConfig
+    from llmflow.bench.config import CampaignConfig
     from tests.conftest import kill_server_during_cell
 
     out = tmp_path / "campaign"

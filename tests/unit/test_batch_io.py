@@ -1,7 +1,7 @@
 import json
 from pathlib import Path
 
-from llmflow.batch_io import JsonlAppender, count_lines, load_finished, output_record, parse_lines
+from llmflow.batch.jsonl import JsonlAppender, count_lines, load_finished, output_record, parse_lines
 
 
 def _line(cid, url="/v1/completions", **extra):
@@ -80,7 +80,7 @@ def test_appender_appends_and_truncates(tmp_path: Path):
 
 
 def test_output_line_splices_raw_body_and_stays_valid_json():
-    from llmflow.batch_io import output_line
+    from llmflow.batch.jsonl import output_line
 
     body = {"choices": [{"text": "a\\nb \u00e9"}], "usage": {"completion_tokens": 2}}
     raw = json.dumps(body).encode() + b" "

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from llmflow.bench_metrics import RequestTiming, cell_status, cell_summary, classify, request_metrics
+from llmflow.bench.metrics import RequestTiming, cell_status, cell_summary, classify, request_metrics
 
 
 def _ok(times: list[float], prompt: int = 100, out: int | None = None, **kw) -> RequestTiming:

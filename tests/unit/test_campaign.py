@@ -12,15 +12,15 @@ import httpx
 import pytest
 from aiohttp import web
 
-from llmflow.bench_metrics import server_figures
-from llmflow.campaign_config import CampaignConfig, CampaignFileError, Cell, grid, load_campaign, skip_reason
-from llmflow.campaign_report import compare, markdown_report, vllm_result, write_outputs
-from llmflow.cli import main
+from llmflow.bench.metrics import server_figures
+from llmflow.bench.config import CampaignConfig, CampaignFileError, Cell, grid, load_campaign, skip_reason
+from llmflow.bench.report import compare, markdown_report, vllm_result, write_outputs
+from cli.main import main
 from llmflow.config import PROJECT_ROOT, LlamaServerEngine, VllmEngine
-from llmflow.memory import group_rss_bytes
-from llmflow.prompts import PromptFactory, fit_prompt, prompt_text
+from llmflow.bench.memory import group_rss_bytes
+from llmflow.bench.prompts import PromptFactory, fit_prompt, prompt_text
 from llmflow.results import CellResult
-from llmflow.stream import StreamRequest, parse_event, run_requests
+from llmflow.bench.stream import StreamRequest, parse_event, run_requests
 from tests.conftest import serve_aiohttp
 
 CAMPAIGNS = PROJECT_ROOT / "benchmarks" / "campaigns"

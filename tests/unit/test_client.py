@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-from llmflow.client import run_batch
+from llmflow.batch.client import run_batch
 from llmflow.config import BatchConfig, Timeouts
 from tests.conftest import serve_aiohttp as _serve
 

@@ -34,7 +34,7 @@ def test_nightly_is_scheduled_and_on_demand_is_not():
 
 
 def test_the_nightly_campaign_file_exists_and_validates():
-    from llmflow.campaign_config import load_campaign
+    from llmflow.bench.config import load_campaign
 
     spec = {s.name: s for s in DEPLOYMENTS}["nightly-campaign"]
     campaign, session = load_campaign(PROJECT_ROOT / spec.parameters["campaign_file"])

@@ -1,10 +1,10 @@
 from pathlib import Path
 
 from llmflow import engines
-from llmflow.batch_io import summary_path_for
+from llmflow.batch.jsonl import summary_path_for
 from llmflow.config import LlamaCppEngine, ModelConfig
-from llmflow.gate import classify
-from llmflow.metrics import tok_per_s
+from llmflow.readiness import classify
+from llmflow.batch.report import tok_per_s
 from llmflow.placements import launch_script
 from llmflow.results import BatchReport
 
@@ -67,7 +67,7 @@ def test_vllm_launch_and_fixed_length():
 
 
 def test_slurm_script_exports_the_engines_key_variable():
-    from llmflow import slurm
+    from llmflow.placements import slurm_jobs as slurm
     from llmflow.config import SlurmOptions
 
     script = slurm.render_job_script(
@@ -78,7 +78,7 @@ def test_slurm_script_exports_the_engines_key_variable():
 
 
 def test_prometheus_counters_are_summed_over_labels_and_diffed():
-    from llmflow.metrics import counter_delta, parse_prometheus_counters
+    from llmflow.engines.figures import counter_delta, parse_prometheus_counters
 
     text = (
         "# HELP vllm:prompt_tokens_total Number of prefill tokens processed.\n"
@@ -159,7 +159,7 @@ def test_check_installed_names_the_missing_piece(tmp_path: Path):
 
 
 def test_llama_server_counters_are_read_like_vllms():
-    from llmflow.metrics import parse_prometheus_counters
+    from llmflow.engines.figures import parse_prometheus_counters
 
     text = (
         "# HELP llamacpp:prompt_tokens_total Number of prompt tokens processed.\n"
@@ -172,7 +172,7 @@ def test_llama_server_counters_are_read_like_vllms():
 
 
 def test_server_timings_are_summed_and_turned_into_rates():
-    from llmflow.metrics import add_timings, timings_summary
+    from llmflow.engines.figures import add_timings, timings_summary
 
     sums: dict[str, float] = {}
     add_timings(sums, {"prompt_n": 10, "prompt_ms": 5.0, "predicted_n": 8, "predicted_ms": 40.0, "cache_n": 0})

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import httpx
 
-from llmflow.leases import all_leases, release_leftovers, write_lease
+from llmflow.remote.leases import all_leases, release_leftovers, write_lease
 from llmflow.placements import LAUNCHER
-from llmflow.procs import group_alive, process_alive, stop_group
+from llmflow.remote.procs import group_alive, process_alive, stop_group
 
 
 def _launch(tmp_path: Path, extra: list[str] | None = None, parent_cmd: list[str] | None = None):

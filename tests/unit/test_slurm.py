@@ -9,9 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from llmflow import engines, remote_script, slurm
+from llmflow import engines
+from llmflow.remote import start_script as remote_script
+from llmflow.placements import slurm_jobs as slurm
 from llmflow.config import LlamaCppEngine, ModelConfig, SlurmOptions
-from llmflow.metrics import merge_reports
+from llmflow.batch.report import merge_reports
 from llmflow.results import BatchReport
 
 NASTY = "it's a \"quoted\" $HOME `x` value"

@@ -17,7 +17,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from llmflow.procs import group_alive, process_alive, process_start_time, stop_group
+from llmflow.remote.procs import group_alive, process_alive, process_start_time, stop_group
 
 LEASE_FILE = "lease.json"
 

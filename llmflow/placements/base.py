@@ -8,18 +8,19 @@ import shlex
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from llmflow.shell import SSHShell
-from llmflow.tunnel import LocalForward
+from llmflow.remote.shell import SSHShell
+from llmflow.remote.start_script import SUPERVISOR
+from llmflow.remote.tunnel import LocalForward
 
 if TYPE_CHECKING:
     from llmflow.config import SSHLogin
-    from llmflow.shell import Shell
+    from llmflow.remote.shell import Shell
 
 # SSH forwards are process-local objects, kept by run id; each has its own SSH connection
 _TUNNEL_SHELLS: dict[str, SSHShell] = {}
 _FORWARDS: dict[str, LocalForward] = {}
 
-LAUNCHER = Path(__file__).resolve().parent.parent / "node_launcher.py"
+LAUNCHER = SUPERVISOR  # the supervisor script every placement starts the server under
 
 
 class ServerDied(RuntimeError):

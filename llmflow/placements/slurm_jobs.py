@@ -12,7 +12,7 @@ import shlex
 from pydantic import BaseModel
 
 from llmflow.config import SlurmOptions
-from llmflow.remote_script import server_start_lines
+from llmflow.remote.start_script import server_start_lines
 
 # States after which the job will not run (again) on its own.
 TERMINAL = frozenset(

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from llmflow import progress
+from llmflow.batch import progress
 from llmflow.config import DEFAULT_MODEL, PROJECT_ROOT, SAMPLE_INPUT, BatchConfig, SessionConfig
 
 EXIT_INVALID_LINES = 3
@@ -128,7 +128,7 @@ def _bench(args: argparse.Namespace) -> int:
     """Run a campaign file; print one line per cell and where the outputs are."""
     from prefect.exceptions import TerminationSignal
 
-    from llmflow.campaign_config import CampaignFileError, load_campaign
+    from llmflow.bench.config import CampaignFileError, load_campaign
 
     try:
         campaign, file_session = load_campaign(args.campaign)
@@ -245,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {out}")
         return 0
     if args.command == "cleanup":
-        from llmflow.leases import all_leases, describe, dump, release_leftovers
+        from llmflow.remote.leases import all_leases, describe, dump, release_leftovers
 
         if args.list:
             print(dump([describe(lease) for _, lease in all_leases(args.runs_dir)]))

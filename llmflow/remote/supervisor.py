@@ -10,7 +10,7 @@ stays as the server's parent so that:
 * with ``--watch-parent``, if the process that started it dies (even by SIGKILL), the server
   is stopped too, so a killed flow never leaves a server behind.
 
-Usage: python node_launcher.py --endpoint-file F [--host H] [--watch-parent] -- CMD ... {port} ...
+Usage: python supervisor.py --endpoint-file F [--host H] [--watch-parent] -- CMD ... {port} ...
 """
 
 from __future__ import annotations

@@ -13,10 +13,11 @@ import shlex
 from pathlib import Path
 
 LAUNCHER_DELIMITER = "LLMFLOW_NODE_LAUNCHER"
+SUPERVISOR = Path(__file__).resolve().parent / "supervisor.py"  # runs on the node: standard library only
 
 
 def launcher_source() -> str:
-    return (Path(__file__).resolve().parent / "node_launcher.py").read_text()
+    return SUPERVISOR.read_text()
 
 
 def server_start_lines(
@@ -31,7 +32,7 @@ def server_start_lines(
 ) -> list[str]:
     """Body lines of the start script; the supervisor writes ``endpoint.json`` in ``run_dir``."""
     q = shlex.quote
-    launcher = f"{run_dir}/node_launcher.py"
+    launcher = f"{run_dir}/supervisor.py"
     exec_line = shlex.join(
         [server_python, launcher, "--endpoint-file", f"{run_dir}/endpoint.json", "--host", bind_host, "--", *server_argv]
     )

@@ -20,7 +20,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, Field
 
-from llmflow.metrics import SERVER_COUNTERS
+from llmflow.engines.figures import SERVER_COUNTERS
 
 Outcome = Literal["ok", "rejected", "crashed", "timed_out"]
 PERCENTILES = (50, 90, 99)

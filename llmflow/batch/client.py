@@ -22,7 +22,7 @@ import aiohttp
 import httpx
 
 from llmflow.aio import run_sync
-from llmflow.batch_io import (
+from llmflow.batch.jsonl import (
     JsonlAppender,
     count_lines,
     errors_path_for,
@@ -32,7 +32,7 @@ from llmflow.batch_io import (
 )
 from llmflow.config import BatchConfig, Timeouts
 from llmflow.results import BatchReport
-from llmflow.metrics import add_timings, timings_summary
+from llmflow.engines.figures import add_timings, timings_summary
 
 Transport = Literal["aiohttp", "httpx"]
 ProgressFn = Callable[[int, int], None]

@@ -19,7 +19,7 @@ from typing import Any
 
 import aiohttp
 
-from llmflow.bench_metrics import RequestTiming, classify
+from llmflow.bench.metrics import RequestTiming, classify
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,1 @@
+"""The `llmflow` command: the application entry above the flows it runs."""
