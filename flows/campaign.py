@@ -187,7 +187,7 @@ def _server_usable(session: SessionConfig, handle: ServerHandle, tunnel: Tunnel,
     key = handle.api_key()
     try:
         resp = httpx.get(
-            tunnel.base_url + engines.readiness_path(session.engine),
+            tunnel.base_url + engines.spec_for(session.engine).readiness_path,
             headers={"Authorization": f"Bearer {key}"} if key else {}, timeout=10,
         )
     except httpx.HTTPError:

@@ -164,9 +164,6 @@ class LlamaCppEngine(_Strict):
         default_factory=list, description="Further server arguments, passed through unchanged."
     )
 
-    @property
-    def python(self) -> Path:
-        return self.venv / "bin" / "python"
 
 
 class VllmEngine(_Strict):
@@ -190,9 +187,6 @@ class VllmEngine(_Strict):
     dtype: str | None = Field(default=None, description="--dtype (auto, float16, bfloat16, float32).")
     extra_args: list[str] = Field(default_factory=list, description="Further server arguments, passed through unchanged.")
 
-    @property
-    def python(self) -> Path:
-        return self.venv / "bin" / "python"
 
 
 class LlamaServerEngine(_Strict):
@@ -218,9 +212,6 @@ class LlamaServerEngine(_Strict):
     metrics: bool = Field(default=True, description="--metrics: publish Prometheus counters at /metrics.")
     extra_args: list[str] = Field(default_factory=list, description="Further server arguments, passed through unchanged.")
 
-    @property
-    def python(self) -> Path:
-        return Path(self.launcher_python)
 
 
 class CommandEngine(_Strict):
@@ -259,9 +250,6 @@ class CommandEngine(_Strict):
             raise ValueError("argv must contain {port}: the supervisor picks a free port and fills it in")
         return self
 
-    @property
-    def python(self) -> Path:
-        return Path(self.launcher_python)
 
 
 Engine = Annotated[

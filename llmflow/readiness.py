@@ -53,7 +53,7 @@ def wait_ready(
 ) -> Ready:
     """Poll until ready; ``check_alive`` raises as soon as the process or job is gone."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    path = engines.readiness_path(engine)
+    path = engines.spec_for(engine).readiness_path
     started = time.monotonic()
     polls = 0
     with httpx.Client(base_url=base_url, headers=headers, timeout=httpx.Timeout(10.0, read=60.0)) as client:

@@ -23,7 +23,7 @@ def server_counters(
 ) -> dict[str, float] | None:
     """The engine's own counters now (``names``: Prometheus series to read), or None when it
     publishes none (or they cannot be read)."""
-    path = engines.metrics_path(session.engine)
+    path = engines.spec_for(session.engine).metrics_path
     if path is None:
         return None
     key = handle.api_key()
@@ -60,7 +60,7 @@ def run_batch_inference(
             update_progress_artifact(artifact_id=artifact_id, progress=100.0 * done / max(total, 1))
 
     overrides = (
-        engines.fixed_length_fields(session.engine, batch.fixed_output_tokens) if batch.fixed_output_tokens else None
+        engines.spec_for(session.engine).fixed_length_fields(batch.fixed_output_tokens) if batch.fixed_output_tokens else None
     )
     before = server_counters(session, tunnel, handle)
     result = run_batch_sync(batch, tunnel.base_url, handle.api_key(), body_overrides=overrides, progress=report)

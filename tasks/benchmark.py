@@ -92,7 +92,7 @@ def run_benchmark_cell(
     logger = get_run_logger()
     api_key = handle.api_key()
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    fixed = engines.fixed_length_fields(session.engine, cell.output_tokens)
+    fixed = engines.spec_for(session.engine).fixed_length_fields(cell.output_tokens)
     n = cell.concurrency * campaign.rounds
     pgid = handle.pid if session.placement.kind == "local" else None
     with httpx.Client(base_url=tunnel.base_url, headers=headers, timeout=campaign.request_timeout_s) as client:

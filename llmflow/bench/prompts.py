@@ -69,13 +69,13 @@ class PromptFactory:
         self.served_name = served_name
         self.offset = 0
         self.calls = 0
-        self.has_tokenizer = engines.tokenize_request(engine, "x", served_name) is not None
+        self.has_tokenizer = engines.spec_for(engine).tokenize_request("x", served_name) is not None
         if self.has_tokenizer:
             probe = prompt_text("calibrate", 8)
             self.offset = self.usage_count(probe) - self.tokenize_count(probe)
 
     def tokenize_count(self, text: str) -> int:
-        path, body = engines.tokenize_request(self.engine, text, self.served_name)  # type: ignore[misc]
+        path, body = engines.spec_for(self.engine).tokenize_request(text, self.served_name)  # type: ignore[misc]
         self.calls += 1
         resp = self.client.post(path, json=body)
         resp.raise_for_status()

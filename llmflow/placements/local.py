@@ -42,7 +42,7 @@ class LocalDriver:
 
     def preflight(self) -> None:
         """Checks that need the machine (not just the config): fail before starting anything."""
-        engines.check_installed(self.config.engine)
+        engines.spec_for(self.config.engine).check_installed()
         if not self.config.model.path.exists():
             raise ValueError(f"model.path: {self.config.model.path} does not exist (`make model` writes the tiny one)")
 
@@ -63,14 +63,14 @@ class LocalDriver:
         self._stop(alloc)  # a retried warm-up must not leave the first attempt's server behind
         endpoint_file = run_dir / "endpoint.json"
         endpoint_file.unlink(missing_ok=True)
-        api_key = secrets.token_urlsafe(32) if engines.accepts_api_key(cfg.engine) else None
+        api_key = secrets.token_urlsafe(32) if (engines.spec_for(cfg.engine).api_key_env is not None) else None
         key_file = None
         if api_key:
             key_file = run_dir / "api_key"
             write_secret(key_file, api_key)
-        spec = engines.launch_spec(cfg.engine, cfg.model, self.placement.bind_host, api_key)
+        spec = engines.spec_for(cfg.engine).launch(cfg.model, self.placement.bind_host, api_key)
         log_path = run_dir / "server.log"
-        script = launch_script(spec, engines.server_python(cfg.engine), endpoint_file, self.placement.bind_host)
+        script = launch_script(spec, engines.spec_for(cfg.engine).server_python(), endpoint_file, self.placement.bind_host)
         with log_path.open("ab") as log:
             proc = subprocess.Popen(
                 ["bash", "-c", script],

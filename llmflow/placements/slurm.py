@@ -140,21 +140,21 @@ class SlurmDriver:
 
     def _submit(self, shell: Shell, run_id: str, local_dir: Path, flow_run_id: str | None) -> tuple[str, str]:
         remote_dir = make_remote_run_dir(shell, self.placement.remote_runs_dir, run_id, "cluster")
-        api_key = secrets.token_urlsafe(32) if engines.accepts_api_key(self.config.engine) else None
+        api_key = secrets.token_urlsafe(32) if (engines.spec_for(self.config.engine).api_key_env is not None) else None
         if api_key:
             write_secret(local_dir / "api_key", api_key)
             shell.write_file(f"{remote_dir}/api_key", api_key, 0o600)
-        spec = engines.launch_spec(self.config.engine, self.config.model, self.placement.bind_host, None)
+        spec = engines.spec_for(self.config.engine).launch(self.config.model, self.placement.bind_host, None)
         script = slurm.render_job_script(
             opts=self.placement.slurm,
             job_name=f"llmflow-{run_id}",
             run_dir=remote_dir,
             setup=spec.setup,
-            server_python=str(engines.server_python(self.config.engine)),
+            server_python=str(engines.spec_for(self.config.engine).server_python()),
             server_argv=spec.argv,
             bind_host=self.placement.bind_host,
             launcher_source=launcher_source(),
-            api_key_env=engines.api_key_env(self.config.engine),
+            api_key_env=engines.spec_for(self.config.engine).api_key_env,
         )
         shell.write_file(f"{remote_dir}/job.sh", script, 0o700)
         (local_dir / "job.sh").write_text(script)

@@ -137,21 +137,21 @@ class SSHDriver:
         shell = self.shell(alloc.run_id)
         self._stop(alloc)  # a retried warm-up must not leave the first attempt's server behind
         shell.run(f"rm -f {shlex.quote(remote_dir)}/endpoint.json {shlex.quote(remote_dir)}/server.pgid")
-        api_key = secrets.token_urlsafe(32) if engines.accepts_api_key(cfg.engine) else None
+        api_key = secrets.token_urlsafe(32) if (engines.spec_for(cfg.engine).api_key_env is not None) else None
         key_file = None
         if api_key:
             key_file = alloc.run_dir / "api_key"
             write_secret(key_file, api_key)
             shell.write_file(f"{remote_dir}/api_key", api_key, 0o600)
-        spec = engines.launch_spec(cfg.engine, cfg.model, self.placement.bind_host, None)
+        spec = engines.spec_for(cfg.engine).launch(cfg.model, self.placement.bind_host, None)
         script = "\n".join(
             [
                 "#!/bin/bash",
                 "echo $$ > server.pgid  # setsid made this shell a group leader: teardown can find the group",
                 *server_start_lines(
-                    run_dir=remote_dir, setup=spec.setup, server_python=str(engines.server_python(cfg.engine)),
+                    run_dir=remote_dir, setup=spec.setup, server_python=str(engines.spec_for(cfg.engine).server_python()),
                     server_argv=spec.argv, bind_host=self.placement.bind_host, launcher_source=launcher_source(),
-                    api_key_env=engines.api_key_env(cfg.engine),
+                    api_key_env=engines.spec_for(cfg.engine).api_key_env,
                 ),
                 "",
             ]

@@ -128,7 +128,7 @@ def test_prompt_factory_measures_the_tokenizer_offset_and_reuses_the_shape():
 def test_llama_server_tokenize_request_asks_for_special_tokens():
     from llmflow import engines
 
-    assert engines.tokenize_request(LlamaServerEngine(), "hi", "m") == ("/tokenize", {"content": "hi", "add_special": True})
+    assert engines.spec_for(LlamaServerEngine()).tokenize_request("hi", "m") == ("/tokenize", {"content": "hi", "add_special": True})
 
 
 def test_parse_event():

@@ -10,7 +10,7 @@ from llmflow.results import BatchReport
 
 
 def test_api_key_goes_in_env_never_in_argv():
-    spec = engines.launch_spec(LlamaCppEngine(), ModelConfig(), "127.0.0.1", "s3cret")
+    spec = engines.spec_for(LlamaCppEngine()).launch(ModelConfig(), "127.0.0.1", "s3cret")
     assert "s3cret" not in " ".join(spec.argv)
     assert spec.env == {"API_KEY": "s3cret"}
     assert engines.PORT_PLACEHOLDER in spec.argv
@@ -18,8 +18,8 @@ def test_api_key_goes_in_env_never_in_argv():
 
 def test_launch_script_quotes_paths_and_keeps_setup_lines():
     engine = LlamaCppEngine(venv=Path("/opt/my env"), setup=["module load cuda", "export HF_HOME=/scratch/hf"])
-    spec = engines.launch_spec(engine, ModelConfig(path=Path("/m/a b.gguf")), "127.0.0.1", None)
-    script = launch_script(spec, engine.python, Path("/r/endpoint.json"), "127.0.0.1")
+    spec = engines.spec_for(engine).launch(ModelConfig(path=Path("/m/a b.gguf")), "127.0.0.1", None)
+    script = launch_script(spec, engines.spec_for(engine).server_python(), Path("/r/endpoint.json"), "127.0.0.1")
     lines = script.splitlines()
     assert lines[:3] == ["set -e", "module load cuda", "export HF_HOME=/scratch/hf"]
     assert "'/opt/my env/bin/python'" in lines[3] and "'/m/a b.gguf'" in lines[3]
@@ -27,7 +27,7 @@ def test_launch_script_quotes_paths_and_keeps_setup_lines():
 
 
 def test_fixed_length_uses_min_tokens():
-    assert engines.fixed_length_fields(LlamaCppEngine(), 32) == {"max_tokens": 32, "min_tokens": 32}
+    assert engines.spec_for(LlamaCppEngine()).fixed_length_fields(32) == {"max_tokens": 32, "min_tokens": 32}
 
 
 def test_gate_classification():
@@ -54,7 +54,7 @@ def test_vllm_launch_and_fixed_length():
 
     engine = VllmEngine(venv=Path("/v"), max_model_len=4096, gpu_memory_utilization=0.9, tensor_parallel_size=2,
                         dtype="float32", extra_args=["--enforce-eager"])
-    spec = engines.launch_spec(engine, ModelConfig(path=Path("/m/ckpt"), served_name="m"), "0.0.0.0", "k")
+    spec = engines.spec_for(engine).launch(ModelConfig(path=Path("/m/ckpt"), served_name="m"), "0.0.0.0", "k")
     argv = spec.argv
     assert argv[:3] == ["/v/bin/python", "-m", "vllm.entrypoints.openai.api_server"]
     for flag, value in [("--model", "/m/ckpt"), ("--served-model-name", "m"), ("--max-model-len", "4096"),
@@ -62,8 +62,8 @@ def test_vllm_launch_and_fixed_length():
         assert argv[argv.index(flag) + 1] == value
     assert argv[-1] == "--enforce-eager" and "k" not in argv
     assert spec.env == {"VLLM_API_KEY": "k"}
-    assert engines.readiness_path(engine) == "/health"
-    assert engines.fixed_length_fields(engine, 8) == {"max_tokens": 8, "min_tokens": 8, "ignore_eos": True}
+    assert engines.spec_for(engine).readiness_path == "/health"
+    assert engines.spec_for(engine).fixed_length_fields(8) == {"max_tokens": 8, "min_tokens": 8, "ignore_eos": True}
 
 
 def test_slurm_script_exports_the_engines_key_variable():
@@ -99,7 +99,7 @@ def test_llama_server_launch_key_in_env_metrics_on_and_ignore_eos():
     from llmflow.config import LlamaServerEngine
 
     engine = LlamaServerEngine(binary=Path("/opt/llama.cpp/llama-server"), n_ctx=4096, parallel=4, extra_args=["--flash-attn", "on"])
-    spec = engines.launch_spec(engine, ModelConfig(path=Path("/m/x.gguf"), served_name="m"), "0.0.0.0", "k")
+    spec = engines.spec_for(engine).launch(ModelConfig(path=Path("/m/x.gguf"), served_name="m"), "0.0.0.0", "k")
     argv = spec.argv
     assert argv[0] == "/opt/llama.cpp/llama-server"
     for flag, value in [("--model", "/m/x.gguf"), ("--alias", "m"), ("--host", "0.0.0.0"), ("--port", "{port}"),
@@ -107,10 +107,10 @@ def test_llama_server_launch_key_in_env_metrics_on_and_ignore_eos():
         assert argv[argv.index(flag) + 1] == value
     assert "--metrics" in argv and argv[-2:] == ["--flash-attn", "on"] and "k" not in argv
     assert spec.env == {"LLAMA_API_KEY": "k"}
-    assert engines.readiness_path(engine) == "/health" and engines.metrics_path(engine) == "/metrics"
-    assert engines.fixed_length_fields(engine, 5) == {"max_tokens": 5, "ignore_eos": True}
-    assert engines.metrics_path(LlamaServerEngine(metrics=False)) is None
-    assert engines.server_python(engine) == Path("python3")  # the supervisor runs under the node's python3
+    assert engines.spec_for(engine).readiness_path == "/health" and engines.spec_for(engine).metrics_path == "/metrics"
+    assert engines.spec_for(engine).fixed_length_fields(5) == {"max_tokens": 5, "ignore_eos": True}
+    assert engines.spec_for(LlamaServerEngine(metrics=False)).metrics_path is None
+    assert engines.spec_for(engine).server_python() == Path("python3")  # the supervisor runs under the node's python3
 
 
 def test_command_engine_fills_placeholders_and_takes_its_settings_from_the_config():
@@ -120,14 +120,14 @@ def test_command_engine_fills_placeholders_and_takes_its_settings_from_the_confi
         argv=["uvicorn", "app:api", "--host", "{host}", "--port", "{port}", "--model={model}", "{served_name}"],
         readiness_path="/healthz", api_key_env="APP_KEY", fixed_length=["ignore_eos"], metrics_path="/metrics",
     )
-    spec = engines.launch_spec(engine, ModelConfig(path=Path("/m/w"), served_name="m"), "127.0.0.1", "k")
+    spec = engines.spec_for(engine).launch(ModelConfig(path=Path("/m/w"), served_name="m"), "127.0.0.1", "k")
     assert spec.argv == ["uvicorn", "app:api", "--host", "127.0.0.1", "--port", "{port}", "--model=/m/w", "m"]
     assert spec.env == {"APP_KEY": "k"}
-    assert engines.readiness_path(engine) == "/healthz" and engines.metrics_path(engine) == "/metrics"
-    assert engines.fixed_length_fields(engine, 3) == {"max_tokens": 3, "ignore_eos": True}
+    assert engines.spec_for(engine).readiness_path == "/healthz" and engines.spec_for(engine).metrics_path == "/metrics"
+    assert engines.spec_for(engine).fixed_length_fields(3) == {"max_tokens": 3, "ignore_eos": True}
     keyless = CommandEngine(argv=["srv", "--port={port}"])
-    assert not engines.accepts_api_key(keyless)
-    assert engines.launch_spec(keyless, ModelConfig(), "h", None).env == {}
+    assert not (engines.spec_for(keyless).api_key_env is not None)
+    assert engines.spec_for(keyless).launch(ModelConfig(), "h", None).env == {}
 
 
 def test_command_engine_config_errors_name_the_field():
@@ -150,12 +150,12 @@ def test_check_installed_names_the_missing_piece(tmp_path: Path):
     from llmflow.config import CommandEngine, LlamaServerEngine
 
     with pytest.raises(ValueError, match=r"engine\.binary: .*not an executable"):
-        engines.check_installed(LlamaServerEngine(binary=tmp_path / "nope"))
+        engines.spec_for(LlamaServerEngine(binary=tmp_path / "nope")).check_installed()
     with pytest.raises(ValueError, match=r"engine\.argv\[0\]"):
-        engines.check_installed(CommandEngine(argv=["no-such-server-xyz", "{port}"]))
+        engines.spec_for(CommandEngine(argv=["no-such-server-xyz", "{port}"])).check_installed()
     with pytest.raises(ValueError, match=r"engine\.launcher_python"):
-        engines.check_installed(CommandEngine(argv=["sh", "{port}"], launcher_python="no-such-python-xyz"))
-    engines.check_installed(CommandEngine(argv=["sh", "{port}"]))
+        engines.spec_for(CommandEngine(argv=["sh", "{port}"], launcher_python="no-such-python-xyz")).check_installed()
+    engines.spec_for(CommandEngine(argv=["sh", "{port}"])).check_installed()
 
 
 def test_llama_server_counters_are_read_like_vllms():

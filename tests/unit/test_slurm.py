@@ -25,10 +25,10 @@ def _render(tmp_path: Path, **opts) -> str:
         setup=["module load cuda/12.4", "source '/scratch/my venvs/llama/bin/activate'",
                "export HF_HOME=/scratch/hf", "export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True"],
     )
-    spec = engines.launch_spec(engine, ModelConfig(path=Path("/models/it's big.gguf")), "0.0.0.0", None)
+    spec = engines.spec_for(engine).launch(ModelConfig(path=Path("/models/it's big.gguf")), "0.0.0.0", None)
     return slurm.render_job_script(
         opts=SlurmOptions(**opts), job_name="llmflow-run 1", run_dir="/home/u/llmflow runs/r1",
-        setup=spec.setup, server_python=str(engine.python), server_argv=spec.argv, bind_host="0.0.0.0",
+        setup=spec.setup, server_python=str(engines.spec_for(engine).server_python()), server_argv=spec.argv, bind_host="0.0.0.0",
         launcher_source=remote_script.launcher_source(),
     )
 

@@ -1,0 +1,95 @@
+"""The engine interface: what placements, the gate, the batch client and campaigns ask of the
+server software (its command line, readiness signal, fixed output length, counters).
+
+One class per engine, registered by ``kind`` in ``ENGINES``; each takes its config model
+(``llmflow.config``) and answers from it alone, so specs are unit-tested without starting
+anything.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from llmflow.config import ModelConfig
+from llmflow.errors import ConfigError
+from llmflow.registry import Registry
+
+PORT_PLACEHOLDER = "{port}"
+
+
+@dataclass(frozen=True)
+class LaunchSpec:
+    """How to start a server: argv (with ``{port}`` for the supervisor to fill) and extra env.
+
+    The API key travels in ``env``, never in ``argv``: any user can read another's command
+    line in /proc, but not its environment.
+    """
+
+    argv: list[str]
+    env: dict[str, str]
+    setup: list[str]
+
+
+class EngineSpec(Protocol):
+    """What the rest of the project asks of an engine (one instance per engine config)."""
+
+    readiness_path: str  # GET path that answers 2xx once the server can serve
+    api_key_env: str | None  # environment variable the server reads its key from; None: no key
+    metrics_path: str | None  # Prometheus counters, if the server publishes them
+
+    def launch(self, model: ModelConfig, host: str, api_key: str | None) -> LaunchSpec: ...
+
+    def fixed_length_fields(self, tokens: int) -> dict[str, Any]: ...
+
+    def tokenize_request(self, text: str, served_name: str) -> tuple[str, dict[str, Any]] | None: ...
+
+    def server_python(self) -> Path: ...
+
+    def check_installed(self) -> None: ...
+
+
+ENGINES: Registry[Any] = Registry("engine")
+
+
+def key_env(name: str | None, api_key: str | None) -> dict[str, str]:
+    """The environment entry that hands the server its key, if it takes one."""
+    return {name: api_key} if name and api_key else {}
+
+
+class VenvEngine:
+    """An engine that is a Python package: its venv's ``bin/python`` runs supervisor and server."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+
+    def server_python(self) -> Path:
+        return self.engine.venv / "bin" / "python"
+
+    def check_installed(self) -> None:
+        if not self.server_python().exists():
+            raise ConfigError(
+                f"engine.venv: {self.engine.venv} has no bin/python; run `make setup` (scripts/setup.sh) "
+                "or point engine.venv at the server's environment"
+            )
+
+
+class BinaryEngine:
+    """An engine that is a program: a ``python3`` on the node runs the standard-library supervisor."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+
+    def server_python(self) -> Path:
+        return Path(self.engine.launcher_python)
+
+    def check_installed(self) -> None:
+        if shutil.which(self.engine.launcher_python) is None:
+            raise ConfigError(f"engine.launcher_python: {self.engine.launcher_python!r} is not an executable on PATH")
+        self.check_program()
+
+    def check_program(self) -> None:
+        """Raise ``ConfigError`` naming the field when the server program cannot be run."""
+        raise NotImplementedError
