@@ -128,7 +128,8 @@ def _bench(args: argparse.Namespace) -> int:
     """Run a campaign file; print one line per cell and where the outputs are."""
     from prefect.exceptions import TerminationSignal
 
-    from llmflow.bench.config import CampaignFileError, load_campaign
+    from llmflow.bench.config import load_campaign
+    from llmflow.errors import CampaignFileError
 
     try:
         campaign, file_session = load_campaign(args.campaign)
@@ -245,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {out}")
         return 0
     if args.command == "cleanup":
-        from llmflow.remote.leases import all_leases, describe, dump, release_leftovers
+        from llmflow.placements import describe, release_leftovers
+        from llmflow.remote.leases import all_leases, dump
 
         if args.list:
             print(dump([describe(lease) for _, lease in all_leases(args.runs_dir)]))

@@ -10,6 +10,7 @@ from prefect.events import emit_event
 from pydantic import BaseModel
 
 from flows.session import model_session, release_session, with_blocks
+from llmflow.errors import UnfinishedRequests
 from llmflow.config import BatchConfig, SessionConfig
 from llmflow.batch.report import merge_reports
 from llmflow.batch.report import batch_markdown, batch_summary
@@ -36,10 +37,6 @@ def publish_batch_report(
         payload=summary,
     )
     return summary
-
-
-class UnfinishedRequests(RuntimeError):
-    """Some requests exhausted their retries; rerunning the same command retries only those."""
 
 
 @flow(

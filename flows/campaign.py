@@ -8,24 +8,20 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-import httpx
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_image_artifact, create_markdown_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact
 from prefect.events import emit_event
 
 from flows.session import model_session, release_session, with_blocks
-from llmflow import engines
 from llmflow.batch.jsonl import JsonlAppender
 from llmflow.bench.config import CampaignConfig, campaign_path, cell_result, grid, load_campaign, skip_reason
 from llmflow.bench.report import CELL_COLUMNS, cell_record, compare, load_baseline, markdown_report, utc_stamp, write_outputs
 from llmflow.config import SessionConfig
-from llmflow.placements import ServerDied, driver_for
+from llmflow.errors import CampaignIncomplete, ServerDied
+from llmflow.placements import driver_for
+from llmflow.readiness import answers
 from llmflow.results import CampaignResult, CellResult, ServerHandle, Tunnel
 from tasks.benchmark import run_benchmark_cell
-
-
-class CampaignIncomplete(RuntimeError):
-    """Some cells could not be run (no server came up again); the outputs hold the rest."""
 
 
 @flow(name="benchmark-campaign", on_crashed=[release_session], on_cancellation=[release_session], persist_result=True)
@@ -184,15 +180,7 @@ def _server_usable(session: SessionConfig, handle: ServerHandle, tunnel: Tunnel,
         if time.monotonic() >= deadline:
             break
         time.sleep(0.25)
-    key = handle.api_key()
-    try:
-        resp = httpx.get(
-            tunnel.base_url + engines.spec_for(session.engine).readiness_path,
-            headers={"Authorization": f"Bearer {key}"} if key else {}, timeout=10,
-        )
-    except httpx.HTTPError:
-        return False
-    return resp.status_code < 500
+    return answers(tunnel.base_url, handle, session.engine)
 
 
 def _tally(cells: list[CellResult]) -> str:

@@ -12,12 +12,12 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 
-import httpx
 from prefect import flow, get_run_logger
 
 from flows.session import Session, model_session, release_session
 from llmflow.config import SessionConfig
 from llmflow.placements import driver_for
+from llmflow.readiness import answers
 from tasks import recover_session
 
 _announcers: list[Callable[[Session], None]] = []
@@ -50,14 +50,6 @@ def connection_help(s: Session) -> str:
     )
 
 
-def _answers(s: Session) -> bool:
-    headers = {"Authorization": f"Bearer {s.handle.api_key()}"} if s.handle.api_key_file else {}
-    try:
-        return httpx.get(s.tunnel.base_url + "/v1/models", headers=headers, timeout=10).status_code == 200
-    except httpx.TransportError:
-        return False
-
-
 @flow(name="hold-session", on_crashed=[release_session], on_cancellation=[release_session])
 def hold_session(session: SessionConfig = SessionConfig(), hours: float = 1.0, check_every_s: float = 30.0) -> float:
     """Keep a ready, reachable model server for ``hours``; returns the hours it was held."""
@@ -71,7 +63,7 @@ def hold_session(session: SessionConfig = SessionConfig(), hours: float = 1.0, c
         while time.monotonic() - started < hours * 3600:
             time.sleep(min(check_every_s, max(0.0, hours * 3600 - (time.monotonic() - started))))
             driver.check_alive(s.handle)
-            if _answers(s):
+            if answers(s.tunnel.base_url, s.handle, session.engine):
                 continue
             moved = recover_session(session, s.allocation, s.handle)
             if moved is not None:

@@ -22,8 +22,8 @@ from prefect.concurrency._asyncio import ConcurrencySlotAcquisitionError  # not 
 from prefect.runtime import flow_run as current_flow_run
 
 from llmflow.config import SessionConfig
-from llmflow.remote.leases import release_leftovers
-from llmflow.placements import driver_for
+from llmflow.errors import NoSuchNodeLimit
+from llmflow.placements import driver_for, release_leftovers
 from llmflow.results import Allocation, Ready, ServerHandle, Tunnel
 from tasks import allocate_node, health_gate, open_tunnel, tear_down, warm_model
 
@@ -63,10 +63,6 @@ def with_blocks(session: SessionConfig, cluster_block: str | None = None, model_
     return session
 
 
-class NoSuchNodeLimit(ValueError):
-    """``session.node_limit`` names a concurrency limit the Prefect server does not have."""
-
-
 @contextmanager
 def node_slot(config: SessionConfig) -> Iterator[None]:
     """Hold one slot of the team's node limit (a Prefect global concurrency limit), if one is set."""
@@ -99,7 +95,7 @@ def _model_session(config: SessionConfig) -> Iterator[Session]:
     driver = driver_for(config)
     driver.preflight()
     for lease in release_leftovers(config.runs_dir):
-        logger.warning("released a server left by a dead run: %s (pgid %d)", lease.run_id, lease.pgid)
+        logger.warning("released a server left by a dead run: %s (%s placement)", lease.run_id, lease.placement)
     allocation = allocate_node(config, new_run_id())
     outcome: dict[str, Any] = {}
     logger.info("allocated %s on %s; run folder %s", allocation.run_id, allocation.node, allocation.run_dir)

@@ -1,28 +1,29 @@
-"""Health gate: wait until the server really answers, while watching that it is alive.
+"""Is the server really answering? One probe for the health gate, the hold session and the campaign.
 
-"Ready" means the engine's readiness signal is up *and* a one-token completion succeeds:
-some servers open their port (or answer /v1/models) before they can generate.
+"Ready" means the engine's readiness signal is up (``probe``) *and*, for the gate, a one-token
+completion succeeds: some servers open their port (or answer /v1/models) before they can
+generate. ``answers`` is the single probe a running session uses to tell a server that still
+serves from one that has gone quiet.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 
 from llmflow import engines
-from llmflow.results import Ready
+from llmflow.errors import GateFailed
+from llmflow.placements import driver_for
+from llmflow.results import Ready, ServerHandle
 
 LOADING_STATUSES = {502, 503, 504}
+ProbeState = Literal["ready", "loading", "fatal"]
 
 
-class GateFailed(RuntimeError):
-    """The server answered in a way that waiting will not fix (wrong key, bad request)."""
-
-
-def classify(status: int | None) -> str:
+def classify(status: int | None) -> ProbeState:
     """Map one readiness probe to ``ready`` / ``loading`` / ``fatal``. ``None`` = no connection yet."""
     if status is None or status in LOADING_STATUSES:
         return "loading"
@@ -31,6 +32,22 @@ def classify(status: int | None) -> str:
     if status == 404:
         return "loading"  # some servers mount routes only after start-up
     return "fatal"
+
+
+def probe(client: httpx.Client, path: str) -> tuple[ProbeState, httpx.Response | None]:
+    """One GET of the engine's readiness path, classified; the response when there was one."""
+    try:
+        resp = client.get(path)
+    except httpx.TransportError:
+        return "loading", None
+    return classify(resp.status_code), resp
+
+
+def answers(base_url: str, handle: ServerHandle, engine: Any, timeout_s: float = 10.0) -> bool:
+    """Whether the server behind ``base_url`` answers its readiness path now."""
+    with httpx.Client(base_url=base_url, headers=handle.auth_headers(), timeout=timeout_s) as client:
+        state, _ = probe(client, engines.spec_for(engine).readiness_path)
+    return state == "ready"
 
 
 def _models(client: httpx.Client) -> list[str]:
@@ -43,54 +60,44 @@ def _models(client: httpx.Client) -> list[str]:
 
 def wait_ready(
     base_url: str,
-    api_key: str | None,
+    handle: ServerHandle,
     engine: Any,
-    served_name: str,
     *,
     deadline_s: float,
     interval_s: float,
     check_alive: Callable[[], None],
 ) -> Ready:
     """Poll until ready; ``check_alive`` raises as soon as the process or job is gone."""
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     path = engines.spec_for(engine).readiness_path
     started = time.monotonic()
     polls = 0
-    with httpx.Client(base_url=base_url, headers=headers, timeout=httpx.Timeout(10.0, read=60.0)) as client:
+    timeout = httpx.Timeout(10.0, read=60.0)
+    with httpx.Client(base_url=base_url, headers=handle.auth_headers(), timeout=timeout) as client:
         while True:
             check_alive()
             polls += 1
-            try:
-                resp = client.get(path)
-                status: int | None = resp.status_code
-            except httpx.TransportError:
-                status, resp = None, None
-            state = classify(status)
+            state, resp = probe(client, path)
             if state == "fatal":
-                raise GateFailed(f"GET {path} answered {status}: {resp.text[:300] if resp is not None else ''}")
+                raise GateFailed(f"GET {path} answered {resp.status_code}: {resp.text[:300]}")  # type: ignore[union-attr]
             if state == "ready":
-                probe = client.post(
-                    "/v1/completions", json={"model": served_name, "prompt": "ping", "max_tokens": 1}
-                )
-                if probe.status_code == 200:
+                test = client.post("/v1/completions", json={"model": handle.served_name, "prompt": "ping", "max_tokens": 1})
+                if test.status_code == 200:
                     return Ready(seconds_to_ready=round(time.monotonic() - started, 3), polls=polls, models=_models(client))
-                if classify(probe.status_code) == "fatal":
-                    raise GateFailed(f"test completion answered {probe.status_code}: {probe.text[:300]}")
+                if classify(test.status_code) == "fatal":
+                    raise GateFailed(f"test completion answered {test.status_code}: {test.text[:300]}")
             if time.monotonic() - started > deadline_s:
+                status = resp.status_code if resp is not None else None
                 raise TimeoutError(f"server not ready after {deadline_s:.0f}s ({polls} polls of {path}, last status {status})")
             time.sleep(interval_s)
 
 
-def gate_server(config: Any, handle: Any, base_url: str) -> Ready:
+def gate_server(config: Any, handle: ServerHandle, base_url: str) -> Ready:
     """``wait_ready`` with the session's settings, watching the handle's process or job."""
-    from llmflow.placements import driver_for  # placements import this module's callers
-
     driver = driver_for(config)
     return wait_ready(
         base_url,
-        handle.api_key(),
+        handle,
         config.engine,
-        handle.served_name,
         deadline_s=config.gate.deadline_s,
         interval_s=config.gate.interval_s,
         check_alive=lambda: driver.check_alive(handle),

@@ -11,6 +11,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
+from llmflow.auth import bearer
+
 
 class Allocation(BaseModel):
     """A node (or this machine) reserved for one run."""
@@ -47,6 +49,10 @@ class ServerHandle(BaseModel):
         if self.api_key_file is None:
             return None
         return self.api_key_file.read_text().strip()
+
+    def auth_headers(self) -> dict[str, str]:
+        """The ``Authorization`` header this server expects (none when it takes no key)."""
+        return bearer(self.api_key())
 
 
 class Tunnel(BaseModel):

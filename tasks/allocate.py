@@ -2,29 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
 from llmflow.config import SessionConfig
-from llmflow.placements import ServerDied, driver_for
-from llmflow.placements.slurm import JobRejected, QueueTimeout
+from llmflow.errors import worth_retrying
+from llmflow.placements import driver_for
 from llmflow.results import Allocation
-
-
-def _worth_retrying(task: Any, task_run: Any, state: Any) -> bool:
-    """Retry transient errors (SSH, sbatch hiccups), not a job Slurm refused or that died."""
-    exc = state.result(raise_on_failure=False)
-    return not isinstance(exc, (JobRejected, QueueTimeout, ServerDied, ValueError))
 
 
 @task(
     name="allocate-node",
     retries=2,
     retry_delay_seconds=5,
-    retry_condition_fn=_worth_retrying,
+    retry_condition_fn=worth_retrying,  # not a job Slurm refused, a dead server, a bad setting
     timeout_seconds=24 * 3600,  # the real limit is the placement's queue deadline
     persist_result=True,
     cache_policy=NO_CACHE,  # a side effect: never answered from a cache

@@ -8,31 +8,19 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 
-import httpx
-
 from llmflow import engines
 from llmflow.batch import progress
 from llmflow.batch.client import run_batch_sync
 from llmflow.config import BatchConfig, SessionConfig
-from llmflow.engines.figures import SERVER_COUNTERS, counter_delta, parse_prometheus_counters
+from llmflow.engines.figures import SERVER_COUNTERS, counter_delta, read_counters
 from llmflow.results import BatchReport, ServerHandle, Tunnel
 
 
 def server_counters(
     session: SessionConfig, tunnel: Tunnel, handle: ServerHandle, names: dict[str, str] = SERVER_COUNTERS
 ) -> dict[str, float] | None:
-    """The engine's own counters now (``names``: Prometheus series to read), or None when it
-    publishes none (or they cannot be read)."""
-    path = engines.spec_for(session.engine).metrics_path
-    if path is None:
-        return None
-    key = handle.api_key()
-    try:
-        resp = httpx.get(tunnel.base_url + path, headers={"Authorization": f"Bearer {key}"} if key else {}, timeout=10)
-        resp.raise_for_status()
-    except httpx.HTTPError:
-        return None
-    return parse_prometheus_counters(resp.text, names)
+    """The engine's own counters now, or None when it publishes none."""
+    return read_counters(engines.spec_for(session.engine).metrics_path, tunnel.base_url, handle.api_key(), names)
 
 
 @task(

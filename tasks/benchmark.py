@@ -22,11 +22,11 @@ from llmflow.bench.config import CampaignConfig, Cell, cell_result
 from llmflow.bench.report import fmt
 from llmflow.config import SessionConfig
 from llmflow.bench.memory import PeakSampler
-from llmflow.engines.figures import add_timings, counter_delta, timings_summary
+from llmflow.engines.figures import add_timings, counter_delta, read_counters, timings_summary
 from llmflow.bench.prompts import PromptFactory
+from llmflow.placements import driver_for
 from llmflow.results import CellResult, ServerHandle, Tunnel
 from llmflow.bench.stream import StreamRequest, completion_body, run_requests
-from tasks.batch import server_counters
 
 
 def request_row(cell: Cell, repeat: int, index: int, warmup: bool, start_s: float, t: RequestTiming) -> dict[str, Any]:
@@ -91,11 +91,11 @@ def run_benchmark_cell(
     """
     logger = get_run_logger()
     api_key = handle.api_key()
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    fixed = engines.spec_for(session.engine).fixed_length_fields(cell.output_tokens)
+    spec = engines.spec_for(session.engine)
+    fixed = spec.fixed_length_fields(cell.output_tokens)
     n = cell.concurrency * campaign.rounds
-    pgid = handle.pid if session.placement.kind == "local" else None
-    with httpx.Client(base_url=tunnel.base_url, headers=headers, timeout=campaign.request_timeout_s) as client:
+    pgid = driver_for(session).memory_group(handle)  # None where this machine cannot see the server
+    with httpx.Client(base_url=tunnel.base_url, headers=handle.auth_headers(), timeout=campaign.request_timeout_s) as client:
         try:
             factory = PromptFactory(client, session.engine, handle.served_name)
             # short random ids: unique prefixes that leave room for small contexts
@@ -121,7 +121,7 @@ def run_benchmark_cell(
                     tunnel.base_url, api_key, warm, min(cell.concurrency, len(warm)), campaign.request_timeout_s,
                     on_done=lambda i, start, t: rows.write(request_row(cell, -1, i, True, start, t)),
                 ))
-            before = server_counters(session, tunnel, handle, BENCH_COUNTERS)
+            before = read_counters(spec.metrics_path, tunnel.base_url, api_key, BENCH_COUNTERS)
             with PeakSampler(pgid) as memory:
                 for r in range(campaign.repeats):
                     batch = timed[r * n : (r + 1) * n]
@@ -131,7 +131,7 @@ def run_benchmark_cell(
                     ))
                     timings += [t for _, t in results]
                     duration += wall
-            after = server_counters(session, tunnel, handle, BENCH_COUNTERS)
+            after = read_counters(spec.metrics_path, tunnel.base_url, api_key, BENCH_COUNTERS)
 
     summary = cell_summary(timings, duration)
     sums: dict[str, float] = {}

@@ -21,6 +21,7 @@ from typing import Any, Literal, Protocol
 import aiohttp
 import httpx
 
+from llmflow.auth import bearer
 from llmflow.aio import run_sync
 from llmflow.batch.jsonl import (
     JsonlAppender,
@@ -125,7 +126,7 @@ class HttpxSender:
 
 
 def make_sender(transport: Transport, base_url: str, api_key: str | None, timeouts: Timeouts, limit: int) -> Sender:
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    headers = bearer(api_key)
     cls = AiohttpSender if transport == "aiohttp" else HttpxSender
     return cls(base_url, headers, timeouts, limit)
 

@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, ValidationError, field_validator
 
 from llmflow.config import PROJECT_ROOT
+from llmflow.errors import CampaignFileError
 from llmflow.results import CellResult
 
 Outcome = Literal["ok", "rejected", "crashed", "timed_out"]
@@ -140,10 +141,6 @@ def skip_reason(cell: Cell, finished: Iterable[Any], skip_on: list[str]) -> str 
         ):
             return f"context {done.context} was {done.status}"
     return None
-
-
-class CampaignFileError(ValueError):
-    """A campaign file that cannot be read or does not validate; the message names the field."""
 
 
 def _from_root(value: Any) -> Any:

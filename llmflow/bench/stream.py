@@ -19,6 +19,7 @@ from typing import Any
 
 import aiohttp
 
+from llmflow.auth import bearer
 from llmflow.bench.metrics import RequestTiming, classify
 
 
@@ -124,7 +125,7 @@ async def run_requests(
     """All ``requests``, at most ``concurrency`` in flight; each result as (start offset in the
     cell, timing), in request order, and the wall time from the first send to the last answer.
     ``on_done(index, offset, timing)`` is called as each finishes (to append it to disk)."""
-    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {api_key}"} if api_key else {})}
+    headers = {"Content-Type": "application/json", **bearer(api_key)}
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=timeout_s)
     url = base_url.rstrip("/") + "/v1/completions"
     slots = asyncio.Semaphore(concurrency)

@@ -1,9 +1,14 @@
 """What a server counts itself: Prometheus counters (vLLM, llama-server) and llama-server's
-per-response ``timings``. Pure parsing and arithmetic; the batch and the campaign read them."""
+per-response ``timings``. Parsing and arithmetic are pure; ``read_counters`` is the one GET that
+fetches the counters, for the batch and the campaign alike."""
 
 from __future__ import annotations
 
 from typing import Any
+
+import httpx
+
+from llmflow.auth import bearer
 
 
 SERVER_COUNTERS = {
@@ -60,3 +65,18 @@ def timings_summary(sums: dict[str, float]) -> dict[str, float] | None:
     if sums.get("predicted_ms"):
         out["decode_tok_per_s"] = round(sums.get("predicted_n", 0.0) / sums["predicted_ms"] * 1000, 3)
     return out
+
+
+def read_counters(
+    metrics_path: str | None, base_url: str, api_key: str | None, names: dict[str, str] = SERVER_COUNTERS
+) -> dict[str, float] | None:
+    """The server's counters now (``names``: Prometheus series to read), or None when it
+    publishes none (``metrics_path`` None) or they cannot be read."""
+    if metrics_path is None:
+        return None
+    try:
+        resp = httpx.get(base_url + metrics_path, headers=bearer(api_key), timeout=10)
+        resp.raise_for_status()
+    except httpx.HTTPError:
+        return None
+    return parse_prometheus_counters(resp.text, names)

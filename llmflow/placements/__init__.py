@@ -1,34 +1,54 @@
-"""Placements: where the server runs. One interface, one class per placement.
+"""Placements: where the server runs. ``driver_for(config)`` is the driver of the configured
+placement (``Driver`` in ``base``); each placement is one module here that registers its driver
+under its config's ``kind``, and this package imports them all, so adding a placement is adding
+a module (and its config model in ``llmflow.config``).
 
-Each lifecycle task calls one method of the driver for the configured placement
-(``preflight``, ``allocate``, ``warm``, ``tunnel``, ``check_alive``, ``recover``,
-``teardown``), so adding a placement adds a class here and changes no task.
+Leftovers: a run whose flow process died leaves a lease (``remote.leases``); the driver of the
+lease's placement releases it, for ``llmflow cleanup``, the crash hooks and the next session.
 """
 
 from __future__ import annotations
 
-from typing import Union
+from pathlib import Path
 
-from llmflow.config import EndpointPlacement, LocalPlacement, SessionConfig, SlurmPlacement, SSHPlacement
-from llmflow.placements.base import LAUNCHER, ServerDied, make_run_dir, write_secret
-from llmflow.placements.endpoint import EndpointDriver
-from llmflow.placements.local import LocalDriver, launch_script
-from llmflow.placements.slurm import SlurmDriver
-from llmflow.placements.ssh import SSHDriver
+from llmflow.placements.base import PLACEMENTS, Driver, driver_class, driver_for
+from llmflow.registry import import_all
+from llmflow.remote.leases import Lease, all_leases, is_leftover, remove_lease
 
-Driver = Union[LocalDriver, SlurmDriver, SSHDriver, EndpointDriver]
+import_all(__name__, __path__, skip=("base", "slurm_jobs"))
 
 
-def driver_for(config: SessionConfig) -> Driver:
-    if isinstance(config.placement, LocalPlacement):
-        return LocalDriver(config)
-    if isinstance(config.placement, SlurmPlacement):
-        return SlurmDriver(config)
-    if isinstance(config.placement, SSHPlacement):
-        return SSHDriver(config)
-    if isinstance(config.placement, EndpointPlacement):
-        return EndpointDriver(config)
-    raise ValueError(f"placement.kind: unsupported placement {config.placement.kind!r}")
+def release(run_dir: Path, lease: Lease) -> bool:
+    """Stop what the lease holds (process group, job, remote server) and drop it; True if
+    something was running."""
+    was_alive = driver_class(lease.placement).release_lease(lease)
+    remove_lease(run_dir)
+    return was_alive
 
 
-__all__ = ["LAUNCHER", "ServerDied", "Driver", "EndpointDriver", "LocalDriver", "SlurmDriver", "SSHDriver", "driver_for", "launch_script", "make_run_dir", "write_secret"]
+def release_leftovers(runs_dir: Path, flow_run_id: str | None = None) -> list[Lease]:
+    """Release leases whose owner died, or every lease of ``flow_run_id`` when given."""
+    released = []
+    for run_dir, lease in all_leases(runs_dir):
+        mine = flow_run_id is not None and lease.flow_run_id == flow_run_id
+        if mine or is_leftover(lease):
+            release(run_dir, lease)
+            released.append(lease)
+    return released
+
+
+def describe(lease: Lease) -> dict[str, object]:
+    """A row for ``llmflow cleanup --list``."""
+    return {
+        "run_id": lease.run_id,
+        "placement": lease.placement,
+        "pgid": lease.pgid,
+        "job_id": lease.job_id,
+        "server_alive": driver_class(lease.placement).lease_server_alive(lease),
+        "owner_alive": not is_leftover(lease),
+        "flow_run_id": lease.flow_run_id,
+        "created_at": lease.created_at.isoformat(),
+    }
+
+
+__all__ = ["PLACEMENTS", "Driver", "describe", "driver_class", "driver_for", "release", "release_leftovers"]

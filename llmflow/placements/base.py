@@ -1,30 +1,93 @@
-"""What every placement shares: run folders, secrets on disk, the supervisor, the failure type,
-and (for the remote ones) run folders on the host, log tails and SSH forwards by run id."""
+"""The placement interface, and what every placement shares.
+
+A placement says where the server runs. Its driver does each lifecycle step for that place
+(``allocate``, ``warm``, ``tunnel``, ``check_alive``, ``recover``, ``teardown``) and knows how
+to release a dead run's lease (``release_lease``) and whether that lease's server still runs
+(``lease_server_alive``). Drivers register under their config's ``kind`` in ``PLACEMENTS``;
+tasks, leases and campaigns go through ``driver_for`` and never test a kind themselves.
+
+``Driver`` gives the defaults a placement need not change (nothing to check, nothing to
+recover, no memory to sample); the helpers below are the pieces several drivers use: run
+folders, API keys, and waiting for the supervisor's endpoint record.
+"""
 
 from __future__ import annotations
 
 import os
-import shlex
+import secrets
+import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any, ClassVar
 
-from llmflow.remote.shell import SSHShell
-from llmflow.remote.start_script import SUPERVISOR
-from llmflow.remote.tunnel import LocalForward
+from llmflow import engines
+from llmflow.config import SessionConfig
+from llmflow.registry import Registry
+from llmflow.remote.leases import Lease
+from llmflow.results import Allocation, ServerHandle, Teardown, Tunnel
 
-if TYPE_CHECKING:
-    from llmflow.config import SSHLogin
-    from llmflow.remote.shell import Shell
-
-# SSH forwards are process-local objects, kept by run id; each has its own SSH connection
-_TUNNEL_SHELLS: dict[str, SSHShell] = {}
-_FORWARDS: dict[str, LocalForward] = {}
-
-LAUNCHER = SUPERVISOR  # the supervisor script every placement starts the server under
+PLACEMENTS: Registry[Driver] = Registry("placement")
 
 
-class ServerDied(RuntimeError):
-    """The server process (or job) ended while we waited on it; carries the log's tail."""
+class Driver:
+    """One placement's lifecycle steps for one session config; subclass and register it."""
+
+    kind: ClassVar[str]
+
+    def __init__(self, config: SessionConfig) -> None:
+        self.config = config
+        self.placement: Any = config.placement
+
+    def preflight(self) -> None:
+        """Checks that need the machine, not just the config: fail before anything starts."""
+
+    def allocate(self, run_id: str, flow_run_id: str | None = None) -> Allocation:
+        """Reserve where the server runs; a retry with the same ``run_id`` reuses what it made."""
+        raise NotImplementedError
+
+    def warm(self, alloc: Allocation, flow_run_id: str | None = None) -> ServerHandle:
+        """Start the server; return once it has chosen its port (loading is the gate's wait)."""
+        raise NotImplementedError
+
+    def tunnel(self, handle: ServerHandle) -> Tunnel:
+        """How this process reaches the server (directly, or through an SSH forward)."""
+        return Tunnel(base_url=f"http://{handle.host}:{handle.port}", local_port=handle.port, forwarded=False)
+
+    def check_alive(self, handle: ServerHandle) -> None:
+        """Raise ``ServerDied`` (with the log's tail) if the server or its job is gone."""
+
+    def recover(self, alloc: Allocation, handle: ServerHandle) -> tuple[ServerHandle, Tunnel] | None:
+        """After failures: None if the same server is still there (raise if it is gone); a new
+        handle and tunnel if it came back elsewhere (a requeued job)."""
+        self.check_alive(handle)
+        return None
+
+    def teardown(self, alloc: Allocation) -> Teardown:
+        """Release everything the allocation holds; idempotent."""
+        raise NotImplementedError
+
+    def memory_group(self, handle: ServerHandle) -> int | None:
+        """The server's process group, where this machine can sample its memory; else None."""
+        return None
+
+    @classmethod
+    def release_lease(cls, lease: Lease) -> bool:
+        """Stop what a dead run's lease holds; True if something was still running."""
+        return False
+
+    @classmethod
+    def lease_server_alive(cls, lease: Lease) -> bool | None:
+        """Whether the lease's server still runs, where that is cheap to tell; None: unknown."""
+        return None
+
+
+def driver_class(kind: str) -> type[Driver]:
+    return PLACEMENTS.get(kind)
+
+
+def driver_for(config: SessionConfig) -> Driver:
+    """The driver of ``config.placement``."""
+    return driver_class(config.placement.kind)(config)
 
 
 def make_run_dir(runs_dir: Path, run_id: str) -> Path:
@@ -43,43 +106,35 @@ def write_secret(path: Path, value: str) -> None:
         f.write(value)
 
 
-def remote_tail(shell: "Shell", path: str, lines: int = 30) -> str:
-    """The last lines of a log on the remote host (for error messages)."""
-    res = shell.run(f"tail -n {lines} {shlex.quote(path)} 2>/dev/null")
-    return res.stdout.strip() or "(no log yet)"
+def mint_api_key(config: SessionConfig, run_dir: Path) -> tuple[str | None, Path | None]:
+    """A fresh per-run key in ``run_dir/api_key`` (mode 0600) when the engine takes one."""
+    if engines.spec_for(config.engine).api_key_env is None:
+        return None, None
+    key = secrets.token_urlsafe(32)
+    key_file = run_dir / "api_key"
+    write_secret(key_file, key)
+    return key, key_file
 
 
-def check_key_file(login: "SSHLogin | None") -> None:
-    """Preflight for SSH placements: a named key file must exist before we try to connect."""
-    if login is not None and login.key_file is not None and not login.key_file.expanduser().exists():
-        raise ValueError(f"placement.login.key_file: {login.key_file} does not exist")
+def wait_for_endpoint(
+    read: Callable[[], dict[str, Any] | None],
+    check_alive: Callable[[], None],
+    *,
+    timeout_s: float,
+    interval_s: float,
+) -> dict[str, Any]:
+    """Poll ``read`` until the supervisor's endpoint record (host, node, port, pids) is there.
 
-
-def make_remote_run_dir(shell: "Shell", runs_dir: str, run_id: str, where: str) -> str:
-    """Create ``runs_dir/run_id`` (mode 0700) on the remote host; its absolute path."""
-    base, rid = shlex.quote(runs_dir), shlex.quote(run_id)
-    return shell.run(
-        f"mkdir -p {base} && mkdir -p -m 700 {base}/{rid} && cd {base}/{rid} && pwd"
-    ).check(f"creating the run folder on the {where}").stdout.strip()
-
-
-def forward_for(run_id: str, login: "SSHLogin", host: str, port: int) -> LocalForward:
-    """The run's forward from 127.0.0.1 to ``host:port`` as seen from the login host: opened on
-    first use, pointed at the new address after (a requeued job's new node and port)."""
-    forward = _FORWARDS.get(run_id)
-    if forward is None:
-        tunnel_shell = SSHShell(login)  # its own connection, apart from commands
-        _TUNNEL_SHELLS[run_id] = tunnel_shell
-        forward = LocalForward(lambda: tunnel_shell.transport, host, port)
-        _FORWARDS[run_id] = forward
-    else:
-        forward.retarget(host, port)
-    return forward
-
-
-def close_forward(run_id: str) -> None:
-    """Close the run's forward and its SSH connection, if it has one."""
-    if (forward := _FORWARDS.pop(run_id, None)) is not None:
-        forward.close()
-    if (tunnel_shell := _TUNNEL_SHELLS.pop(run_id, None)) is not None:
-        tunnel_shell.close()
+    ``check_alive`` raises (``ServerDied``) as soon as the server or its job is gone, so a
+    server that cannot start fails at once, not at the deadline; ``TimeoutError`` after
+    ``timeout_s``.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        record = read()
+        if record is not None:
+            return record
+        check_alive()
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no endpoint record after {timeout_s:.0f}s")
+        time.sleep(interval_s)

@@ -10,21 +10,13 @@ import socket
 from datetime import datetime, timezone
 from urllib.parse import urlsplit
 
-from llmflow.config import EndpointPlacement, SessionConfig
-from llmflow.placements.base import make_run_dir, write_secret
+from llmflow.placements.base import PLACEMENTS, Driver, make_run_dir, write_secret
 from llmflow.results import Allocation, ServerHandle, Teardown, Tunnel
 
 
-class EndpointDriver:
+@PLACEMENTS.register("endpoint")
+class EndpointDriver(Driver):
     kind = "endpoint"
-
-    def __init__(self, config: SessionConfig) -> None:
-        assert isinstance(config.placement, EndpointPlacement)
-        self.config = config
-        self.placement: EndpointPlacement = config.placement
-
-    def preflight(self) -> None:
-        """Nothing to check here: the gate finds out whether the server answers."""
 
     def allocate(self, run_id: str, flow_run_id: str | None = None) -> Allocation:
         return Allocation(

@@ -8,31 +8,28 @@ warm: wait for the job's endpoint record (node, port, pid). tunnel: a paramiko f
 endpoint. teardown: scancel, confirm the job is gone, close tunnel and SSH, and account
 node-hours and GPU-hours.
 
-SSH connections (here) and forwards (placements.common) are process-local objects, kept by run id; everything a
-later process needs to clean up (job id, cluster address) is in the lease file.
+SSH connections and forwards are process-local objects kept by run id (``remote.connections``);
+everything a later process needs to clean up (job id, cluster address) is in the lease file.
 """
 
 from __future__ import annotations
 
 import json
-import secrets
 import shlex
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 from llmflow import engines
+from llmflow.config import SlurmPlacement
+from llmflow.errors import CommandFailed, JobRejected, QueueTimeout, ServerDied
 from llmflow.placements import slurm_jobs as slurm
-from llmflow.config import SessionConfig, SlurmPlacement
+from llmflow.placements.base import PLACEMENTS, Driver, make_run_dir, mint_api_key, wait_for_endpoint
+from llmflow.remote.connections import close_run, forward_for, shell_for
 from llmflow.remote.leases import Lease, read_lease, remove_lease, write_lease
-from llmflow.placements.base import (
-    ServerDied, check_key_file, close_forward, forward_for, make_remote_run_dir, make_run_dir, remote_tail, write_secret,
-)
+from llmflow.remote.shell import Shell, check_key_file, make_remote_run_dir, open_shell, remote_tail
 from llmflow.remote.start_script import launcher_source
 from llmflow.results import Allocation, ServerHandle, Teardown, Tunnel
-from llmflow.remote.shell import Shell, open_shell
-
-_SHELLS: dict[str, Shell] = {}
 
 # Pending reasons that mean the job can never start as asked: fail now, don't wait out the deadline.
 HOPELESS_REASONS = frozenset(
@@ -41,14 +38,6 @@ HOPELESS_REASONS = frozenset(
         "InvalidQOS", "AccountNotAllowed", "QOSNotAllowed", "PartitionDown", "PartitionInactive",
     }
 )
-
-
-class JobRejected(RuntimeError):
-    """Slurm refused or will never run the job; retrying the same request cannot help."""
-
-
-class QueueTimeout(RuntimeError):
-    """The job was still waiting when the queue deadline passed; it was cancelled."""
 
 
 def job_info(shell: Shell, job_id: str) -> slurm.JobInfo:
@@ -90,35 +79,17 @@ def cancel_and_confirm(shell: Shell, job_id: str, timeout_s: float = 60.0) -> sl
         time.sleep(0.5)
         info = job_info(shell, job_id)
     if not info.terminal:
-        raise RuntimeError(f"job {job_id} still {info.state} {timeout_s:.0f}s after scancel")
+        raise CommandFailed(f"job {job_id} still {info.state} {timeout_s:.0f}s after scancel")
     return info
 
 
-def cancel_leased_job(lease: Lease) -> bool:
-    """For ``llmflow cleanup`` and crash hooks: reach the cluster from the lease and cancel its job."""
-    placement = SlurmPlacement.model_validate(lease.placement_config or {})
-    shell = open_shell(placement.login)
-    try:
-        was_alive = not job_info(shell, lease.job_id).terminal
-        cancel_and_confirm(shell, lease.job_id)
-        return was_alive
-    finally:
-        shell.close()
-
-
-class SlurmDriver:
+@PLACEMENTS.register("slurm")
+class SlurmDriver(Driver):
     kind = "slurm"
+    placement: SlurmPlacement
 
-    def __init__(self, config: SessionConfig) -> None:
-        assert isinstance(config.placement, SlurmPlacement)
-        self.config = config
-        self.placement: SlurmPlacement = config.placement
-
-    # -- connections -------------------------------------------------------------------
     def shell(self, run_id: str) -> Shell:
-        if run_id not in _SHELLS:
-            _SHELLS[run_id] = open_shell(self.placement.login)
-        return _SHELLS[run_id]
+        return shell_for(run_id, self.placement.login)
 
     def preflight(self) -> None:
         check_key_file(self.placement.login)
@@ -140,21 +111,21 @@ class SlurmDriver:
 
     def _submit(self, shell: Shell, run_id: str, local_dir: Path, flow_run_id: str | None) -> tuple[str, str]:
         remote_dir = make_remote_run_dir(shell, self.placement.remote_runs_dir, run_id, "cluster")
-        api_key = secrets.token_urlsafe(32) if (engines.spec_for(self.config.engine).api_key_env is not None) else None
+        api_key, _ = mint_api_key(self.config, local_dir)
         if api_key:
-            write_secret(local_dir / "api_key", api_key)
             shell.write_file(f"{remote_dir}/api_key", api_key, 0o600)
-        spec = engines.spec_for(self.config.engine).launch(self.config.model, self.placement.bind_host, None)
+        spec = engines.spec_for(self.config.engine)
+        launch = spec.launch(self.config.model, self.placement.bind_host, None)
         script = slurm.render_job_script(
             opts=self.placement.slurm,
             job_name=f"llmflow-{run_id}",
             run_dir=remote_dir,
-            setup=spec.setup,
-            server_python=str(engines.spec_for(self.config.engine).server_python()),
-            server_argv=spec.argv,
+            setup=launch.setup,
+            server_python=str(spec.server_python()),
+            server_argv=launch.argv,
             bind_host=self.placement.bind_host,
             launcher_source=launcher_source(),
-            api_key_env=engines.spec_for(self.config.engine).api_key_env,
+            api_key_env=spec.api_key_env,
         )
         shell.write_file(f"{remote_dir}/job.sh", script, 0o700)
         (local_dir / "job.sh").write_text(script)
@@ -197,19 +168,26 @@ class SlurmDriver:
         """Wait for the endpoint record the job's supervisor writes; fail fast if the job ends."""
         shell = self.shell(alloc.run_id)
         assert alloc.job_id and alloc.remote_dir
-        log_path = self._log_path(alloc.remote_dir, alloc.job_id)
-        deadline = time.monotonic() + self.config.gate.deadline_s
-        while True:
-            text = shell.read_file(f"{alloc.remote_dir}/endpoint.json")
+        job_id, remote_dir = alloc.job_id, alloc.remote_dir
+        log_path = self._log_path(remote_dir, job_id)
+
+        def current() -> dict | None:
+            """The endpoint record of this run of the job (a requeued job writes a new one)."""
+            text = shell.read_file(f"{remote_dir}/endpoint.json")
             ep = json.loads(text) if text else None
-            if ep is not None and ep.get("restarts", 0) >= min_restarts:
-                break
-            info = job_info(shell, alloc.job_id)
-            if info.terminal and (info := settled_info(shell, alloc.job_id)).terminal:
-                raise ServerDied(f"job {alloc.job_id} ended {info.state} ({info.reason}); log tail:\n{remote_tail(shell, log_path)}")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"job {alloc.job_id} wrote no endpoint record in {self.config.gate.deadline_s:.0f}s")
-            time.sleep(self.placement.poll_interval_s / 2)
+            return ep if ep is not None and ep.get("restarts", 0) >= min_restarts else None
+
+        def job_running() -> None:
+            info = job_info(shell, job_id)
+            if info.terminal and (info := settled_info(shell, job_id)).terminal:
+                raise ServerDied(f"job {job_id} ended {info.state} ({info.reason}); log tail:\n{remote_tail(shell, log_path)}")
+
+        try:
+            ep = wait_for_endpoint(
+                current, job_running, timeout_s=self.config.gate.deadline_s, interval_s=self.placement.poll_interval_s / 2
+            )
+        except TimeoutError:
+            raise TimeoutError(f"job {job_id} wrote no endpoint record in {self.config.gate.deadline_s:.0f}s") from None
         key_file = alloc.run_dir / "api_key"
         return ServerHandle(
             engine=self.config.engine.kind,
@@ -229,7 +207,7 @@ class SlurmDriver:
     # -- tunnel ------------------------------------------------------------------------
     def tunnel(self, handle: ServerHandle) -> Tunnel:
         if self.placement.login is None:
-            return Tunnel(base_url=f"http://{handle.host}:{handle.port}", local_port=handle.port, forwarded=False)
+            return super().tunnel(handle)  # on the login node: the compute node is reached directly
         forward = forward_for(handle.run_id, self.placement.login, handle.host, handle.port)
         return Tunnel(base_url=f"http://127.0.0.1:{forward.local_port}", local_port=forward.local_port, forwarded=True)
 
@@ -258,27 +236,45 @@ class SlurmDriver:
     def teardown(self, alloc: Allocation) -> Teardown:
         """Close the forward, scancel, confirm the job is gone; account node- and GPU-hours."""
         run_id = alloc.run_id
-        close_forward(run_id)
         lease = read_lease(alloc.run_dir)
         job_id = alloc.job_id or (lease.job_id if lease else None)
         result = Teardown(run_id=run_id, already_gone=True, released_at=datetime.now(timezone.utc))
-        if job_id:
-            shell = self.shell(run_id)
-            before = job_info(shell, job_id)
-            final = cancel_and_confirm(shell, job_id)
-            elapsed = final.elapsed_s or before.elapsed_s
-            if elapsed is None:
-                elapsed = (datetime.now(timezone.utc) - alloc.started_at).total_seconds()
-            node_hours = elapsed / 3600
-            result = result.model_copy(
-                update={
-                    "cancelled_job": job_id if not before.terminal else None,
-                    "already_gone": before.terminal,
-                    "node_hours": round(node_hours, 6),
-                    "gpu_hours": round(node_hours * slurm.gpus_in_gres(self.placement.slurm.gres), 6),
-                }
-            )
-        remove_lease(alloc.run_dir)
-        if (shell := _SHELLS.pop(run_id, None)) is not None:
-            shell.close()
+        try:
+            if job_id:
+                result = self._cancel(run_id, job_id, result, alloc.started_at)
+            remove_lease(alloc.run_dir)
+        finally:
+            close_run(run_id)
         return result
+
+    def _cancel(self, run_id: str, job_id: str, result: Teardown, started_at: datetime) -> Teardown:
+        """scancel and confirm; the job's node- and GPU-hours from Slurm's run time."""
+        shell = self.shell(run_id)
+        before = job_info(shell, job_id)
+        final = cancel_and_confirm(shell, job_id)
+        elapsed = final.elapsed_s or before.elapsed_s
+        if elapsed is None:
+            elapsed = (datetime.now(timezone.utc) - started_at).total_seconds()
+        node_hours = elapsed / 3600
+        return result.model_copy(
+            update={
+                "cancelled_job": job_id if not before.terminal else None,
+                "already_gone": before.terminal,
+                "node_hours": round(node_hours, 6),
+                "gpu_hours": round(node_hours * slurm.gpus_in_gres(self.placement.slurm.gres), 6),
+            }
+        )
+
+    @classmethod
+    def release_lease(cls, lease: Lease) -> bool:
+        """For ``llmflow cleanup`` and crash hooks: reach the cluster from the lease and cancel its job."""
+        if lease.job_id is None:
+            return False
+        placement = SlurmPlacement.model_validate(lease.placement_config or {})
+        shell = open_shell(placement.login)
+        try:
+            was_alive = not job_info(shell, lease.job_id).terminal
+            cancel_and_confirm(shell, lease.job_id)
+            return was_alive
+        finally:
+            shell.close()

@@ -12,6 +12,7 @@ import shlex
 from pydantic import BaseModel
 
 from llmflow.config import SlurmOptions
+from llmflow.errors import JobRejected
 from llmflow.remote.start_script import server_start_lines
 
 # States after which the job will not run (again) on its own.
@@ -95,7 +96,7 @@ def parse_sbatch(stdout: str) -> str:
     text = stdout.strip().splitlines()[-1] if stdout.strip() else ""
     job_id = text.split(";")[0].strip()
     if not job_id.isdigit():
-        raise ValueError(f"could not read a job id from sbatch's output: {stdout!r}")
+        raise JobRejected(f"could not read a job id from sbatch's output: {stdout!r}")
     return job_id
 
 

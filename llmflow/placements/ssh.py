@@ -13,23 +13,19 @@ so ``llmflow cleanup`` and the crash hooks can release what a dead run left.
 from __future__ import annotations
 
 import json
-import secrets
 import shlex
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 from llmflow import engines
-from llmflow.config import SessionConfig, SSHPlacement
+from llmflow.config import SSHPlacement
+from llmflow.errors import CommandFailed, ServerDied
+from llmflow.placements.base import PLACEMENTS, Driver, make_run_dir, mint_api_key, wait_for_endpoint
+from llmflow.remote.connections import close_run, forward_for, shell_for
 from llmflow.remote.leases import Lease, read_lease, remove_lease, write_lease
-from llmflow.placements.base import (
-    ServerDied, check_key_file, close_forward, forward_for, make_remote_run_dir, make_run_dir, remote_tail, write_secret,
-)
+from llmflow.remote.shell import Shell, SSHShell, check_key_file, make_remote_run_dir, remote_tail
 from llmflow.remote.start_script import launcher_source, server_start_lines
 from llmflow.results import Allocation, ServerHandle, Teardown, Tunnel
-from llmflow.remote.shell import Shell, SSHShell
-
-_SHELLS: dict[str, SSHShell] = {}
 
 GRACE_S = 10
 
@@ -71,7 +67,7 @@ def stop_remote_group(shell: Shell, pgid: int) -> bool:
     """Stop the server's process group on the host; True if it was running."""
     res = shell.run(stop_command(pgid), timeout=GRACE_S + 30)
     if res.rc == 4:
-        raise RuntimeError(f"process group {pgid} on the host survived SIGKILL")
+        raise CommandFailed(f"process group {pgid} on the host survived SIGKILL")
     return res.rc == 0
 
 
@@ -86,29 +82,13 @@ def remote_pgid(shell: Shell, lease: Lease) -> int | None:
     return int(text) if text.isdigit() else None
 
 
-def stop_leased_server(lease: Lease) -> bool:
-    """For ``llmflow cleanup`` and crash hooks: reach the host from the lease and stop the group."""
-    placement = SSHPlacement.model_validate(lease.placement_config or {})
-    shell = SSHShell(placement.login)
-    try:
-        pgid = remote_pgid(shell, lease)
-        return pgid is not None and stop_remote_group(shell, pgid)
-    finally:
-        shell.close()
-
-
-class SSHDriver:
+@PLACEMENTS.register("ssh")
+class SSHDriver(Driver):
     kind = "ssh"
+    placement: SSHPlacement
 
-    def __init__(self, config: SessionConfig) -> None:
-        assert isinstance(config.placement, SSHPlacement)
-        self.config = config
-        self.placement: SSHPlacement = config.placement
-
-    def shell(self, run_id: str) -> SSHShell:
-        if run_id not in _SHELLS:
-            _SHELLS[run_id] = SSHShell(self.placement.login)
-        return _SHELLS[run_id]
+    def shell(self, run_id: str) -> Shell:
+        return shell_for(run_id, self.placement.login)
 
     def preflight(self) -> None:
         check_key_file(self.placement.login)
@@ -120,13 +100,16 @@ class SSHDriver:
         shell = self.shell(run_id)
         remote_dir = make_remote_run_dir(shell, self.placement.remote_runs_dir, run_id, "host")
         node = shell.run("hostname").stdout.strip() or self.placement.login.host
-        write_lease(
-            local_dir, run_id, self.kind, flow_run_id=flow_run_id, remote_dir=remote_dir,
-            placement_config=self.placement.model_dump(mode="json"),
-        )
+        self._lease(local_dir, run_id, flow_run_id, remote_dir)
         return Allocation(
             placement=self.kind, run_id=run_id, node=node, run_dir=local_dir, remote_dir=remote_dir,
             started_at=datetime.now(timezone.utc),
+        )
+
+    def _lease(self, run_dir: Path, run_id: str, flow_run_id: str | None, remote_dir: str, pgid: int | None = None) -> None:
+        write_lease(
+            run_dir, run_id, self.kind, pgid=pgid, flow_run_id=flow_run_id, remote_dir=remote_dir,
+            placement_config=self.placement.model_dump(mode="json"),
         )
 
     # -- warm --------------------------------------------------------------------------
@@ -137,52 +120,48 @@ class SSHDriver:
         shell = self.shell(alloc.run_id)
         self._stop(alloc)  # a retried warm-up must not leave the first attempt's server behind
         shell.run(f"rm -f {shlex.quote(remote_dir)}/endpoint.json {shlex.quote(remote_dir)}/server.pgid")
-        api_key = secrets.token_urlsafe(32) if (engines.spec_for(cfg.engine).api_key_env is not None) else None
-        key_file = None
+        api_key, key_file = mint_api_key(cfg, alloc.run_dir)
         if api_key:
-            key_file = alloc.run_dir / "api_key"
-            write_secret(key_file, api_key)
             shell.write_file(f"{remote_dir}/api_key", api_key, 0o600)
-        spec = engines.spec_for(cfg.engine).launch(cfg.model, self.placement.bind_host, None)
-        script = "\n".join(
-            [
-                "#!/bin/bash",
-                "echo $$ > server.pgid  # setsid made this shell a group leader: teardown can find the group",
-                *server_start_lines(
-                    run_dir=remote_dir, setup=spec.setup, server_python=str(engines.spec_for(cfg.engine).server_python()),
-                    server_argv=spec.argv, bind_host=self.placement.bind_host, launcher_source=launcher_source(),
-                    api_key_env=engines.spec_for(cfg.engine).api_key_env,
-                ),
-                "",
-            ]
-        )
-        shell.write_file(f"{remote_dir}/start.sh", script, 0o700)
+        shell.write_file(f"{remote_dir}/start.sh", self._start_script(remote_dir), 0o700)
         res = shell.run(start_command(remote_dir)).check("starting the server on the host")
         pgid = int(res.stdout.strip().splitlines()[-1])
         lease = read_lease(alloc.run_dir)
-        write_lease(
-            alloc.run_dir, alloc.run_id, self.kind, pgid=pgid, flow_run_id=flow_run_id or (lease.flow_run_id if lease else None),
-            remote_dir=remote_dir, placement_config=self.placement.model_dump(mode="json"),
-        )
+        self._lease(alloc.run_dir, alloc.run_id, flow_run_id or (lease.flow_run_id if lease else None), remote_dir, pgid)
         log_path = f"{remote_dir}/server.log"
-        deadline = time.monotonic() + self.placement.start_timeout_s
-        while True:
-            text = shell.read_file(f"{remote_dir}/endpoint.json")
-            if text:
-                ep = json.loads(text)
-                break
+
+        def started() -> None:
             if shell.run(alive_command(pgid)).rc != 0:
                 raise ServerDied(f"server on {alloc.node} exited before it chose a port; log tail:\n{remote_tail(shell, log_path)}")
-            if time.monotonic() > deadline:
-                self._stop(alloc)
-                raise TimeoutError(
-                    f"no endpoint record after {self.placement.start_timeout_s:.0f}s; log tail:\n{remote_tail(shell, log_path)}"
-                )
-            time.sleep(self.placement.poll_interval_s / 4)
+
+        try:
+            ep = wait_for_endpoint(
+                lambda: json.loads(text) if (text := shell.read_file(f"{remote_dir}/endpoint.json")) else None,
+                started, timeout_s=self.placement.start_timeout_s, interval_s=self.placement.poll_interval_s / 4,
+            )
+        except TimeoutError as exc:
+            self._stop(alloc)
+            raise TimeoutError(f"{exc}; log tail:\n{remote_tail(shell, log_path)}") from None
         return ServerHandle(
             engine=cfg.engine.kind, run_id=alloc.run_id, node=ep["node"], host=ep["host"], port=int(ep["port"]),
             pid=pgid, server_pid=int(ep["server_pid"]), api_key_file=key_file, log_path=Path(log_path),
             served_name=cfg.model.served_name,
+        )
+
+    def _start_script(self, remote_dir: str) -> str:
+        spec = engines.spec_for(self.config.engine)
+        launch = spec.launch(self.config.model, self.placement.bind_host, None)
+        return "\n".join(
+            [
+                "#!/bin/bash",
+                "echo $$ > server.pgid  # setsid made this shell a group leader: teardown can find the group",
+                *server_start_lines(
+                    run_dir=remote_dir, setup=launch.setup, server_python=str(spec.server_python()),
+                    server_argv=launch.argv, bind_host=self.placement.bind_host, launcher_source=launcher_source(),
+                    api_key_env=spec.api_key_env,
+                ),
+                "",
+            ]
         )
 
     # -- tunnel ------------------------------------------------------------------------
@@ -202,11 +181,6 @@ class SSHDriver:
                 f"{remote_tail(shell, str(handle.log_path))}"
             )
 
-    def recover(self, alloc: Allocation, handle: ServerHandle) -> tuple[ServerHandle, Tunnel] | None:
-        """A server on a plain host is either alive (nothing to recover) or dead (fail with its log)."""
-        self.check_alive(handle)
-        return None
-
     # -- teardown ----------------------------------------------------------------------
     def _stop(self, alloc: Allocation) -> list[int]:
         lease = read_lease(alloc.run_dir)
@@ -219,20 +193,28 @@ class SSHDriver:
         stopped = [pgid] if stop_remote_group(shell, pgid) else []
         if lease.remote_dir:
             shell.run(f"rm -f {shlex.quote(lease.remote_dir)}/server.pgid")
-        write_lease(
-            alloc.run_dir, alloc.run_id, self.kind, flow_run_id=lease.flow_run_id, remote_dir=lease.remote_dir,
-            placement_config=lease.placement_config,
-        )  # the folder stays leased until teardown; the group is gone
+        # the folder stays leased until teardown; the group is gone
+        self._lease(alloc.run_dir, alloc.run_id, lease.flow_run_id, lease.remote_dir or "")
         return stopped
 
     def teardown(self, alloc: Allocation) -> Teardown:
         """Close the forward, stop the server's group on the host, confirm it is gone."""
-        run_id = alloc.run_id
-        close_forward(run_id)
-        stopped = self._stop(alloc)
-        remove_lease(alloc.run_dir)
-        if (shell := _SHELLS.pop(run_id, None)) is not None:
-            shell.close()
+        try:
+            stopped = self._stop(alloc)
+            remove_lease(alloc.run_dir)
+        finally:
+            close_run(alloc.run_id)
         return Teardown(
-            run_id=run_id, stopped_pids=stopped, already_gone=not stopped, released_at=datetime.now(timezone.utc)
+            run_id=alloc.run_id, stopped_pids=stopped, already_gone=not stopped, released_at=datetime.now(timezone.utc)
         )
+
+    @classmethod
+    def release_lease(cls, lease: Lease) -> bool:
+        """For ``llmflow cleanup`` and crash hooks: reach the host from the lease and stop the group."""
+        placement = SSHPlacement.model_validate(lease.placement_config or {})
+        shell = SSHShell(placement.login)
+        try:
+            pgid = remote_pgid(shell, lease)
+            return pgid is not None and stop_remote_group(shell, pgid)
+        finally:
+            shell.close()

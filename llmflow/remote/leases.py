@@ -4,7 +4,8 @@ A lease is written when a server starts and removed when it is torn down. It nam
 process group and the process that owns the session (pid + kernel start time, so a reused
 pid is not mistaken for the owner). A lease whose owner is gone is a leftover:
 ``release_leftovers`` stops its server. The supervisor's own parent watch usually stops
-such a server first; leases are the second line, for hooks and ``llmflow cleanup``.
+such a server first; leases are the second line, for hooks and ``llmflow cleanup``. How a
+lease is released is its placement's business (``llmflow.placements.release``).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from llmflow.remote.procs import group_alive, process_alive, process_start_time, stop_group
+from llmflow.remote.procs import process_alive, process_start_time
 
 LEASE_FILE = "lease.json"
 
@@ -86,47 +87,6 @@ def all_leases(runs_dir: Path) -> list[tuple[Path, Lease]]:
 def is_leftover(lease: Lease) -> bool:
     """The owner of the session is gone, so nobody will tear this server down."""
     return not process_alive(lease.owner_pid, lease.owner_start)
-
-
-def release(run_dir: Path, lease: Lease) -> bool:
-    """Stop what the lease holds (process group or Slurm job) and drop it; True if something was running."""
-    if lease.job_id is not None:
-        from llmflow.placements.slurm import cancel_leased_job  # the placement knows how to reach its cluster
-
-        was_alive = cancel_leased_job(lease)
-    elif lease.placement == "ssh":
-        from llmflow.placements.ssh import stop_leased_server  # the group lives on the remote host
-
-        was_alive = stop_leased_server(lease)
-    else:
-        was_alive = lease.pgid is not None and stop_group(lease.pgid)
-    remove_lease(run_dir)
-    return was_alive
-
-
-def release_leftovers(runs_dir: Path, flow_run_id: str | None = None) -> list[Lease]:
-    """Release leases whose owner died, or every lease of ``flow_run_id`` when given."""
-    released = []
-    for run_dir, lease in all_leases(runs_dir):
-        mine = flow_run_id is not None and lease.flow_run_id == flow_run_id
-        if mine or is_leftover(lease):
-            release(run_dir, lease)
-            released.append(lease)
-    return released
-
-
-def describe(lease: Lease) -> dict[str, object]:
-    """A row for ``llmflow cleanup --list``."""
-    return {
-        "run_id": lease.run_id,
-        "placement": lease.placement,
-        "pgid": lease.pgid,
-        "job_id": lease.job_id,
-        "server_alive": group_alive(lease.pgid) if lease.placement == "local" and lease.pgid is not None else None,
-        "owner_alive": not is_leftover(lease),
-        "flow_run_id": lease.flow_run_id,
-        "created_at": lease.created_at.isoformat(),
-    }
 
 
 def dump(rows: list[dict[str, object]]) -> str:

@@ -14,9 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+import shlex
+
 import paramiko
 
 from llmflow.config import SSHLogin
+from llmflow.errors import CommandFailed, ConfigError, HostKeyRejected
 
 
 @dataclass(frozen=True)
@@ -27,12 +30,8 @@ class CommandResult:
 
     def check(self, what: str) -> "CommandResult":
         if self.rc != 0:
-            raise RuntimeError(f"{what} failed (exit {self.rc}): {(self.stderr or self.stdout).strip()[:500]}")
+            raise CommandFailed(f"{what} failed (exit {self.rc}): {(self.stderr or self.stdout).strip()[:500]}")
         return self
-
-
-class HostKeyRejected(RuntimeError):
-    """The login host's key is not known; we refuse rather than trust it blindly."""
 
 
 class Shell(Protocol):
@@ -198,3 +197,23 @@ class SSHShell:
 
 def open_shell(login: SSHLogin | None) -> Shell:
     return SSHShell(login) if login is not None else LocalShell()
+
+
+def check_key_file(login: SSHLogin | None) -> None:
+    """Preflight for SSH placements: a named key file must exist before we try to connect."""
+    if login is not None and login.key_file is not None and not login.key_file.expanduser().exists():
+        raise ConfigError(f"placement.login.key_file: {login.key_file} does not exist")
+
+
+def remote_tail(shell: Shell, path: str, lines: int = 30) -> str:
+    """The last lines of a log on the remote host (for error messages)."""
+    res = shell.run(f"tail -n {lines} {shlex.quote(path)} 2>/dev/null")
+    return res.stdout.strip() or "(no log yet)"
+
+
+def make_remote_run_dir(shell: Shell, runs_dir: str, run_id: str, where: str) -> str:
+    """Create ``runs_dir/run_id`` (mode 0700) on the remote host; its absolute path."""
+    base, rid = shlex.quote(runs_dir), shlex.quote(run_id)
+    return shell.run(
+        f"mkdir -p {base} && mkdir -p -m 700 {base}/{rid} && cd {base}/{rid} && pwd"
+    ).check(f"creating the run folder on the {where}").stdout.strip()

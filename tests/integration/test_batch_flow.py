@@ -20,7 +20,7 @@ from prefect import flow
 from flows.batch import batch_inference
 from flows.session import model_session
 from llmflow.config import SAMPLE_INPUT, BatchConfig, LlamaCppEngine, ModelConfig, SessionConfig
-from llmflow.placements import ServerDied
+from llmflow.errors import ServerDied
 from tests.conftest import llama_processes
 
 pytestmark = pytest.mark.integration

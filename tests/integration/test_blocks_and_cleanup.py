@@ -9,8 +9,8 @@ import pytest
 
 from blocks import SlurmCluster
 from llmflow.config import SessionConfig, SlurmOptions, SSHLogin
-from llmflow.remote.leases import release_leftovers
-from llmflow.placements import SlurmDriver
+from llmflow.placements import release_leftovers
+from llmflow.placements.slurm import SlurmDriver
 from tests.conftest import orphan_lease
 from tests.integration.test_slurm import _jobs_of, _login
 

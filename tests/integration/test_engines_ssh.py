@@ -19,8 +19,9 @@ from llmflow.config import (
     SAMPLE_INPUT, BatchConfig, CommandEngine, LlamaCppEngine, LlamaServerEngine, ModelConfig, SessionConfig,
     SSHPlacement,
 )
-from llmflow.remote.leases import release_leftovers
-from llmflow.placements import ServerDied, SSHDriver
+from llmflow.errors import ServerDied
+from llmflow.placements import release_leftovers
+from llmflow.placements.ssh import SSHDriver
 from tests.conftest import llama_processes, orphan_lease
 from tests.integration.test_slurm import _login
 

@@ -18,10 +18,9 @@ from flows.batch import batch_inference
 from flows.session import model_session
 from llmflow.config import SAMPLE_INPUT, BatchConfig, LlamaCppEngine, ModelConfig, SessionConfig, SlurmOptions, SlurmPlacement, SSHLogin
 from llmflow.remote.leases import read_lease
-from llmflow.placements import ServerDied
-from llmflow.placements.base import _FORWARDS, _TUNNEL_SHELLS
-from llmflow.placements.slurm import JobRejected, QueueTimeout
-from llmflow.remote.shell import HostKeyRejected, SSHShell
+from llmflow.errors import HostKeyRejected, JobRejected, QueueTimeout, ServerDied
+from llmflow.remote.connections import forward_of, tunnel_shell_of
+from llmflow.remote.shell import SSHShell
 
 pytestmark = pytest.mark.integration
 
@@ -81,7 +80,7 @@ def test_forward_listens_on_loopback_only_and_key_is_enforced(slurm_session: Ses
     @flow
     def probe() -> dict:
         with model_session(slurm_session) as s:
-            forward = _FORWARDS[s.allocation.run_id]
+            forward = forward_of(s.allocation.run_id)
             url = s.tunnel.base_url + "/v1/models"
             return {
                 "bind": forward.bind_address[0],
@@ -100,7 +99,7 @@ def test_forward_listens_on_loopback_only_and_key_is_enforced(slurm_session: Ses
 
 def _status_after_ssh_drop(s, url: str) -> int:
     """Cut the tunnel's SSH connection under it; the next request must reconnect by itself."""
-    _TUNNEL_SHELLS[s.allocation.run_id]._client.get_transport().close()
+    tunnel_shell_of(s.allocation.run_id)._client.get_transport().close()
     return httpx.get(url, headers={"Authorization": f"Bearer {s.handle.api_key()}"}, timeout=30).status_code
 
 

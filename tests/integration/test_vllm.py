@@ -16,7 +16,7 @@ import pytest
 
 from flows.batch import batch_inference
 from llmflow.config import SAMPLE_INPUT, BatchConfig, ModelConfig, SessionConfig, SlurmPlacement, VllmEngine
-from llmflow.placements import ServerDied
+from llmflow.errors import ServerDied
 from tests.conftest import llama_processes
 from tests.integration.test_slurm import _jobs_of, _login
 

@@ -13,7 +13,8 @@ import pytest
 from aiohttp import web
 
 from llmflow.bench.metrics import server_figures
-from llmflow.bench.config import CampaignConfig, CampaignFileError, Cell, grid, load_campaign, skip_reason
+from llmflow.bench.config import CampaignConfig, Cell, grid, load_campaign, skip_reason
+from llmflow.errors import CampaignFileError
 from llmflow.bench.report import compare, markdown_report, vllm_result, write_outputs
 from cli.main import main
 from llmflow.config import PROJECT_ROOT, LlamaServerEngine, VllmEngine

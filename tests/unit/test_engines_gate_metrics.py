@@ -5,7 +5,7 @@ from llmflow.batch.jsonl import summary_path_for
 from llmflow.config import LlamaCppEngine, ModelConfig
 from llmflow.readiness import classify
 from llmflow.batch.report import tok_per_s
-from llmflow.placements import launch_script
+from llmflow.placements.local import launch_script
 from llmflow.results import BatchReport
 
 

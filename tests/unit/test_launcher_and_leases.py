@@ -16,8 +16,9 @@ from pathlib import Path
 
 import httpx
 
-from llmflow.remote.leases import all_leases, release_leftovers, write_lease
-from llmflow.placements import LAUNCHER
+from llmflow.placements import release_leftovers
+from llmflow.remote.leases import all_leases, write_lease
+from llmflow.remote.start_script import SUPERVISOR as LAUNCHER
 from llmflow.remote.procs import group_alive, process_alive, stop_group
 
 

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from llmflow.errors import JobRejected
+
 from llmflow import engines
 from llmflow.remote import start_script as remote_script
 from llmflow.placements import slurm_jobs as slurm
@@ -72,7 +74,7 @@ def test_embedded_launcher_is_the_real_one(tmp_path: Path):
 def test_parse_sbatch():
     assert slurm.parse_sbatch("42\n") == "42"
     assert slurm.parse_sbatch("42;cluster\n") == "42"
-    with pytest.raises(ValueError):
+    with pytest.raises(JobRejected, match="could not read a job id"):
         slurm.parse_sbatch("sbatch: error: nope")
 
 
