@@ -159,8 +159,8 @@ def _bench(args: argparse.Namespace) -> int:
     for c in result.cells:
         s = c.summary
         rates = (
-            f"prefill {s['prefill_tok_per_s']:.0f} tok/s, decode {s['decode_tok_per_s']:.0f} tok/s, TTFT {s['mean_ttft_ms']:.1f} ms"
-            if c.status == "ok" and s.get("prefill_tok_per_s") and s.get("decode_tok_per_s")
+            f"prefill {s.prefill_tok_per_s:.0f} tok/s, decode {s.decode_tok_per_s:.0f} tok/s, TTFT {s.mean_ttft_ms:.1f} ms"
+            if c.status == "ok" and s.prefill_tok_per_s and s.decode_tok_per_s
             else (c.reason or "").splitlines()[0][:100] if c.reason else ""
         )
         print(f"{c.key:<24} {c.status:<16} {rates}")

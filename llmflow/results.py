@@ -12,6 +12,7 @@ from pathlib import Path
 from pydantic import BaseModel, Field
 
 from llmflow.auth import bearer
+from llmflow.bench.metrics import CellStatus, CellSummary, ServerFigures
 
 
 class Allocation(BaseModel):
@@ -142,11 +143,11 @@ class CellResult(BaseModel):
     context: int
     concurrency: int
     output_tokens: int
-    status: str = Field(description="ok, rejected, crashed, timed_out, length_mismatch, skipped or not_run.")
+    status: CellStatus = Field(description="ok, rejected, crashed, timed_out, length_mismatch, skipped or not_run.")
     reason: str | None = Field(default=None, description="Why it was skipped or not run, or the first error seen.")
     requests: int = Field(default=0, description="Timed requests sent (warm-up not counted).")
-    summary: dict[str, float | int | None] = Field(default_factory=dict, description="bench_metrics.cell_summary")
-    server: dict[str, float | None] = Field(default_factory=dict, description="bench_metrics.server_figures")
+    summary: CellSummary = Field(default_factory=CellSummary, description="The client's figures (bench.metrics.CELL_METRICS).")
+    server: ServerFigures = Field(default_factory=ServerFigures, description="The server's figures (bench.metrics.SERVER_METRICS).")
     peak_rss_mib: float | None = Field(default=None, description="Server process group, local placement only.")
     peak_gpu_mib: float | None = Field(default=None, description="nvidia-smi memory.used, when present.")
     session: int = Field(default=0, description="Which server (1 = first; a crash starts the next).")

@@ -17,7 +17,7 @@ from prefect.cache_policies import NO_CACHE
 from llmflow import engines
 from llmflow.aio import run_sync
 from llmflow.batch.jsonl import JsonlAppender
-from llmflow.bench.metrics import BENCH_COUNTERS, RequestTiming, cell_status, cell_summary, request_metrics, server_figures
+from llmflow.bench.metrics import BENCH_COUNTERS, LATENCIES, RequestTiming, cell_status, cell_summary, request_metrics, server_figures
 from llmflow.bench.config import CampaignConfig, Cell, cell_result
 from llmflow.bench.report import fmt
 from llmflow.config import SessionConfig
@@ -37,7 +37,7 @@ def request_row(cell: Cell, repeat: int, index: int, warmup: bool, start_s: floa
         "cell": cell.key, "context": cell.context, "concurrency": cell.concurrency, "output_tokens": cell.output_tokens,
         "repeat": repeat, "index": index, "warmup": warmup, "start_s": start_s,
         "outcome": t.outcome, "status_code": t.status_code, "error": t.error,
-        "ttft_s": m["ttft"], "e2el_s": m["e2el"], "tpot_s": m["tpot"], "itl_s": m["itl"],
+        **{f"{name}_s": m[name] for name in LATENCIES},
         "prompt_tokens": t.prompt_tokens, "completion_tokens": t.completion_tokens,
         "requested_prompt_tokens": t.requested_prompt_tokens, "requested_output_tokens": t.requested_output_tokens,
         "usage_source": t.usage_source,
@@ -147,7 +147,7 @@ def run_benchmark_cell(
         session=session_no,
     )
     logger.info(
-        "cell %s: %s; %d/%d ok, %s output tok/s, mean TTFT %s ms", cell.key, status, summary["completed"], len(timings),
-        fmt(summary.get("output_throughput")), fmt(summary.get("mean_ttft_ms")),
+        "cell %s: %s; %d/%d ok, %s output tok/s, mean TTFT %s ms", cell.key, status, summary.completed, len(timings),
+        fmt(summary.output_throughput), fmt(summary.mean_ttft_ms),
     )
     return result

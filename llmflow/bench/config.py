@@ -11,16 +11,17 @@ import itertools
 import tomllib
 from pathlib import Path
 from collections.abc import Iterable
-from typing import Any, Literal
+from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, ValidationError, field_validator
 
+from llmflow.bench.metrics import Outcome
 from llmflow.config import PROJECT_ROOT
 from llmflow.errors import CampaignFileError
 from llmflow.results import CellResult
 
-Outcome = Literal["ok", "rejected", "crashed", "timed_out"]
+
 DEFAULT_OUTPUT_ROOT = PROJECT_ROOT / "out" / "campaigns"
 
 

@@ -8,6 +8,11 @@ Pure functions on timings a streaming client recorded, so every rule is unit-tes
 * ITL: the gaps between successive chunks with text.
 * Throughput over the cell's wall time; mean, median, std and p50/p90/p99 of each latency.
 
+Every figure a cell reports is a row of one table (``CELL_METRICS``, ``SERVER_METRICS``): its
+name, unit and meaning, which way is better, and whether the nightly comparison and the
+tables show it. The summary models, the CSV columns, the regression check and the report
+are all derived from it, so a new metric is one row here plus the line that computes it.
+
 Token counts come from the server's ``usage`` (not re-tokenised text). Key names match
 ``vllm bench serve --save-result`` where the metric is the same (``mean_ttft_ms``,
 ``p99_itl_ms``, ``output_throughput`` ...), so the two can be read side by side.
@@ -15,10 +20,11 @@ Token counts come from the server's ``usage`` (not re-tokenised text). Key names
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from llmflow.engines.figures import SERVER_COUNTERS
 
@@ -66,10 +72,100 @@ def request_metrics(t: RequestTiming) -> dict[str, float | list[float] | None]:
     return {"ttft": ttft, "e2el": e2el, "tpot": tpot, "itl": [b - a for a, b in zip(times, times[1:])]}
 
 
+LATENCIES = ("ttft", "tpot", "itl", "e2el")  # per request (``<name>_s`` in request rows); stats per cell
+LATENCY_STATS = ("mean", "median", "std", *(f"p{p}" for p in PERCENTILES))
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One figure of a campaign cell: its key, unit, meaning, and how a change of it is judged.
+
+    ``better`` says which way is good; ``regression`` puts it in the comparison with a baseline;
+    ``column`` shows it in cells.csv, the table artifact and the report.
+    """
+
+    name: str
+    unit: str
+    description: str
+    better: Literal["higher", "lower"] | None = None
+    regression: bool = False
+    column: bool = False
+    value_type: type = float
+
+
+def _latency(name: str, what: str, compared: tuple[str, ...] = (), shown: tuple[str, ...] = ()) -> tuple[Metric, ...]:
+    """``mean_<name>_ms`` ... ``p99_<name>_ms`` of a per-request latency."""
+    return tuple(
+        Metric(
+            f"{stat}_{name}_ms", "ms", f"{stat} {what}", better=None if stat == "std" else "lower",
+            regression=stat in compared, column=stat in shown,
+        )
+        for stat in LATENCY_STATS
+    )
+
+
+# The cell summary, in order; key names are vllm bench serve's where the metric is the same.
+CELL_METRICS: tuple[Metric, ...] = (
+    Metric("duration", "s", "wall time of the timed requests, first send to last answer"),
+    Metric("completed", "requests", "requests answered in full", column=True, value_type=int),
+    Metric("failed", "requests", "requests not answered in full", value_type=int),
+    Metric("rejected", "requests", "requests the server refused (4xx)", value_type=int),
+    Metric("crashed", "requests", "requests lost to a 5xx, a reset or a cut stream", value_type=int),
+    Metric("timed_out", "requests", "requests with no byte within the request timeout", value_type=int),
+    Metric("total_input_tokens", "tokens", "prompt tokens of the completed requests", value_type=int),
+    Metric("total_output_tokens", "tokens", "completion tokens of the completed requests", value_type=int),
+    Metric("request_throughput", "req/s", "completed requests per second of duration", better="higher", regression=True),
+    Metric("output_throughput", "tok/s", "completion tokens per second of duration", better="higher", regression=True, column=True),
+    Metric("total_token_throughput", "tok/s", "prompt and completion tokens per second of duration", better="higher"),
+    *_latency("ttft", "time to first token", compared=("mean", "p99"), shown=("mean", "p99")),
+    *_latency("tpot", "time per output token after the first", compared=("mean",), shown=("mean",)),
+    *_latency("itl", "gap between chunks with text", compared=("p99",), shown=("p99",)),
+    *_latency("e2el", "end-to-end latency"),
+    Metric("prefill_tok_per_s", "tok/s", "prompt tokens over TTFT, pooled over requests", better="higher", regression=True, column=True),
+    Metric("decode_tok_per_s", "tok/s", "tokens after the first over E2EL - TTFT, pooled", better="higher", regression=True, column=True),
+    Metric("length_mismatches", "requests", "completed requests whose prompt or completion length was not as asked", column=True, value_type=int),
+)
+
+# The server's own view of the cell (its counters, histograms or per-response timings).
+SERVER_METRICS: tuple[Metric, ...] = (
+    Metric("server_prompt_tokens", "tokens", "prompt tokens the server counted"),
+    Metric("server_generation_tokens", "tokens", "tokens the server generated"),
+    Metric("server_prefill_tok_per_s", "tok/s", "the server's prefill rate per sequence", better="higher", column=True),
+    Metric("server_decode_tok_per_s", "tok/s", "the server's decode rate per sequence", better="higher", column=True),
+    Metric("server_mean_ttft_ms", "ms", "the server's own mean time to first token", better="lower", column=True),
+    Metric("server_cached_prompt_tokens", "tokens", "prompt tokens served from the prefix cache"),
+)
+
+METRICS: dict[str, Metric] = {m.name: m for m in (*CELL_METRICS, *SERVER_METRICS)}
+
+
+def _model(name: str, metrics: tuple[Metric, ...], doc: str) -> type[BaseModel]:
+    """A pydantic model with one optional field per metric: unknown keys are errors, so a
+    misspelt metric fails loudly instead of reading as None."""
+    fields: dict[str, Any] = {
+        m.name: (m.value_type | None, Field(default=None, description=f"{m.description} ({m.unit})")) for m in metrics
+    }
+    return create_model(name, __config__=ConfigDict(extra="forbid"), __doc__=doc, **fields)
+
+
+CellSummary = _model("CellSummary", CELL_METRICS, "A campaign cell as the client measured it (CELL_METRICS).")
+ServerFigures = _model("ServerFigures", SERVER_METRICS, "A campaign cell as the server measured it (SERVER_METRICS).")
+
+
+def regression_metrics() -> list[Metric]:
+    """The figures the nightly comparison checks, each with the way that is better."""
+    return [m for m in METRICS.values() if m.regression]
+
+
+def column_metrics() -> list[Metric]:
+    """The figures shown per cell in cells.csv, the table artifact and the report."""
+    return [m for m in METRICS.values() if m.column]
+
+
 def _stats(name: str, values_s: list[float]) -> dict[str, float | None]:
     """mean/median/std/pNN of ``values_s`` (seconds) in milliseconds, as vllm bench serve names them."""
     if not values_s:
-        return {f"{k}_{name}_ms": None for k in ("mean", "median", "std", *(f"p{p}" for p in PERCENTILES))}
+        return {f"{stat}_{name}_ms": None for stat in LATENCY_STATS}
     ms = np.asarray(values_s) * 1000.0
     out: dict[str, float | None] = {
         f"mean_{name}_ms": float(np.mean(ms)),
@@ -81,15 +177,14 @@ def _stats(name: str, values_s: list[float]) -> dict[str, float | None]:
     return out
 
 
-def cell_summary(timings: list[RequestTiming], duration_s: float) -> dict[str, float | int | None]:
+def cell_summary(timings: list[RequestTiming], duration_s: float) -> CellSummary:
     """One cell of a campaign: counts per outcome, throughput over ``duration_s``, latency
     statistics, client-side prefill and decode tok/s, and whether the lengths came out as asked."""
     ok = [t for t in timings if t.outcome == "ok"]
     per = [request_metrics(t) for t in ok]
-    ttfts = [m["ttft"] for m in per if m["ttft"] is not None]
-    tpots = [m["tpot"] for m in per if m["tpot"] is not None]
-    e2els = [m["e2el"] for m in per if m["e2el"] is not None]
-    itls = [gap for m in per for gap in m["itl"]]
+    latencies = {
+        name: [v for m in per for v in (m[name] if name == "itl" else [m[name]]) if v is not None] for name in LATENCIES
+    }
     total_in = sum(t.prompt_tokens or 0 for t in ok)
     total_out = sum(t.completion_tokens or 0 for t in ok)
     # Pooled per-request rates: all prompt tokens over all TTFTs, all tokens after the first
@@ -105,38 +200,35 @@ def cell_summary(timings: list[RequestTiming], duration_s: float) -> dict[str, f
         if (t.requested_output_tokens is not None and t.completion_tokens != t.requested_output_tokens)
         or (t.requested_prompt_tokens is not None and t.prompt_tokens != t.requested_prompt_tokens)
     )
-    summary: dict[str, float | int | None] = {
-        "duration": duration_s,
-        "completed": len(ok),
-        "failed": len(timings) - len(ok),
+    per_s = (lambda n: n / duration_s) if duration_s > 0 else (lambda n: None)
+    return CellSummary(
+        duration=duration_s,
+        completed=len(ok),
+        failed=len(timings) - len(ok),
         **{outcome: sum(1 for t in timings if t.outcome == outcome) for outcome in ("rejected", "crashed", "timed_out")},
-        "total_input_tokens": total_in,
-        "total_output_tokens": total_out,
-        "request_throughput": len(ok) / duration_s if duration_s > 0 else None,
-        "output_throughput": total_out / duration_s if duration_s > 0 else None,
-        "total_token_throughput": (total_in + total_out) / duration_s if duration_s > 0 else None,
-        **_stats("ttft", ttfts),
-        **_stats("tpot", tpots),
-        **_stats("itl", itls),
-        **_stats("e2el", e2els),
-        "prefill_tok_per_s": prefill_tokens / prefill_time if prefill_time > 0 else None,
-        "decode_tok_per_s": decode_tokens / decode_time if decode_time > 0 else None,
-        "length_mismatches": mismatched,
-    }
-    return summary
+        total_input_tokens=total_in,
+        total_output_tokens=total_out,
+        request_throughput=per_s(len(ok)),
+        output_throughput=per_s(total_out),
+        total_token_throughput=per_s(total_in + total_out),
+        **{key: value for name in LATENCIES for key, value in _stats(name, latencies[name]).items()},
+        prefill_tok_per_s=prefill_tokens / prefill_time if prefill_time > 0 else None,
+        decode_tok_per_s=decode_tokens / decode_time if decode_time > 0 else None,
+        length_mismatches=mismatched,
+    )
 
 
 CellStatus = Literal["ok", "rejected", "crashed", "timed_out", "length_mismatch", "skipped", "not_run"]
 
 
-def cell_status(summary: dict[str, float | int | None]) -> CellStatus:
+def cell_status(summary: CellSummary) -> CellStatus:
     """A cell's verdict: the worst thing that happened to any request; ``length_mismatch`` when
     all were answered but some prompt or completion came out another length than asked (a
     context too small for prompt + output truncates the completion, for one)."""
     for outcome in ("crashed", "timed_out", "rejected"):
-        if summary.get(outcome):
+        if getattr(summary, outcome):
             return outcome  # type: ignore[return-value]
-    if summary.get("length_mismatches"):
+    if summary.length_mismatches:
         return "length_mismatch"
     return "ok"
 
@@ -156,7 +248,7 @@ def _ratio(num: float | None, den: float | None, scale: float = 1.0) -> float | 
     return num / den * scale if num is not None and den else None
 
 
-def server_figures(delta: dict[str, float] | None, timings: dict[str, float] | None) -> dict[str, float | None]:
+def server_figures(delta: dict[str, float] | None, timings: dict[str, float] | None) -> ServerFigures:
     """The server's own view of a cell, beside the client's: token counts from its counters,
     prefill and decode tok/s per sequence from its prefill/decode time (vLLM histograms) or
     from per-response ``timings`` (llama-server), and its mean TTFT where it measures one."""
@@ -168,11 +260,11 @@ def server_figures(delta: dict[str, float] | None, timings: dict[str, float] | N
     decode = _ratio(delta.get("generation_tokens"), delta.get("decode_seconds")) or _ratio(
         timings.get("predicted_n"), timings.get("predicted_ms"), 1000.0
     )
-    return {
-        "server_prompt_tokens": delta.get("prompt_tokens"),
-        "server_generation_tokens": delta.get("generation_tokens"),
-        "server_prefill_tok_per_s": prefill,
-        "server_decode_tok_per_s": decode,
-        "server_mean_ttft_ms": _ratio(delta.get("ttft_seconds"), delta.get("ttft_count"), 1000.0),
-        "server_cached_prompt_tokens": timings.get("cache_n"),
-    }
+    return ServerFigures(
+        server_prompt_tokens=delta.get("prompt_tokens"),
+        server_generation_tokens=delta.get("generation_tokens"),
+        server_prefill_tok_per_s=prefill,
+        server_decode_tok_per_s=decode,
+        server_mean_ttft_ms=_ratio(delta.get("ttft_seconds"), delta.get("ttft_count"), 1000.0),
+        server_cached_prompt_tokens=timings.get("cache_n"),
+    )

@@ -11,23 +11,20 @@ from typing import Any
 
 import pandas as pd
 
+from llmflow.bench.metrics import column_metrics, regression_metrics
 from llmflow.results import CellResult
 
-# higher is better / lower is better, for the regression check
-HIGHER_BETTER = ("output_throughput", "prefill_tok_per_s", "decode_tok_per_s", "request_throughput")
-LOWER_BETTER = ("mean_ttft_ms", "p99_ttft_ms", "mean_tpot_ms", "p99_itl_ms")
 CELL_COLUMNS = (
-    "key", "context", "concurrency", "output_tokens", "status", "session", "requests", "completed",
-    "prefill_tok_per_s", "decode_tok_per_s", "server_prefill_tok_per_s", "server_decode_tok_per_s",
-    "output_throughput", "mean_ttft_ms", "p99_ttft_ms", "server_mean_ttft_ms", "mean_tpot_ms", "p99_itl_ms",
-    "length_mismatches", "peak_rss_mib", "peak_gpu_mib", "reason",
+    "key", "context", "concurrency", "output_tokens", "status", "session", "requests",
+    *(m.name for m in column_metrics()),
+    "peak_rss_mib", "peak_gpu_mib", "reason",
 )
 
 
 def cell_record(cell: CellResult) -> dict[str, Any]:
     """A cell flattened to one row: its identity and verdict, the client summary, the server figures."""
     base = cell.model_dump(exclude={"summary", "server"})
-    return {**base, **cell.summary, **cell.server}
+    return {**base, **cell.summary.model_dump(), **cell.server.model_dump()}
 
 
 def cells_frame(cells: list[CellResult]) -> pd.DataFrame:
@@ -62,7 +59,7 @@ def vllm_result(cell: CellResult, rows: pd.DataFrame, meta: dict[str, Any]) -> d
         "num_prompts": cell.requests,
         "request_rate": "inf",
         "max_concurrency": cell.concurrency,
-        **{k: v for k, v in cell.summary.items() if k not in ("rejected", "crashed", "timed_out", "length_mismatches")},
+        **cell.summary.model_dump(exclude={"rejected", "crashed", "timed_out", "length_mismatches"}),
         "input_lens": per("prompt_tokens"),
         "output_lens": per("completion_tokens"),
         "ttfts": per("ttft_s"),
@@ -115,14 +112,14 @@ def compare(current: list[dict[str, Any]], baseline: list[dict[str, Any]], thres
         if old.get("status") == "ok" and cell.get("status") != "ok":
             found.append({"key": cell["key"], "metric": "status", "baseline": "ok", "current": cell.get("status"), "change": None})
             continue
-        for metric in (*HIGHER_BETTER, *LOWER_BETTER):
-            a, b = old.get(metric), cell.get(metric)
+        for metric in regression_metrics():
+            a, b = old.get(metric.name), cell.get(metric.name)
             if not _number(a) or not _number(b) or a == 0:
                 continue
             change = (b - a) / abs(a)
-            worse = change < -threshold if metric in HIGHER_BETTER else change > threshold
+            worse = change < -threshold if metric.better == "higher" else change > threshold
             if worse:
-                found.append({"key": cell["key"], "metric": metric, "baseline": a, "current": b, "change": round(change, 4)})
+                found.append({"key": cell["key"], "metric": metric.name, "baseline": a, "current": b, "change": round(change, 4)})
     return found
 
 
@@ -172,22 +169,20 @@ def load_baseline(path: Path) -> list[dict[str, Any]]:
 
 def markdown_report(meta: dict[str, Any], cells: list[CellResult], regressions: list[dict[str, Any]], paths: dict[str, Path]) -> str:
     """The campaign in a page: where and what, one line per cell, regressions, where the files are."""
+    shown = [m for m in column_metrics() if m.name != "completed"]  # completed is in ok/sent
     lines = [
         f"# Campaign {meta.get('name')}",
         "",
         f"{meta.get('engine')} serving {meta.get('model')} on {meta.get('placement')} ({meta.get('node')}); "
         f"{meta.get('sessions')} server session(s); finished {meta.get('finished')}.",
         "",
-        "| cell | status | ok/sent | prefill tok/s | decode tok/s | server prefill | server decode | mean TTFT ms | p99 TTFT ms | peak RSS MiB |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| cell | status | ok/sent | " + " | ".join(f"{m.name} ({m.unit})" for m in shown) + " | peak RSS MiB |",
+        "|---|---|---|" + "---|" * len(shown) + "---|",
     ]
     for c in cells:
-        s, v = c.summary, c.server
-        lines.append(
-            f"| {c.key} | {c.status} | {s.get('completed', 0)}/{c.requests} | {fmt(s.get('prefill_tok_per_s'))} | "
-            f"{fmt(s.get('decode_tok_per_s'))} | {fmt(v.get('server_prefill_tok_per_s'))} | {fmt(v.get('server_decode_tok_per_s'))} | "
-            f"{fmt(s.get('mean_ttft_ms'))} | {fmt(s.get('p99_ttft_ms'))} | {fmt(c.peak_rss_mib)} |"
-        )
+        row = {**c.summary.model_dump(), **c.server.model_dump()}
+        figures = " | ".join(fmt(row[m.name]) for m in shown)
+        lines.append(f"| {c.key} | {c.status} | {c.summary.completed or 0}/{c.requests} | {figures} | {fmt(c.peak_rss_mib)} |")
     notes = [c for c in cells if c.reason]
     if notes:
         lines += ["", "## Why cells did not run ok", ""] + [f"- `{c.key}` ({c.status}): {c.reason.splitlines()[0][:300]}" for c in notes]

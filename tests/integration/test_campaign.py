@@ -42,8 +42,8 @@ def _check_outputs(out: Path, cells: list, ok_contexts: list[int], past_limit: i
             assert len(timed) == cell.requests == cell.concurrency * 2
             assert (timed["completion_tokens"] == cell.output_tokens).all()
             assert (timed["prompt_tokens"] == cell.context).all()  # exact prompt lengths
-            assert cell.summary["prefill_tok_per_s"] > 0 and cell.summary["decode_tok_per_s"] > 0
-            assert cell.summary["mean_ttft_ms"] > 0 and cell.summary["p99_itl_ms"] is not None
+            assert cell.summary.prefill_tok_per_s > 0 and cell.summary.decode_tok_per_s > 0
+            assert cell.summary.mean_ttft_ms > 0 and cell.summary.p99_itl_ms is not None
             vllm = json.loads((out / "vllm" / f"{cell.key}.json").read_text())
             assert vllm["completed"] == cell.requests and vllm["max_concurrency"] == cell.concurrency
             assert vllm["output_lens"] == [cell.output_tokens] * cell.requests and len(vllm["ttfts"]) == cell.requests
@@ -104,7 +104,7 @@ def test_killed_server_is_crashed_and_the_campaign_goes_on_with_a_new_one(server
     status = {c.key: c for c in result.cells}
     assert status["ctx32-c1-out128"].status == "ok"
     crashed = status["ctx64-c1-out128"]
-    assert crashed.status == "crashed" and crashed.summary["crashed"] > 0 and crashed.session == 1
+    assert crashed.status == "crashed" and crashed.summary.crashed > 0 and crashed.session == 1
     assert status["ctx128-c1-out128"].status == "ok" and status["ctx128-c1-out128"].session == 2
     assert result.sessions == 2
     rows = pd.read_parquet(out / "requests.parquet")
@@ -129,9 +129,9 @@ def test_vllm_campaign_server_figures_beside_the_client(vllm_env, prefect_api_ur
     for cell in result.cells:
         if cell.status == "ok":
             # vLLM's own counters over the cell agree with the client's usage sums
-            assert cell.server["server_prompt_tokens"] == cell.summary["total_input_tokens"]
-            assert cell.server["server_generation_tokens"] == cell.summary["total_output_tokens"]
-            assert cell.server["server_prefill_tok_per_s"] > 0 and cell.server["server_decode_tok_per_s"] > 0
+            assert cell.server.server_prompt_tokens == cell.summary.total_input_tokens
+            assert cell.server.server_generation_tokens == cell.summary.total_output_tokens
+            assert cell.server.server_prefill_tok_per_s > 0 and cell.server.server_decode_tok_per_s > 0
             assert cell.peak_rss_mib > 100  # the vLLM process group, API server and engine core
     assert not llama_processes(str(tmp_path / "runs"))
 

@@ -234,5 +234,5 @@ def test_campaign_on_slurm_kill_mid_cell_starts_a_new_job(slurm_session: Session
     assert killed
     assert [c.status for c in result.cells] == ["ok", "crashed", "ok"]
     assert [c.session for c in result.cells] == [1, 1, 2] and result.sessions == 2
-    assert result.cells[2].summary["completed"] == 40
+    assert result.cells[2].summary.completed == 40
     assert _jobs_of(tmp_path) == []

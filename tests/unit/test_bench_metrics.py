@@ -30,23 +30,23 @@ def test_cell_summary_keys_values_and_mismatches():
         RequestTiming(outcome="rejected", status_code=400, error="context length exceeded"),
     ]
     s = cell_summary(timings, duration_s=2.0)
-    assert (s["completed"], s["failed"], s["rejected"], s["crashed"]) == (3, 1, 1, 0)
-    assert s["total_input_tokens"] == 290 and s["total_output_tokens"] == 10
-    assert s["request_throughput"] == 1.5 and s["output_throughput"] == 5.0 and s["total_token_throughput"] == 150.0
-    assert s["mean_ttft_ms"] == pytest.approx(1000 * (0.5 + 0.3 + 0.2) / 3)
-    assert s["p99_ttft_ms"] == pytest.approx(float(np.percentile([500.0, 300.0, 200.0], 99)))
+    assert (s.completed, s.failed, s.rejected, s.crashed) == (3, 1, 1, 0)
+    assert s.total_input_tokens == 290 and s.total_output_tokens == 10
+    assert s.request_throughput == 1.5 and s.output_throughput == 5.0 and s.total_token_throughput == 150.0
+    assert s.mean_ttft_ms == pytest.approx(1000 * (0.5 + 0.3 + 0.2) / 3)
+    assert s.p99_ttft_ms == pytest.approx(float(np.percentile([500.0, 300.0, 200.0], 99)))
     tpots = [(1.1 - 0.5) / 3, (0.9 - 0.3) / 3, 0.2]
-    assert s["median_tpot_ms"] == pytest.approx(1000 * float(np.median(tpots)))
-    assert s["mean_itl_ms"] == pytest.approx(1000 * float(np.mean([0.1, 0.2, 0.3, 0.2, 0.2, 0.2, 0.2])))
-    assert s["prefill_tok_per_s"] == pytest.approx((100 + 100 + 90) / (0.5 + 0.3 + 0.2))
-    assert s["decode_tok_per_s"] == pytest.approx((3 + 3 + 1) / ((1.1 - 0.5) + (0.9 - 0.3) + (0.4 - 0.2)))
-    assert s["length_mismatches"] == 1
+    assert s.median_tpot_ms == pytest.approx(1000 * float(np.median(tpots)))
+    assert s.mean_itl_ms == pytest.approx(1000 * float(np.mean([0.1, 0.2, 0.3, 0.2, 0.2, 0.2, 0.2])))
+    assert s.prefill_tok_per_s == pytest.approx((100 + 100 + 90) / (0.5 + 0.3 + 0.2))
+    assert s.decode_tok_per_s == pytest.approx((3 + 3 + 1) / ((1.1 - 0.5) + (0.9 - 0.3) + (0.4 - 0.2)))
+    assert s.length_mismatches == 1
     assert cell_status(s) == "rejected"
 
 
 def test_empty_and_failed_cells():
     s = cell_summary([RequestTiming(outcome="crashed", error="connection reset")], duration_s=1.0)
-    assert s["completed"] == 0 and s["mean_ttft_ms"] is None and s["p90_e2el_ms"] is None
+    assert s.completed == 0 and s.mean_ttft_ms is None and s.p90_e2el_ms is None
     assert cell_status(s) == "crashed"
     assert cell_status(cell_summary([_ok([0.1, 0.2])], 1.0)) == "ok"
 

@@ -187,11 +187,11 @@ def test_stream_client_outcomes_against_a_real_sse_server():
 def test_server_figures_from_vllm_histograms_and_llama_server_timings():
     v = server_figures({"prompt_tokens": 200, "generation_tokens": 40, "prefill_seconds": 0.5, "decode_seconds": 2.0,
                         "ttft_seconds": 0.3, "ttft_count": 3}, None)
-    assert v["server_prefill_tok_per_s"] == 400 and v["server_decode_tok_per_s"] == 20
-    assert v["server_mean_ttft_ms"] == pytest.approx(100)
+    assert v.server_prefill_tok_per_s == 400 and v.server_decode_tok_per_s == 20
+    assert v.server_mean_ttft_ms == pytest.approx(100)
     ls = server_figures(None, {"prompt_n": 100, "prompt_ms": 50, "predicted_n": 30, "predicted_ms": 300, "cache_n": 2})
-    assert ls["server_prefill_tok_per_s"] == 2000 and ls["server_decode_tok_per_s"] == 100
-    assert ls["server_cached_prompt_tokens"] == 2 and ls["server_prompt_tokens"] is None
+    assert ls.server_prefill_tok_per_s == 2000 and ls.server_decode_tok_per_s == 100
+    assert ls.server_cached_prompt_tokens == 2 and ls.server_prompt_tokens is None
 
 
 def _cell(key="ctx32-c1-out8", status="ok", **summary) -> CellResult:
@@ -229,7 +229,7 @@ def test_outputs_and_vllm_json_and_report(tmp_path: Path):
     summary = json.loads(paths["summary"].read_text())
     assert [c["status"] for c in summary["cells"]] == ["ok", "rejected", "skipped"]
     md = markdown_report({**meta, "sessions": 1}, cells, [{"key": "ctx32-c1-out8", "metric": "status", "baseline": "ok", "current": "x", "change": None}], paths)
-    assert "| ctx32-c1-out8 | ok | 2/2 | 100.0 |" in md and "context 64 was rejected" in md and "Regressions" in md
+    assert "| ctx32-c1-out8 | ok | 2/2 | 80.0 | 10.0 |" in md and "prefill_tok_per_s (tok/s)" in md and "context 64 was rejected" in md and "Regressions" in md
     assert vllm_result(cells[2], __import__("pandas").DataFrame(), meta)["ttfts"] == []
 
 
