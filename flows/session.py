@@ -57,7 +57,7 @@ def with_blocks(session: SessionConfig, cluster_block: str | None = None, model_
     from blocks import ModelServer, SlurmCluster  # blocks import llmflow.config only
 
     if cluster_block:
-        session = session.model_copy(update={"placement": SlurmCluster.load(cluster_block).placement()})
+        session = session.model_copy(update={"placement": SlurmCluster.load(cluster_block).placement})
     if model_server_block:
         session = ModelServer.load(model_server_block).apply(session)
     return session

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from blocks import SlurmCluster
-from llmflow.config import SessionConfig, SlurmOptions, SSHLogin
+from llmflow.config import SessionConfig, SlurmOptions, SlurmPlacement, SSHLogin
 from llmflow.placements import release_leftovers
 from llmflow.placements.slurm import SlurmDriver
 from tests.conftest import orphan_lease
@@ -20,13 +20,13 @@ pytestmark = pytest.mark.integration
 def test_cluster_block_round_trip_keeps_the_secret_secret(prefect_api_url):
     from prefect.client.orchestration import get_client
 
-    block = SlurmCluster(
+    block = SlurmCluster(placement=SlurmPlacement(
         login=SSHLogin(host="login.example.org", user="me", key_passphrase="hunter2", proxy_jump="bastion:2222"),
         slurm=SlurmOptions(partition="gpu", gres="gpu:a100:1", time="08:00:00"),
-    )
+    ))
     block.save("test-della", overwrite=True)
     loaded = SlurmCluster.load("test-della")
-    placement = loaded.placement()
+    placement = loaded.placement
     assert placement.slurm.gres == "gpu:a100:1" and placement.login.proxy_jump == "bastion:2222"
     assert placement.login.key_passphrase.get_secret_value() == "hunter2"
     with get_client(sync_client=True) as client:

@@ -1,12 +1,8 @@
 from pathlib import Path
 
 from llmflow import engines
-from llmflow.batch.jsonl import summary_path_for
 from llmflow.config import LlamaCppEngine, ModelConfig
-from llmflow.readiness import classify
-from llmflow.batch.report import tok_per_s
 from llmflow.placements.local import launch_script
-from llmflow.results import BatchReport
 
 
 def test_api_key_goes_in_env_never_in_argv():
@@ -30,23 +26,6 @@ def test_fixed_length_uses_min_tokens():
     assert engines.spec_for(LlamaCppEngine()).fixed_length_fields(32) == {"max_tokens": 32, "min_tokens": 32}
 
 
-def test_gate_classification():
-    assert classify(None) == "loading"
-    assert classify(503) == "loading"
-    assert classify(200) == "ready"
-    assert classify(401) == "fatal"
-
-
-def test_tok_per_s_counts_only_this_pass(tmp_path: Path):
-    report = BatchReport(
-        input_path=tmp_path / "i", output_path=tmp_path / "o.jsonl", errors_path=tmp_path / "e",
-        input_lines=10, already_done=4, sent=6, succeeded=5, failed_http=1, unfinished=0, invalid_lines=0,
-        prompt_tokens=100, completion_tokens=50, wall_s=2.0, retries=0,
-    )
-    t = tok_per_s(report, summary_path_for(report.output_path))
-    assert t.requests == 6 and t.requests_per_s == 3.0
-    assert t.output_tok_per_s == 25.0 and t.total_tok_per_s == 75.0
-    assert t.summary_path.name == "o.summary.json"
 
 
 def test_vllm_launch_and_fixed_length():

@@ -15,8 +15,6 @@ from llmflow import engines
 from llmflow.remote import start_script as remote_script
 from llmflow.placements import slurm_jobs as slurm
 from llmflow.config import LlamaCppEngine, ModelConfig, SlurmOptions
-from llmflow.batch.report import merge_reports
-from llmflow.results import BatchReport
 
 NASTY = "it's a \"quoted\" $HOME `x` value"
 
@@ -107,14 +105,3 @@ def test_terminal_states(state):
 @pytest.mark.parametrize(("gres", "gpus"), [(None, 0), ("gpu", 1), ("gpu:2", 2), ("gpu:v100:4", 4), ("gpu:a100:1,nvme:1", 1)])
 def test_gpus_in_gres(gres, gpus):
     assert slurm.gpus_in_gres(gres) == gpus
-
-
-def test_merge_reports_sums_the_passes(tmp_path: Path):
-    common = dict(input_path=tmp_path, output_path=tmp_path, errors_path=tmp_path, input_lines=100, invalid_lines=0)
-    a = BatchReport(**common, already_done=10, sent=50, succeeded=40, failed_http=0, unfinished=10,
-                    prompt_tokens=400, completion_tokens=80, wall_s=5, retries=30, stopped_early=True)
-    b = BatchReport(**common, already_done=50, sent=50, succeeded=50, failed_http=0, unfinished=0,
-                    prompt_tokens=500, completion_tokens=100, wall_s=4, retries=0)
-    m = merge_reports(a, b)
-    assert (m.already_done, m.sent, m.succeeded, m.unfinished, m.stopped_early) == (10, 100, 90, 0, False)
-    assert (m.prompt_tokens, m.completion_tokens, m.wall_s, m.retries) == (900, 180, 9, 30)
