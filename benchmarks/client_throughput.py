@@ -72,8 +72,19 @@ def start_server(workdir: Path) -> tuple[subprocess.Popen, str]:
     (workdir / "bench_app.py").write_text(SERVER_APP)
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "bench_app:app", "--host", "127.0.0.1", "--port", str(port),
-         "--log-level", "warning", "--no-access-log"],
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "bench_app:app",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+            "--no-access-log",
+        ],
         cwd=workdir,
     )
     url = f"http://127.0.0.1:{port}"
@@ -94,8 +105,17 @@ def start_server(workdir: Path) -> tuple[subprocess.Popen, str]:
 def write_input(path: Path, n: int) -> None:
     with path.open("w") as f:
         for i in range(n):
-            f.write(json.dumps({"custom_id": f"r{i}", "method": "POST", "url": "/v1/completions",
-                                "body": {"model": "bench", "prompt": f"request {i}", "max_tokens": 16}}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "custom_id": f"r{i}",
+                        "method": "POST",
+                        "url": "/v1/completions",
+                        "body": {"model": "bench", "prompt": f"request {i}", "max_tokens": 16},
+                    }
+                )
+                + "\n"
+            )
 
 
 BODY = {"model": "bench", "prompt": "request", "max_tokens": 16}
@@ -106,6 +126,7 @@ async def bare_aiohttp(url: str, n: int, concurrency: int) -> None:
 
     sem = asyncio.Semaphore(concurrency)
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as session:
+
         async def one() -> None:
             async with sem:
                 async with session.post(url + "/v1/completions", json=BODY) as resp:
@@ -120,6 +141,7 @@ async def httpx_aiohttp_loop(url: str, n: int, concurrency: int) -> None:
 
     sem = asyncio.Semaphore(concurrency)
     async with httpx.AsyncClient(transport=AiohttpTransport(), base_url=url) as client:
+
         async def one() -> None:
             async with sem:
                 (await client.post("/v1/completions", json=BODY)).json()
@@ -180,7 +202,9 @@ def memory_probe(url: str, lines: int, workdir: Path) -> dict:
     src, out = workdir / f"mem-{lines}.jsonl", workdir / f"mem-out-{lines}.jsonl"
     write_input(src, lines)
     out.unlink(missing_ok=True)
-    res = subprocess.run([sys.executable, "-c", code, str(src), str(out), url, str(ROOT)], capture_output=True, text=True, check=True)
+    res = subprocess.run(
+        [sys.executable, "-c", code, str(src), str(out), url, str(ROOT)], capture_output=True, text=True, check=True
+    )
     result = json.loads(res.stdout)
     result["input_mib"] = round(src.stat().st_size / 2**20, 1)
     src.unlink()
@@ -227,11 +251,20 @@ def main() -> None:
     rows = []
     for name, runs in results.items():
         med = statistics.median(runs)
-        rows.append({"client": name, "median_req_per_s": round(med), "ratio_vs_aiohttp": round(med / base, 3), "runs": [round(r) for r in runs]})
+        rows.append(
+            {
+                "client": name,
+                "median_req_per_s": round(med),
+                "ratio_vs_aiohttp": round(med / base, 3),
+                "runs": [round(r) for r in runs],
+            }
+        )
         print(f"{name:32} {med:12.0f} {med / base:16.2f}   {', '.join(f'{r:.0f}' for r in runs)}")
     for m in memory:
-        print(f"memory: {m['lines']:>9,} lines ({m['input_mib']} MiB input): peak RSS {m['peak_rss_mib']} MiB, "
-              f"{m['req_per_s']} req/s, {m['wall_s']} s")
+        print(
+            f"memory: {m['lines']:>9,} lines ({m['input_mib']} MiB input): peak RSS {m['peak_rss_mib']} MiB, "
+            f"{m['req_per_s']} req/s, {m['wall_s']} s"
+        )
     if args.json:
         args.json.write_text(json.dumps({"throughput": rows, "memory": memory}, indent=2))
 

@@ -88,8 +88,21 @@ def start_sse(workdir: Path, first_ms: float, gap_ms: float) -> tuple[subprocess
     (workdir / "sse_app.py").write_text(SSE_APP)
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "sse_app:app", "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning", "--no-access-log"],
-        cwd=workdir, env={"FIRST_MS": str(first_ms), "GAP_MS": str(gap_ms), "PATH": "/usr/bin:/bin"},
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "sse_app:app",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+            "--no-access-log",
+        ],
+        cwd=workdir,
+        env={"FIRST_MS": str(first_ms), "GAP_MS": str(gap_ms), "PATH": "/usr/bin:/bin"},
     )
     url = f"http://127.0.0.1:{port}"
     wait_ready(url, proc, "/")
@@ -103,9 +116,23 @@ def start_llama_server() -> tuple[subprocess.Popen, str] | None:
         return None
     port = free_port()
     proc = subprocess.Popen(
-        [str(DEFAULT_LLAMA_SERVER), "--model", str(DEFAULT_MODEL), "--alias", "bench", "--host", "127.0.0.1",
-         "--port", str(port), "--ctx-size", "4096", "--parallel", "16"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            str(DEFAULT_LLAMA_SERVER),
+            "--model",
+            str(DEFAULT_MODEL),
+            "--alias",
+            "bench",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--ctx-size",
+            "4096",
+            "--parallel",
+            "16",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     url = f"http://127.0.0.1:{port}"
     wait_ready(url, proc, "/health")
@@ -138,9 +165,16 @@ async def httpx_client(url: str, texts: list[str], out: int, concurrency: int) -
     ttfts: list[float] = []
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
+
         async def attempt(text: str) -> float | None:
             sent, first = time.perf_counter(), None
-            body = {"model": "bench", "prompt": text, "stream": True, "stream_options": {"include_usage": True}, **fixed(out)}
+            body = {
+                "model": "bench",
+                "prompt": text,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+                **fixed(out),
+            }
             async with client.stream("POST", "/v1/completions", json=body) as resp:
                 async for line in resp.aiter_lines():
                     if first is None and line.startswith("data:") and line[5:].strip() != "[DONE]":
@@ -153,7 +187,9 @@ async def httpx_client(url: str, texts: list[str], out: int, concurrency: int) -
             async with slots:
                 try:
                     ttfts.append(await attempt(text))
-                except httpx.RemoteProtocolError:  # a kept-alive connection the server had dropped: once more, as llmflow does
+                except (
+                    httpx.RemoteProtocolError
+                ):  # a kept-alive connection the server had dropped: once more, as llmflow does
                     ttfts.append(await attempt(text))
 
         start = time.perf_counter()
@@ -168,12 +204,19 @@ async def openai_client(url: str, texts: list[str], out: int, concurrency: int) 
     slots = asyncio.Semaphore(concurrency)
     ttfts: list[float] = []
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=1, http_client=httpx.AsyncClient(limits=limits, timeout=60)) as client:
+    async with AsyncOpenAI(
+        base_url=url + "/v1", api_key="none", max_retries=1, http_client=httpx.AsyncClient(limits=limits, timeout=60)
+    ) as client:
+
         async def one(text: str) -> None:
             async with slots:
                 sent, first = time.perf_counter(), None
                 stream = await client.completions.create(
-                    model="bench", prompt=text, max_tokens=out, stream=True, stream_options={"include_usage": True},
+                    model="bench",
+                    prompt=text,
+                    max_tokens=out,
+                    stream=True,
+                    stream_options={"include_usage": True},
                     extra_body={"ignore_eos": True},
                 )
                 async for chunk in stream:
@@ -186,13 +229,17 @@ async def openai_client(url: str, texts: list[str], out: int, concurrency: int) 
         return ttfts, time.perf_counter() - start
 
 
-CLIENTS = {"llmflow stream client": llmflow_client, "plain httpx loop": httpx_client, "openai AsyncOpenAI": openai_client}
+CLIENTS = {
+    "llmflow stream client": llmflow_client,
+    "plain httpx loop": httpx_client,
+    "openai AsyncOpenAI": openai_client,
+}
 
 
 def run_on(url: str, n: int, out: int, concurrency: int, repeats: int) -> dict[str, dict[str, float]]:
     texts = prompts(n)
     samples: dict[str, dict[str, list[float]]] = {name: {"ttft_ms": [], "req_s": []} for name in CLIENTS}
-    for name, fn in CLIENTS.items():  # one warm-up each
+    for fn in CLIENTS.values():  # one warm-up each
         asyncio.run(fn(url, texts[:concurrency], out, concurrency))
     for _ in range(repeats):
         for name, fn in CLIENTS.items():
@@ -207,8 +254,10 @@ def report(title: str, medians: dict[str, dict[str, float]], out: int) -> None:
     print(f"\n{title}")
     print(f"{'client':<24}{'mean TTFT ms':>14}{'req/s':>10}{'output tok/s':>14}{'TTFT ratio':>12}{'tput ratio':>12}")
     for name, m in medians.items():
-        print(f"{name:<24}{m['ttft_ms']:>14.2f}{m['req_s']:>10.1f}{m['req_s'] * out:>14.0f}"
-              f"{ours['ttft_ms'] / m['ttft_ms']:>12.3f}{ours['req_s'] / m['req_s']:>12.3f}")
+        print(
+            f"{name:<24}{m['ttft_ms']:>14.2f}{m['req_s']:>10.1f}{m['req_s'] * out:>14.0f}"
+            f"{ours['ttft_ms'] / m['ttft_ms']:>12.3f}{ours['req_s'] / m['req_s']:>12.3f}"
+        )
     print("(ratios: llmflow over that client; TTFT < 1 and throughput > 1 favour llmflow)")
 
 
@@ -230,8 +279,12 @@ def main() -> None:
             finally:
                 proc.terminate()
                 proc.wait(10)
-            report(f"synthetic SSE server (true TTFT {args.first_ms:.0f} ms, {args.output_tokens} chunks {args.gap_ms} ms apart), "
-                   f"{args.requests} requests, {args.concurrency} in flight, medians of {args.repeats}", medians, args.output_tokens)
+            report(
+                f"synthetic SSE server (true TTFT {args.first_ms:.0f} ms, {args.output_tokens} chunks {args.gap_ms} ms apart), "
+                f"{args.requests} requests, {args.concurrency} in flight, medians of {args.repeats}",
+                medians,
+                args.output_tokens,
+            )
         if args.server in ("llama-server", "both"):
             started = start_llama_server()
             if started is None:
@@ -243,8 +296,11 @@ def main() -> None:
             finally:
                 proc.terminate()
                 proc.wait(10)
-            report(f"llama-server, tiny model, {args.requests} requests, {args.concurrency} in flight, medians of {args.repeats}",
-                   medians, args.output_tokens)
+            report(
+                f"llama-server, tiny model, {args.requests} requests, {args.concurrency} in flight, medians of {args.repeats}",
+                medians,
+                args.output_tokens,
+            )
 
 
 if __name__ == "__main__":

@@ -22,7 +22,9 @@ class ModelServer(Block):
 
     _block_type_name = "Model Server"
     _block_type_slug = "llmflow-model-server"
-    _description = "An llmflow model server: engine (llama.cpp, llama-server, vLLM, command), its arguments and the model."
+    _description = (
+        "An llmflow model server: engine (llama.cpp, llama-server, vLLM, command), its arguments and the model."
+    )
     _code_example = """
         from blocks import ModelServer
         from llmflow.config import SessionConfig
@@ -31,7 +33,9 @@ class ModelServer(Block):
         session = server.apply(SessionConfig())
     """
 
-    engine: Engine = Field(default_factory=LlamaCppEngine, description="The server: kind, environment, setup lines, arguments.")
+    engine: Engine = Field(
+        default_factory=LlamaCppEngine, description="The server: kind, environment, setup lines, arguments."
+    )
     model: ModelConfig = Field(default_factory=ModelConfig, description="The weights on the node, and the served name.")
 
     def apply(self, session: SessionConfig) -> SessionConfig:

@@ -60,10 +60,9 @@ def _batch_config(args: argparse.Namespace, input_path: Path, output_path: Path)
 
 def _run_batch(session: SessionConfig, batch: BatchConfig) -> int:
     """Run the flow with a progress bar; print where the results are."""
+    from prefect.exceptions import TerminationSignal  # Prefect's SIGTERM, while a flow runs
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from prefect.exceptions import TerminationSignal  # Prefect's SIGTERM, while a flow runs
 
     from flows.batch import batch_inference  # imports Prefect: keep `--help` fast
 
@@ -80,7 +79,9 @@ def _run_batch(session: SessionConfig, batch: BatchConfig) -> int:
         try:
             result = batch_inference(session=session, batch=batch)
         except (KeyboardInterrupt, TerminationSignal):
-            console.print(f"[yellow]interrupted:[/yellow] the server was torn down; rerun to resume {batch.output_path}")
+            console.print(
+                f"[yellow]interrupted:[/yellow] the server was torn down; rerun to resume {batch.output_path}"
+            )
             return EXIT_INTERRUPTED
         except Exception as exc:  # the flow's own message is the useful part
             console.print(f"[red]batch failed:[/red] {exc}")
@@ -88,7 +89,9 @@ def _run_batch(session: SessionConfig, batch: BatchConfig) -> int:
         finally:
             progress.remove_listener(on_progress)
     r, t = result.report, result.tokps
-    print(f"output:   {r.output_path}  ({r.already_done} already done, {r.succeeded} ok, {r.failed_http} non-2xx this run)")
+    print(
+        f"output:   {r.output_path}  ({r.already_done} already done, {r.succeeded} ok, {r.failed_http} non-2xx this run)"
+    )
     print(f"summary:  {t.summary_path}  ({t.requests_per_s:.2f} req/s, {t.output_tok_per_s:.1f} output tok/s)")
     if r.invalid_lines:
         print(f"errors:   {r.errors_path}  ({r.invalid_lines} invalid input lines, listed by line number)")
@@ -107,7 +110,9 @@ def _hold(args: argparse.Namespace) -> int:
     except ValidationError as exc:
         print(f"invalid configuration:\n{exc}", file=sys.stderr)
         return 2
-    on_ready(lambda s: print("\n" + connection_help(s) + f"\n\nheld for {args.hours} h; Ctrl-C ends it early\n", flush=True))
+    on_ready(
+        lambda s: print("\n" + connection_help(s) + f"\n\nheld for {args.hours} h; Ctrl-C ends it early\n", flush=True)
+    )
     try:
         held = hold_session(session=session, hours=args.hours, check_every_s=args.check_every)
     except (KeyboardInterrupt, TerminationSignal):
@@ -133,7 +138,11 @@ def _bench(args: argparse.Namespace) -> int:
 
     try:
         campaign, file_session = load_campaign(args.campaign)
-        updates = {k: v for k, v in (("output_dir", args.resume or args.output_dir), ("baseline", args.baseline)) if v is not None}
+        updates = {
+            k: v
+            for k, v in (("output_dir", args.resume or args.output_dir), ("baseline", args.baseline))
+            if v is not None
+        }
         if args.resume:
             updates["resume"] = True
         campaign = campaign.model_validate({**campaign.model_dump(), **updates})
@@ -151,7 +160,10 @@ def _bench(args: argparse.Namespace) -> int:
     try:
         result = benchmark_campaign(session=session, campaign=campaign)
     except (KeyboardInterrupt, TerminationSignal):
-        print("interrupted: the server was torn down; finish the campaign with --resume <its output folder>", file=sys.stderr)
+        print(
+            "interrupted: the server was torn down; finish the campaign with --resume <its output folder>",
+            file=sys.stderr,
+        )
         return EXIT_INTERRUPTED
     except Exception as exc:  # noqa: BLE001 - the flow's message is the useful part
         print(f"campaign failed: {exc}", file=sys.stderr)
@@ -161,7 +173,9 @@ def _bench(args: argparse.Namespace) -> int:
         rates = (
             f"prefill {s.prefill_tok_per_s:.0f} tok/s, decode {s.decode_tok_per_s:.0f} tok/s, TTFT {s.mean_ttft_ms:.1f} ms"
             if c.status == "ok" and s.prefill_tok_per_s and s.decode_tok_per_s
-            else (c.reason or "").splitlines()[0][:100] if c.reason else ""
+            else (c.reason or "").splitlines()[0][:100]
+            if c.reason
+            else ""
         )
         print(f"{c.key:<24} {c.status:<16} {rates}")
     print(f"outputs:  {result.output_dir}  (summary.json, cells.csv, requests.parquet, plot.png, vllm/)")
@@ -212,10 +226,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_session_options(p)
 
     p = sub.add_parser("bench", help="run a stress-test campaign (context sizes x concurrency) from a TOML/YAML file")
-    p.add_argument("campaign", type=Path, nargs="?", default=DEFAULT_CAMPAIGN,
-                   help=f"campaign file (default {DEFAULT_CAMPAIGN.relative_to(PROJECT_ROOT)})")
+    p.add_argument(
+        "campaign",
+        type=Path,
+        nargs="?",
+        default=DEFAULT_CAMPAIGN,
+        help=f"campaign file (default {DEFAULT_CAMPAIGN.relative_to(PROJECT_ROOT)})",
+    )
     p.add_argument("--output-dir", type=Path, help="where the outputs go (default out/campaigns/<name>-<time>)")
-    p.add_argument("--resume", type=Path, metavar="DIR", help="finish a stopped campaign in its output folder DIR (measured cells are kept)")
+    p.add_argument(
+        "--resume",
+        type=Path,
+        metavar="DIR",
+        help="finish a stopped campaign in its output folder DIR (measured cells are kept)",
+    )
     p.add_argument("--baseline", type=Path, help="an earlier campaign's summary.json to compare against")
     p.add_argument("--fail-on-regression", action="store_true", help=f"exit {EXIT_REGRESSION} when a cell regressed")
     _add_where_options(p)
@@ -253,7 +277,10 @@ def main(argv: list[str] | None = None) -> int:
             print(dump([describe(lease) for _, lease in all_leases(args.runs_dir)]))
             return 0
         released = release_leftovers(args.runs_dir)
-        print(f"released {len(released)} leftover server(s)" + "".join(f"\n  {x.run_id} (pgid {x.pgid})" for x in released))
+        print(
+            f"released {len(released)} leftover server(s)"
+            + "".join(f"\n  {x.run_id} (pgid {x.pgid})" for x in released)
+        )
         return 0
 
     if args.command == "hold":

@@ -21,10 +21,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "deployments")]
 
+from definitions import DEPLOYMENTS, WORK_POOL  # noqa: E402
 from prefect.flows import Flow  # noqa: E402
 from prefect.schedules import Cron  # noqa: E402
-
-from definitions import DEPLOYMENTS, WORK_POOL  # noqa: E402
 
 
 def deploy(work_pool: str = WORK_POOL) -> list[str]:
@@ -33,7 +32,10 @@ def deploy(work_pool: str = WORK_POOL) -> list[str]:
     for spec in DEPLOYMENTS:
         flow = Flow.from_source(source=str(ROOT), entrypoint=spec.entrypoint)
         deployment = flow.to_deployment(
-            name=spec.name, description=spec.description, tags=spec.tags, parameters=spec.parameters,
+            name=spec.name,
+            description=spec.description,
+            tags=spec.tags,
+            parameters=spec.parameters,
             schedules=[Cron(spec.cron, timezone=spec.timezone)] if spec.cron else None,
         )
         # RunnerDeployment.apply, not Flow.deploy: every deploy path first asks for online workers

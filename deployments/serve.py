@@ -16,11 +16,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "deployments")]  # flows/, tasks/ and definitions from the repository
 
+from definitions import DEPLOYMENTS  # noqa: E402
 from prefect import serve  # noqa: E402
 from prefect.flows import load_flow_from_entrypoint  # noqa: E402
 from prefect.schedules import Cron  # noqa: E402
-
-from definitions import DEPLOYMENTS  # noqa: E402
 
 
 def runner_deployments() -> list:
@@ -30,7 +29,10 @@ def runner_deployments() -> list:
         flow = load_flow_from_entrypoint(str(ROOT / spec.entrypoint))
         out.append(
             flow.to_deployment(
-                name=spec.name, description=spec.description, tags=spec.tags, parameters=spec.parameters,
+                name=spec.name,
+                description=spec.description,
+                tags=spec.tags,
+                parameters=spec.parameters,
                 schedules=[Cron(spec.cron, timezone=spec.timezone)] if spec.cron else None,
             )
         )

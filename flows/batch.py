@@ -10,10 +10,9 @@ from prefect.events import emit_event
 from pydantic import BaseModel
 
 from flows.session import model_session, release_session, with_blocks
-from llmflow.errors import UnfinishedRequests
+from llmflow.batch.report import batch_markdown, batch_summary, merge_reports
 from llmflow.config import BatchConfig, SessionConfig
-from llmflow.batch.report import merge_reports
-from llmflow.batch.report import batch_markdown, batch_summary
+from llmflow.errors import UnfinishedRequests
 from llmflow.results import Allocation, BatchReport, Teardown, TokPS
 from tasks import record_tok_s, recover_session, run_batch_inference
 
@@ -30,10 +29,15 @@ def publish_batch_report(
     payload is the summary, so automations can chain a benchmark or a notification."""
     summary = batch_summary(report, tokps, allocation, teardown, session.engine.kind, session.model.served_name)
     create_table_artifact(table=[summary], key="batch-summary", description=f"batch {report.input_path.name}")
-    create_markdown_artifact(markdown=batch_markdown(summary, report), key="batch-report", description="batch run report")
+    create_markdown_artifact(
+        markdown=batch_markdown(summary, report), key="batch-report", description="batch run report"
+    )
     emit_event(
         event="llmflow.batch.finished",
-        resource={"prefect.resource.id": f"llmflow.batch.{allocation.run_id}", "prefect.resource.name": report.output_path.name},
+        resource={
+            "prefect.resource.id": f"llmflow.batch.{allocation.run_id}",
+            "prefect.resource.name": report.output_path.name,
+        },
         payload=summary,
     )
     return summary
@@ -73,14 +77,22 @@ def batch_inference(
             if moved is None:
                 break  # the same server is still there: the failures were real, not a requeue
             handle, tunnel, ready = moved
-            logger.warning("job %s ran again (restart %d); resuming the batch at %s", handle.job_id, handle.restarts, tunnel.base_url)
+            logger.warning(
+                "job %s ran again (restart %d); resuming the batch at %s",
+                handle.job_id,
+                handle.restarts,
+                tunnel.base_url,
+            )
             s = replace(s, handle=handle, tunnel=tunnel, ready=ready)
             report = merge_reports(report, run_batch_inference(session, batch, s.handle, s.tunnel))
         tokps = record_tok_s(report, s.allocation, s.ready)
     publish_batch_report(report, tokps, s.allocation, s.outcome.get("teardown"), session)
     logger.info(
         "%d requests at %.2f req/s, %.1f output tok/s; summary %s",
-        tokps.requests, tokps.requests_per_s, tokps.output_tok_per_s, tokps.summary_path,
+        tokps.requests,
+        tokps.requests_per_s,
+        tokps.output_tok_per_s,
+        tokps.summary_path,
     )
     if report.unfinished or report.stopped_early:
         raise UnfinishedRequests(

@@ -5,17 +5,31 @@ from __future__ import annotations
 
 import json
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_image_artifact, create_markdown_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact
+from prefect.artifacts import (
+    create_image_artifact,
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
 from prefect.events import emit_event
 
 from flows.session import model_session, release_session, with_blocks
 from llmflow.batch.jsonl import JsonlAppender
 from llmflow.bench.config import CampaignConfig, campaign_path, cell_result, grid, load_campaign, skip_reason
-from llmflow.bench.report import CELL_COLUMNS, cell_record, compare, load_baseline, markdown_report, utc_stamp, write_outputs
+from llmflow.bench.report import (
+    CELL_COLUMNS,
+    cell_record,
+    compare,
+    load_baseline,
+    markdown_report,
+    utc_stamp,
+    write_outputs,
+)
 from llmflow.config import SessionConfig
 from llmflow.errors import CampaignIncomplete, ServerDied
 from llmflow.placements import driver_for
@@ -62,7 +76,9 @@ def benchmark_campaign(
     rows_path = out_dir / "requests.jsonl"
     cells = grid(campaign)
     logger.info("campaign %s: %d cells, output in %s", campaign.name, len(cells), out_dir)
-    progress = create_progress_artifact(progress=0.0, key=artifact_key(campaign.name, "progress"), description=f"cells of {campaign.name}")
+    progress = create_progress_artifact(
+        progress=0.0, key=artifact_key(campaign.name, "progress"), description=f"cells of {campaign.name}"
+    )
 
     cells_path = out_dir / "cells.jsonl"
     if cells_path.exists() and not campaign.resume:
@@ -88,7 +104,13 @@ def benchmark_campaign(
     while pending:
         if sessions - first_session + 1 > campaign.max_restarts:
             for cell in pending:
-                record(cell_result(cell, "not_run", reason=f"the server crashed {campaign.max_restarts + 1} times (max_restarts {campaign.max_restarts})"))
+                record(
+                    cell_result(
+                        cell,
+                        "not_run",
+                        reason=f"the server crashed {campaign.max_restarts + 1} times (max_restarts {campaign.max_restarts})",
+                    )
+                )
             break
         sessions += 1
         measuring = False
@@ -105,7 +127,11 @@ def benchmark_campaign(
                         record(run_benchmark_cell(session, campaign, cell, s.handle, s.tunnel, rows_path, sessions))
                     pending.pop(0)
                     if results[cell.key].status == "crashed" and not _server_usable(session, s.handle, s.tunnel):
-                        logger.warning("the server died during cell %s; starting a new one for the %d cells left", cell.key, len(pending))
+                        logger.warning(
+                            "the server died during cell %s; starting a new one for the %d cells left",
+                            cell.key,
+                            len(pending),
+                        )
                         break
         except Exception as exc:  # record the rest as not run and keep what was measured
             if sessions == first_session and not measuring:
@@ -114,25 +140,40 @@ def benchmark_campaign(
             what = "the campaign failed" if measuring else "no server came up again"
             logger.error("%s: %s", what, exc)
             for cell in pending:
-                record(cell_result(cell, "not_run", reason=f"{what}: {type(exc).__name__}: {exc}"[:500], session=sessions))
+                record(
+                    cell_result(cell, "not_run", reason=f"{what}: {type(exc).__name__}: {exc}"[:500], session=sessions)
+                )
             pending = []
 
     ordered = [results[c.key] for c in cells]
     meta = {
-        "name": campaign.name, "engine": session.engine.kind, "model": session.model.served_name,
-        "model_path": str(session.model.path), "placement": session.placement.kind, "node": node, "sessions": sessions,
-        "date": datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S"), "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "campaign": campaign.model_dump(mode="json"), "baseline": str(baseline_path) if baseline_path else None,
+        "name": campaign.name,
+        "engine": session.engine.kind,
+        "model": session.model.served_name,
+        "model_path": str(session.model.path),
+        "placement": session.placement.kind,
+        "node": node,
+        "sessions": sessions,
+        "date": datetime.now(UTC).strftime("%Y%m%d-%H%M%S"),
+        "finished": datetime.now(UTC).isoformat(timespec="seconds"),
+        "campaign": campaign.model_dump(mode="json"),
+        "baseline": str(baseline_path) if baseline_path else None,
     }
-    regressions = compare([cell_record(c) for c in ordered], baseline, campaign.regression_threshold) if baseline else []
+    regressions = (
+        compare([cell_record(c) for c in ordered], baseline, campaign.regression_threshold) if baseline else []
+    )
     paths = write_outputs(out_dir, ordered, rows_path, meta, regressions)
     publish_campaign(meta, ordered, regressions, paths, campaign)
     for r in regressions:
         logger.warning("regression in %s: %s %s -> %s", r["key"], r["metric"], r["baseline"], r["current"])
     logger.info("campaign %s done: %s; outputs in %s", campaign.name, _tally(ordered), out_dir)
-    result = CampaignResult(name=campaign.name, output_dir=out_dir, cells=ordered, sessions=sessions, regressions=regressions)
+    result = CampaignResult(
+        name=campaign.name, output_dir=out_dir, cells=ordered, sessions=sessions, regressions=regressions
+    )
     if failure is not None:
-        raise CampaignIncomplete(f"{sum(c.status == 'not_run' for c in ordered)} cells not run: {failure}; results so far in {out_dir}") from failure
+        raise CampaignIncomplete(
+            f"{sum(c.status == 'not_run' for c in ordered)} cells not run: {failure}; results so far in {out_dir}"
+        ) from failure
     return result
 
 
@@ -195,17 +236,29 @@ def artifact_key(name: str, kind: str = "") -> str:
     return f"campaign-{kind + '-' if kind else ''}{name}".lower().replace("_", "-").replace(".", "-")
 
 
-def publish_campaign(meta: dict, cells: list[CellResult], regressions: list[dict], paths: dict[str, Path], campaign: CampaignConfig) -> None:
+def publish_campaign(
+    meta: dict, cells: list[CellResult], regressions: list[dict], paths: dict[str, Path], campaign: CampaignConfig
+) -> None:
     """Table and markdown artifacts, the plot as an image artifact when its folder has a URL,
     and an ``llmflow.campaign.finished`` event for automations."""
     table = [{k: v for k, v in cell_record(c).items() if k in CELL_COLUMNS} for c in cells]
     key = artifact_key(campaign.name)
     create_table_artifact(table=table, key=key, description=f"campaign {campaign.name}: one row per cell")
-    create_markdown_artifact(markdown=markdown_report(meta, cells, regressions, paths), key=f"{key}-report", description="campaign report")
+    create_markdown_artifact(
+        markdown=markdown_report(meta, cells, regressions, paths), key=f"{key}-report", description="campaign report"
+    )
     if campaign.publish_url and "plot" in paths:
-        create_image_artifact(image_url=f"{campaign.publish_url.rstrip('/')}/{paths['plot'].name}", key=f"{key}-plot", description="tok/s and TTFT against context")
+        create_image_artifact(
+            image_url=f"{campaign.publish_url.rstrip('/')}/{paths['plot'].name}",
+            key=f"{key}-plot",
+            description="tok/s and TTFT against context",
+        )
     emit_event(
         event="llmflow.campaign.finished",
         resource={"prefect.resource.id": f"llmflow.campaign.{campaign.name}", "prefect.resource.name": campaign.name},
-        payload={"output_dir": str(paths["summary"].parent), "statuses": _tally(cells), "regressions": len(regressions)},
+        payload={
+            "output_dir": str(paths["summary"].parent),
+            "statuses": _tally(cells),
+            "regressions": len(regressions),
+        },
     )

@@ -40,12 +40,12 @@ def connection_help(s: Session) -> str:
             "",
             "curl:",
             f"  curl -s {base}/v1/completions -H 'Authorization: Bearer {key}' "
-            f"-H 'Content-Type: application/json' -d '{{\"model\": \"{s.handle.served_name}\", \"prompt\": \"Hello\", \"max_tokens\": 16}}'",
+            f'-H \'Content-Type: application/json\' -d \'{{"model": "{s.handle.served_name}", "prompt": "Hello", "max_tokens": 16}}\'',
             "",
             "python (openai):",
             "  from openai import OpenAI",
-            f"  client = OpenAI(base_url=\"{base}/v1\", api_key=\"{key}\")",
-            f"  print(client.completions.create(model=\"{s.handle.served_name}\", prompt=\"Hello\", max_tokens=16))",
+            f'  client = OpenAI(base_url="{base}/v1", api_key="{key}")',
+            f'  print(client.completions.create(model="{s.handle.served_name}", prompt="Hello", max_tokens=16))',
         ]
     )
 
@@ -69,7 +69,9 @@ def hold_session(session: SessionConfig = SessionConfig(), hours: float = 1.0, c
             if moved is not None:
                 handle, tunnel, ready = moved
                 s = replace(s, handle=handle, tunnel=tunnel, ready=ready)
-                logger.warning("job ran again on %s:%d; the session goes on at %s", handle.node, handle.port, tunnel.base_url)
+                logger.warning(
+                    "job ran again on %s:%d; the session goes on at %s", handle.node, handle.port, tunnel.base_url
+                )
                 for announce in list(_announcers):
                     announce(s)
             else:

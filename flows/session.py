@@ -13,12 +13,12 @@ import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from prefect import get_run_logger
-from prefect.concurrency.sync import concurrency
 from prefect.concurrency._asyncio import ConcurrencySlotAcquisitionError  # not re-exported in 3.8.8
+from prefect.concurrency.sync import concurrency
 from prefect.runtime import flow_run as current_flow_run
 
 from llmflow.config import SessionConfig
@@ -46,12 +46,14 @@ class Session:
 
 def new_run_id() -> str:
     """Time-sortable and tied to the flow run, so leftovers can be traced to the run that made them."""
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     run = current_flow_run.get_id()
     return f"{stamp}-{run[:8] if run else secrets.token_hex(4)}"
 
 
-def with_blocks(session: SessionConfig, cluster_block: str | None = None, model_server_block: str | None = None) -> SessionConfig:
+def with_blocks(
+    session: SessionConfig, cluster_block: str | None = None, model_server_block: str | None = None
+) -> SessionConfig:
     """The session with a saved Slurm Cluster block as its placement and a saved Model Server
     block as its engine and model, for flows started by block name (from the UI, say)."""
     from blocks import ModelServer, SlurmCluster  # blocks import llmflow.config only

@@ -7,7 +7,7 @@ fails with pydantic's message naming the field (``engine.n_ctx``, ``run.concurre
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, PositiveFloat, SecretStr, Tag, model_validator
 
@@ -50,7 +50,9 @@ class SSHLogin(_Strict):
     """How to reach the cluster's login node with SSH (paramiko)."""
 
     host: str = Field(min_length=1, description="Login host name or address, or a Host alias from the SSH config.")
-    port: int | None = Field(default=None, ge=1, le=65535, description="SSH port; default from the SSH config, else 22.")
+    port: int | None = Field(
+        default=None, ge=1, le=65535, description="SSH port; default from the SSH config, else 22."
+    )
     user: str | None = Field(default=None, description="User name; default from the SSH config, else the local user.")
     key_file: Path | None = Field(default=None, description="Private key; default from the SSH config or the agent.")
     key_passphrase: SecretStr | None = Field(default=None, description="Passphrase of the key, if it has one.")
@@ -100,7 +102,9 @@ class SlurmPlacement(_Strict):
     connect_host: str | None = Field(
         default=None, description="Address the login node uses to reach the compute node; default its hostname."
     )
-    queue_deadline_s: PositiveFloat = Field(default=3600.0, description="Give up (and scancel) if still queued after this.")
+    queue_deadline_s: PositiveFloat = Field(
+        default=3600.0, description="Give up (and scancel) if still queued after this."
+    )
     poll_interval_s: PositiveFloat = Field(default=2.0, description="Seconds between job-state polls.")
 
 
@@ -136,12 +140,10 @@ class EndpointPlacement(_Strict):
 
 
 Placement = Annotated[
-    Union[
-        Annotated[LocalPlacement, Tag("local")],
-        Annotated[SlurmPlacement, Tag("slurm")],
-        Annotated[SSHPlacement, Tag("ssh")],
-        Annotated[EndpointPlacement, Tag("endpoint")],
-    ],
+    Annotated[LocalPlacement, Tag("local")]
+    | Annotated[SlurmPlacement, Tag("slurm")]
+    | Annotated[SSHPlacement, Tag("ssh")]
+    | Annotated[EndpointPlacement, Tag("endpoint")],
     kind_of("local"),
 ]
 
@@ -165,7 +167,6 @@ class LlamaCppEngine(_Strict):
     )
 
 
-
 class VllmEngine(_Strict):
     """vLLM's OpenAI-compatible server (`python -m vllm.entrypoints.openai.api_server`)."""
 
@@ -185,8 +186,9 @@ class VllmEngine(_Strict):
     tensor_parallel_size: int = Field(default=1, ge=1, description="--tensor-parallel-size")
     pipeline_parallel_size: int = Field(default=1, ge=1, description="--pipeline-parallel-size")
     dtype: str | None = Field(default=None, description="--dtype (auto, float16, bfloat16, float32).")
-    extra_args: list[str] = Field(default_factory=list, description="Further server arguments, passed through unchanged.")
-
+    extra_args: list[str] = Field(
+        default_factory=list, description="Further server arguments, passed through unchanged."
+    )
 
 
 class LlamaServerEngine(_Strict):
@@ -210,8 +212,9 @@ class LlamaServerEngine(_Strict):
     n_threads: int | None = Field(default=None, ge=1, description="--threads; None lets llama.cpp choose.")
     parallel: int | None = Field(default=None, ge=1, description="--parallel: server slots (concurrent sequences).")
     metrics: bool = Field(default=True, description="--metrics: publish Prometheus counters at /metrics.")
-    extra_args: list[str] = Field(default_factory=list, description="Further server arguments, passed through unchanged.")
-
+    extra_args: list[str] = Field(
+        default_factory=list, description="Further server arguments, passed through unchanged."
+    )
 
 
 class CommandEngine(_Strict):
@@ -245,20 +248,17 @@ class CommandEngine(_Strict):
     setup: list[str] = Field(default_factory=list, description="Shell lines run before the server starts.")
 
     @model_validator(mode="after")
-    def _binds_port(self) -> "CommandEngine":
+    def _binds_port(self) -> CommandEngine:
         if not any("{port}" in part for part in self.argv):
             raise ValueError("argv must contain {port}: the supervisor picks a free port and fills it in")
         return self
 
 
-
 Engine = Annotated[
-    Union[
-        Annotated[LlamaCppEngine, Tag("llama_cpp")],
-        Annotated[VllmEngine, Tag("vllm")],
-        Annotated[LlamaServerEngine, Tag("llama_server")],
-        Annotated[CommandEngine, Tag("command")],
-    ],
+    Annotated[LlamaCppEngine, Tag("llama_cpp")]
+    | Annotated[VllmEngine, Tag("vllm")]
+    | Annotated[LlamaServerEngine, Tag("llama_server")]
+    | Annotated[CommandEngine, Tag("command")],
     kind_of("llama_cpp"),
 ]
 
@@ -344,7 +344,7 @@ class BatchConfig(_Strict):
     )
 
     @model_validator(mode="after")
-    def _distinct_paths(self) -> "BatchConfig":
+    def _distinct_paths(self) -> BatchConfig:
         if self.input_path.resolve() == self.output_path.resolve():
             raise ValueError("output_path must differ from input_path")
         return self

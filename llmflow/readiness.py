@@ -80,14 +80,20 @@ def wait_ready(
             if state == "fatal":
                 raise GateFailed(f"GET {path} answered {resp.status_code}: {resp.text[:300]}")  # type: ignore[union-attr]
             if state == "ready":
-                test = client.post("/v1/completions", json={"model": handle.served_name, "prompt": "ping", "max_tokens": 1})
+                test = client.post(
+                    "/v1/completions", json={"model": handle.served_name, "prompt": "ping", "max_tokens": 1}
+                )
                 if test.status_code == 200:
-                    return Ready(seconds_to_ready=round(time.monotonic() - started, 3), polls=polls, models=_models(client))
+                    return Ready(
+                        seconds_to_ready=round(time.monotonic() - started, 3), polls=polls, models=_models(client)
+                    )
                 if classify(test.status_code) == "fatal":
                     raise GateFailed(f"test completion answered {test.status_code}: {test.text[:300]}")
             if time.monotonic() - started > deadline_s:
                 status = resp.status_code if resp is not None else None
-                raise TimeoutError(f"server not ready after {deadline_s:.0f}s ({polls} polls of {path}, last status {status})")
+                raise TimeoutError(
+                    f"server not ready after {deadline_s:.0f}s ({polls} polls of {path}, last status {status})"
+                )
             time.sleep(interval_s)
 
 

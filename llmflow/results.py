@@ -146,8 +146,12 @@ class CellResult(BaseModel):
     status: CellStatus = Field(description="ok, rejected, crashed, timed_out, length_mismatch, skipped or not_run.")
     reason: str | None = Field(default=None, description="Why it was skipped or not run, or the first error seen.")
     requests: int = Field(default=0, description="Timed requests sent (warm-up not counted).")
-    summary: CellSummary = Field(default_factory=CellSummary, description="The client's figures (bench.metrics.CELL_METRICS).")
-    server: ServerFigures = Field(default_factory=ServerFigures, description="The server's figures (bench.metrics.SERVER_METRICS).")
+    summary: CellSummary = Field(
+        default_factory=CellSummary, description="The client's figures (bench.metrics.CELL_METRICS)."
+    )
+    server: ServerFigures = Field(
+        default_factory=ServerFigures, description="The server's figures (bench.metrics.SERVER_METRICS)."
+    )
     peak_rss_mib: float | None = Field(default=None, description="Server process group, local placement only.")
     peak_gpu_mib: float | None = Field(default=None, description="nvidia-smi memory.used, when present.")
     session: int = Field(default=0, description="Which server (1 = first; a crash starts the next).")
@@ -160,4 +164,6 @@ class CampaignResult(BaseModel):
     output_dir: Path
     cells: list[CellResult]
     sessions: int = Field(description="Servers started: 1 plus one per restart after a crash.")
-    regressions: list[dict] = Field(default_factory=list, description="Cells worse than the baseline beyond the threshold.")
+    regressions: list[dict] = Field(
+        default_factory=list, description="Cells worse than the baseline beyond the threshold."
+    )

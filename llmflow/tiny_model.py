@@ -19,7 +19,9 @@ import numpy as np
 
 def byte_symbols() -> list[str]:
     """GPT-2's printable stand-in for each byte value, the form byte-level BPE vocabularies use."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    keep = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     codes = keep[:]
     extra = 0
     for b in range(256):

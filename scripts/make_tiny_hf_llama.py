@@ -33,9 +33,17 @@ def main(out: Path) -> None:
 
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=len(vocab), hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=4096,
-        bos_token_id=vocab["<s>"], eos_token_id=vocab["</s>"], torch_dtype="float32", tie_word_embeddings=False,
+        vocab_size=len(vocab),
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=4096,
+        bos_token_id=vocab["<s>"],
+        eos_token_id=vocab["</s>"],
+        torch_dtype="float32",
+        tie_word_embeddings=False,
     )
     model = LlamaForCausalLM(config).to(torch.float32)
     out.mkdir(parents=True, exist_ok=True)

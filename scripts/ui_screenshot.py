@@ -50,9 +50,21 @@ def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 120) -> None
 def shoot(chromium: str, url: str, path: Path) -> None:
     with tempfile.TemporaryDirectory() as profile:
         subprocess.run(
-            [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", f"--user-data-dir={profile}",
-             "--window-size=1600,1000", "--virtual-time-budget=20000", f"--screenshot={path}", url],
-            check=True, capture_output=True, timeout=120,
+            [
+                chromium,
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--hide-scrollbars",
+                f"--user-data-dir={profile}",
+                "--window-size=1600,1000",
+                "--virtual-time-budget=20000",
+                f"--screenshot={path}",
+                url,
+            ],
+            check=True,
+            capture_output=True,
+            timeout=120,
         )
     print(f"wrote {path} ({path.stat().st_size} bytes) from {url}")
 
@@ -69,24 +81,38 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="llmflow-ui-"))
     port = free_port()
     ui = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "PREFECT_HOME": str(work / "prefect"), "PREFECT_API_URL": f"{ui}/api",
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(work / "prefect"),
+        "PREFECT_API_URL": f"{ui}/api",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    }
     server = subprocess.Popen(
         [str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        env=env, stdout=(work / "server.log").open("wb"), stderr=subprocess.STDOUT, start_new_session=True,
+        env=env,
+        stdout=(work / "server.log").open("wb"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     try:
         wait_healthy(f"{ui}/api", server)
         sample = (ROOT / "llmflow" / "data" / "sample_batch.jsonl").read_text().splitlines(keepends=True)[:40]
         (work / "in.jsonl").write_text("".join(sample))
         run = subprocess.run(
-            [sys.executable, "-c",
-             "import json, sys; from flows.batch import batch_inference; from llmflow.config import BatchConfig, SessionConfig;"
-             "from prefect.runtime import flow_run;"
-             f"r = batch_inference.with_options(name='batch-inference')(session=SessionConfig(runs_dir={str(work / 'runs')!r}),"
-             f" batch=BatchConfig(input_path={str(work / 'in.jsonl')!r}, output_path={str(work / 'out.jsonl')!r}, fixed_output_tokens=16));"
-             "print(json.dumps(r.report.model_dump(mode='json')))"],
-            env=env, cwd=ROOT, capture_output=True, text=True, timeout=600,
+            [
+                sys.executable,
+                "-c",
+                "import json, sys; from flows.batch import batch_inference; from llmflow.config import BatchConfig, SessionConfig;"
+                "from prefect.runtime import flow_run;"
+                f"r = batch_inference.with_options(name='batch-inference')(session=SessionConfig(runs_dir={str(work / 'runs')!r}),"
+                f" batch=BatchConfig(input_path={str(work / 'in.jsonl')!r}, output_path={str(work / 'out.jsonl')!r}, fixed_output_tokens=16));"
+                "print(json.dumps(r.report.model_dump(mode='json')))",
+            ],
+            env=env,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=600,
         )
         if run.returncode != 0:
             print(run.stdout[-2000:], run.stderr[-4000:], file=sys.stderr)
@@ -95,8 +121,9 @@ def main() -> int:
         run_id = flow_runs[0]["id"]
         print(f"flow run {run_id}: {json.loads(run.stdout.strip().splitlines()[-1])['succeeded']} requests ok")
         shoot(chromium, f"{ui}/runs/flow-run/{run_id}", args.out / "prefect-ui-run.png")
-        artifacts = httpx.post(f"{ui}/api/artifacts/filter", json={"limit": 10,
-                               "flow_runs": {"id": {"any_": [run_id]}}}).json()
+        artifacts = httpx.post(
+            f"{ui}/api/artifacts/filter", json={"limit": 10, "flow_runs": {"id": {"any_": [run_id]}}}
+        ).json()
         report = next(a for a in artifacts if a["key"] == "batch-report")
         shoot(chromium, f"{ui}/artifacts/artifact/{report['id']}", args.out / "prefect-ui-report.png")
     finally:

@@ -48,15 +48,24 @@ def run_batch_inference(
             update_progress_artifact(artifact_id=artifact_id, progress=100.0 * done / max(total, 1))
 
     overrides = (
-        engines.spec_for(session.engine).fixed_length_fields(batch.fixed_output_tokens) if batch.fixed_output_tokens else None
+        engines.spec_for(session.engine).fixed_length_fields(batch.fixed_output_tokens)
+        if batch.fixed_output_tokens
+        else None
     )
     before = server_counters(session, tunnel, handle)
     result = run_batch_sync(batch, tunnel.base_url, handle.api_key(), body_overrides=overrides, progress=report)
-    result = result.model_copy(update={"server_counters": counter_delta(before, server_counters(session, tunnel, handle))})
+    result = result.model_copy(
+        update={"server_counters": counter_delta(before, server_counters(session, tunnel, handle))}
+    )
     logger.info(
         "batch pass: %d sent, %d ok, %d non-2xx, %d unfinished, %d invalid lines, %d already done; output %s",
-        result.sent, result.succeeded, result.failed_http, result.unfinished, result.invalid_lines,
-        result.already_done, result.output_path,
+        result.sent,
+        result.succeeded,
+        result.failed_http,
+        result.unfinished,
+        result.invalid_lines,
+        result.already_done,
+        result.output_path,
     )
     if result.invalid_lines or result.unfinished:
         logger.warning("per-line errors are in %s", result.errors_path)

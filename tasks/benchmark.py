@@ -17,16 +17,24 @@ from prefect.cache_policies import NO_CACHE
 from llmflow import engines
 from llmflow.aio import run_sync
 from llmflow.batch.jsonl import JsonlAppender
-from llmflow.bench.metrics import BENCH_COUNTERS, LATENCIES, RequestTiming, cell_status, cell_summary, request_metrics, server_figures
 from llmflow.bench.config import CampaignConfig, Cell, cell_result
-from llmflow.bench.report import fmt
-from llmflow.config import SessionConfig
 from llmflow.bench.memory import PeakSampler
-from llmflow.engines.figures import add_timings, counter_delta, read_counters, timings_summary
+from llmflow.bench.metrics import (
+    BENCH_COUNTERS,
+    LATENCIES,
+    RequestTiming,
+    cell_status,
+    cell_summary,
+    request_metrics,
+    server_figures,
+)
 from llmflow.bench.prompts import PromptFactory
+from llmflow.bench.report import fmt
+from llmflow.bench.stream import StreamRequest, completion_body, run_requests
+from llmflow.config import SessionConfig
+from llmflow.engines.figures import add_timings, counter_delta, read_counters, timings_summary
 from llmflow.placements import driver_for
 from llmflow.results import CellResult, ServerHandle, Tunnel
-from llmflow.bench.stream import StreamRequest, completion_body, run_requests
 
 
 def request_row(cell: Cell, repeat: int, index: int, warmup: bool, start_s: float, t: RequestTiming) -> dict[str, Any]:
@@ -34,16 +42,28 @@ def request_row(cell: Cell, repeat: int, index: int, warmup: bool, start_s: floa
     m = request_metrics(t)
     timings = t.server_timings or {}
     return {
-        "cell": cell.key, "context": cell.context, "concurrency": cell.concurrency, "output_tokens": cell.output_tokens,
-        "repeat": repeat, "index": index, "warmup": warmup, "start_s": start_s,
-        "outcome": t.outcome, "status_code": t.status_code, "error": t.error,
+        "cell": cell.key,
+        "context": cell.context,
+        "concurrency": cell.concurrency,
+        "output_tokens": cell.output_tokens,
+        "repeat": repeat,
+        "index": index,
+        "warmup": warmup,
+        "start_s": start_s,
+        "outcome": t.outcome,
+        "status_code": t.status_code,
+        "error": t.error,
         **{f"{name}_s": m[name] for name in LATENCIES},
-        "prompt_tokens": t.prompt_tokens, "completion_tokens": t.completion_tokens,
-        "requested_prompt_tokens": t.requested_prompt_tokens, "requested_output_tokens": t.requested_output_tokens,
+        "prompt_tokens": t.prompt_tokens,
+        "completion_tokens": t.completion_tokens,
+        "requested_prompt_tokens": t.requested_prompt_tokens,
+        "requested_output_tokens": t.requested_output_tokens,
         "usage_source": t.usage_source,
-        "server_prompt_n": timings.get("prompt_n"), "server_prompt_ms": timings.get("prompt_ms"),
+        "server_prompt_n": timings.get("prompt_n"),
+        "server_prompt_ms": timings.get("prompt_ms"),
         "server_cache_n": timings.get("cache_n"),
-        "server_predicted_n": timings.get("predicted_n"), "server_predicted_ms": timings.get("predicted_ms"),
+        "server_predicted_n": timings.get("predicted_n"),
+        "server_predicted_ms": timings.get("predicted_ms"),
     }
 
 
@@ -95,7 +115,9 @@ def run_benchmark_cell(
     fixed = spec.fixed_length_fields(cell.output_tokens)
     n = cell.concurrency * campaign.rounds
     pgid = driver_for(session).memory_group(handle)  # None where this machine cannot see the server
-    with httpx.Client(base_url=tunnel.base_url, headers=handle.auth_headers(), timeout=campaign.request_timeout_s) as client:
+    with httpx.Client(
+        base_url=tunnel.base_url, headers=handle.auth_headers(), timeout=campaign.request_timeout_s
+    ) as client:
         try:
             factory = PromptFactory(client, session.engine, handle.served_name)
             # short random ids: unique prefixes that leave room for small contexts
@@ -104,31 +126,52 @@ def run_benchmark_cell(
         except httpx.HTTPError as exc:
             logger.warning("cell %s: %s", cell.key, exc)
             return _failed_before_sending(cell, exc, session_no)
-        logger.info("cell %s: %d prompts of %d tokens ready (%d tokenizer calls)", cell.key, len(prompts), cell.context, factory.calls)
+        logger.info(
+            "cell %s: %d prompts of %d tokens ready (%d tokenizer calls)",
+            cell.key,
+            len(prompts),
+            cell.context,
+            factory.calls,
+        )
         refused = shape_check(client, handle.served_name, prompts[0][0], fixed)
         if refused is not None:
             status, detail = refused
             logger.info("cell %s: %s before timing: %s", cell.key, status, detail)
             return cell_result(cell, status, reason=detail, session=session_no)
-        reqs = [StreamRequest(uid, completion_body(handle.served_name, text, fixed), count, cell.output_tokens) for uid, (text, count) in zip(uids[1:], prompts[1:])]
+        reqs = [
+            StreamRequest(uid, completion_body(handle.served_name, text, fixed), count, cell.output_tokens)
+            for uid, (text, count) in zip(uids[1:], prompts[1:])
+        ]
         warm, timed = reqs[: campaign.warmup_requests], reqs[campaign.warmup_requests :]
 
         timings: list[RequestTiming] = []
         duration = 0.0
         with JsonlAppender(rows_path) as rows:
             if warm:
-                run_sync(lambda: run_requests(
-                    tunnel.base_url, api_key, warm, min(cell.concurrency, len(warm)), campaign.request_timeout_s,
-                    on_done=lambda i, start, t: rows.write(request_row(cell, -1, i, True, start, t)),
-                ))
+                run_sync(
+                    lambda: run_requests(
+                        tunnel.base_url,
+                        api_key,
+                        warm,
+                        min(cell.concurrency, len(warm)),
+                        campaign.request_timeout_s,
+                        on_done=lambda i, start, t: rows.write(request_row(cell, -1, i, True, start, t)),
+                    )
+                )
             before = read_counters(spec.metrics_path, tunnel.base_url, api_key, BENCH_COUNTERS)
             with PeakSampler(pgid) as memory:
                 for r in range(campaign.repeats):
                     batch = timed[r * n : (r + 1) * n]
-                    results, wall = run_sync(lambda: run_requests(
-                        tunnel.base_url, api_key, batch, cell.concurrency, campaign.request_timeout_s,
-                        on_done=lambda i, start, t, r=r: rows.write(request_row(cell, r, i, False, start, t)),
-                    ))
+                    results, wall = run_sync(
+                        lambda batch=batch, r=r: run_requests(
+                            tunnel.base_url,
+                            api_key,
+                            batch,
+                            cell.concurrency,
+                            campaign.request_timeout_s,
+                            on_done=lambda i, start, timing: rows.write(request_row(cell, r, i, False, start, timing)),
+                        )
+                    )
                     timings += [t for _, t in results]
                     duration += wall
             after = read_counters(spec.metrics_path, tunnel.base_url, api_key, BENCH_COUNTERS)
@@ -142,12 +185,23 @@ def run_benchmark_cell(
     status = cell_status(summary)
     first_error = next((t.error for t in timings if t.error), None)
     result = cell_result(
-        cell, status, reason=first_error[:500] if first_error and status != "ok" else None, requests=len(timings),
-        summary=summary, server=server, peak_rss_mib=memory.peak_rss_mib, peak_gpu_mib=memory.peak_gpu_mib,
+        cell,
+        status,
+        reason=first_error[:500] if first_error and status != "ok" else None,
+        requests=len(timings),
+        summary=summary,
+        server=server,
+        peak_rss_mib=memory.peak_rss_mib,
+        peak_gpu_mib=memory.peak_gpu_mib,
         session=session_no,
     )
     logger.info(
-        "cell %s: %s; %d/%d ok, %s output tok/s, mean TTFT %s ms", cell.key, status, summary.completed, len(timings),
-        fmt(summary.output_throughput), fmt(summary.mean_ttft_ms),
+        "cell %s: %s; %d/%d ok, %s output tok/s, mean TTFT %s ms",
+        cell.key,
+        status,
+        summary.completed,
+        len(timings),
+        fmt(summary.output_throughput),
+        fmt(summary.mean_ttft_ms),
     )
     return result

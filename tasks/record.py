@@ -10,7 +10,14 @@ from llmflow.batch.report import tok_per_s, write_summary
 from llmflow.results import Allocation, BatchReport, Ready, TokPS
 
 
-@task(name="record-tok-s", retries=2, retry_delay_seconds=1, timeout_seconds=60, persist_result=True, cache_policy=NO_CACHE)
+@task(
+    name="record-tok-s",
+    retries=2,
+    retry_delay_seconds=1,
+    timeout_seconds=60,
+    persist_result=True,
+    cache_policy=NO_CACHE,
+)
 def record_tok_s(report: BatchReport, allocation: Allocation, ready: Ready) -> TokPS:
     """Compute requests/s and tok/s and write ``<output>.summary.json``."""
     tokps = tok_per_s(report, summary_path_for(report.output_path))

@@ -6,8 +6,8 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from llmflow.config import SessionConfig
-from llmflow.readiness import gate_server
 from llmflow.placements import driver_for
+from llmflow.readiness import gate_server
 from llmflow.results import Allocation, Ready, ServerHandle, Tunnel
 
 

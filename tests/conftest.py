@@ -56,7 +56,9 @@ def vllm_env() -> tuple[Path, Path]:
 def llama_server_bin(server_env) -> Path:
     """llama.cpp's native llama-server, built by scripts/build_llama_server.sh; a failure when missing."""
     if not os.access(DEFAULT_LLAMA_SERVER, os.X_OK):
-        pytest.fail(f"llama-server tests need `make setup` (scripts/build_llama_server.sh) first; missing: {DEFAULT_LLAMA_SERVER}")
+        pytest.fail(
+            f"llama-server tests need `make setup` (scripts/build_llama_server.sh) first; missing: {DEFAULT_LLAMA_SERVER}"
+        )
     return DEFAULT_LLAMA_SERVER
 
 

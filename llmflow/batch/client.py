@@ -21,8 +21,8 @@ from typing import Any, Literal, Protocol
 import aiohttp
 import httpx
 
-from llmflow.auth import bearer
 from llmflow.aio import run_sync
+from llmflow.auth import bearer
 from llmflow.batch.jsonl import (
     JsonlAppender,
     count_lines,
@@ -32,8 +32,8 @@ from llmflow.batch.jsonl import (
     parse_lines,
 )
 from llmflow.config import BatchConfig, Timeouts
-from llmflow.results import BatchReport
 from llmflow.engines.figures import add_timings, timings_summary
+from llmflow.results import BatchReport
 
 Transport = Literal["aiohttp", "httpx"]
 ProgressFn = Callable[[int, int], None]
@@ -92,7 +92,7 @@ class AiohttpSender:
                 raw = await resp.read()
                 status = resp.status
                 request_id = resp.headers.get("x-request-id", "")
-        except (asyncio.TimeoutError, aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
+        except (TimeoutError, aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
             raise RetryableError(f"{type(exc).__name__}: {exc}") from exc
         return HttpResult(status, request_id, _decode(raw), raw)
 
@@ -219,13 +219,17 @@ async def run_batch(
             tally.failing_streak += 1
             if tally.failing_streak >= config.stop_after_failures:
                 tally.stopped_early = True  # the endpoint is down: stop sending, let the caller recover
-            errors.write({"line": line, "custom_id": custom_id, "reason": f"gave up after {config.max_attempts} attempts: {exc}"})
+            errors.write(
+                {"line": line, "custom_id": custom_id, "reason": f"gave up after {config.max_attempts} attempts: {exc}"}
+            )
         else:
             tally.failing_streak = 0
             tally.records += 1
             record_id = f"batch_req_{id_prefix}{tally.records:08x}"
             out.write_line(
-                output_line(record_id, custom_id, result.status, result.request_id or record_id, result.body, result.raw)
+                output_line(
+                    record_id, custom_id, result.status, result.request_id or record_id, result.body, result.raw
+                )
             )
             if result.status < 300:
                 tally.succeeded += 1
@@ -315,7 +319,9 @@ def run_batch_sync(
             progress(*shown[0])
 
     return run_sync(
-        lambda: run_batch(config, base_url, api_key, progress=(lambda d, t: latest.append((d, t))) if progress else None, **kwargs),
+        lambda: run_batch(
+            config, base_url, api_key, progress=(lambda d, t: latest.append((d, t))) if progress else None, **kwargs
+        ),
         tick,
         name="llmflow-batch-loop",
     )

@@ -118,7 +118,9 @@ def load_finished(output_path: Path) -> set[str]:
     return done
 
 
-def output_record(custom_id: str, status: int, request_id: str, body: Any, record_id: str | None = None) -> dict[str, Any]:
+def output_record(
+    custom_id: str, status: int, request_id: str, body: Any, record_id: str | None = None
+) -> dict[str, Any]:
     """One line of the OpenAI batch output format."""
     error = None
     if status >= 400:
@@ -174,7 +176,7 @@ class JsonlAppender:
             os.close(self._fd)
             self._fd = -1
 
-    def __enter__(self) -> "JsonlAppender":
+    def __enter__(self) -> JsonlAppender:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -90,9 +90,12 @@ def merge_reports(first: BatchReport, later: BatchReport) -> BatchReport:
         server = {k: server.get(k, 0.0) + later.server_counters.get(k, 0.0) for k in {*server, *later.server_counters}}
     timings = None
     if first.server_timings or later.server_timings:
-        timings = timings_summary({
-            k: (first.server_timings or {}).get(k, 0.0) + (later.server_timings or {}).get(k, 0.0) for k in TIMING_FIELDS
-        })
+        timings = timings_summary(
+            {
+                k: (first.server_timings or {}).get(k, 0.0) + (later.server_timings or {}).get(k, 0.0)
+                for k in TIMING_FIELDS
+            }
+        )
     # unfinished and invalid lines are whatever the last pass still could not do
     return later.model_copy(
         update={**summed, "already_done": first.already_done, "server_counters": server, "server_timings": timings}

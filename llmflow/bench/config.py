@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import itertools
 import tomllib
-from pathlib import Path
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -21,7 +21,6 @@ from llmflow.config import PROJECT_ROOT
 from llmflow.errors import CampaignFileError
 from llmflow.results import CellResult
 
-
 DEFAULT_OUTPUT_ROOT = PROJECT_ROOT / "out" / "campaigns"
 
 
@@ -30,18 +29,28 @@ class CampaignConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(default="campaign", pattern=r"^[A-Za-z0-9_.-]+$", description="Names the output folder and artifacts.")
+    name: str = Field(
+        default="campaign", pattern=r"^[A-Za-z0-9_.-]+$", description="Names the output folder and artifacts."
+    )
     context_sizes: list[int] = Field(
         default=[32, 64, 128, 240], min_length=1, description="Prompt lengths in tokens, one cell row each."
     )
     concurrencies: list[int] = Field(default=[1, 4], min_length=1, description="Requests in flight at once.")
-    output_tokens: list[int] = Field(default=[8], min_length=1, description="Completion length each request is forced to.")
+    output_tokens: list[int] = Field(
+        default=[8], min_length=1, description="Completion length each request is forced to."
+    )
     rounds: int = Field(
-        default=2, ge=1, le=1000, description="Requests per cell = concurrency x rounds, so every level is loaded as long."
+        default=2,
+        ge=1,
+        le=1000,
+        description="Requests per cell = concurrency x rounds, so every level is loaded as long.",
     )
     repeats: int = Field(default=1, ge=1, le=100, description="Times each cell is run; the summary pools all repeats.")
     warmup_requests: int = Field(
-        default=1, ge=0, le=100, description="Requests sent at the cell's shape before timing starts; recorded, not counted."
+        default=1,
+        ge=0,
+        le=100,
+        description="Requests sent at the cell's shape before timing starts; recorded, not counted.",
     )
     request_timeout_s: PositiveFloat = Field(
         default=300.0, description="A request with no byte for this long counts as timed_out."
@@ -54,7 +63,9 @@ class CampaignConfig(BaseModel):
         ),
     )
     max_restarts: int = Field(
-        default=3, ge=0, description="Times the campaign starts a new server after one crashed; then the rest is not run."
+        default=3,
+        ge=0,
+        description="Times the campaign starts a new server after one crashed; then the rest is not run.",
     )
     output_dir: Path | None = Field(
         default=None, description="Where the tables, JSON and plot go; default out/campaigns/<name>-<UTC time>."
@@ -97,7 +108,8 @@ class CampaignConfig(BaseModel):
         if self.baseline is not None or not self.compare_to_last:
             return self.baseline
         earlier = sorted(
-            p for p in output_dir.parent.glob(f"{self.name}-*/summary.json")
+            p
+            for p in output_dir.parent.glob(f"{self.name}-*/summary.json")
             if p.parent != output_dir and p.parent.name[len(self.name) + 1 :][:1].isdigit()
         )
         return earlier[-1] if earlier else None
@@ -171,7 +183,9 @@ def load_campaign(path: Path) -> tuple[CampaignConfig, dict[str, Any] | None]:
     try:
         data = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
     except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
-        raise CampaignFileError(f"campaign file {path}: not valid {'TOML' if path.suffix == '.toml' else 'YAML'}: {exc}") from exc
+        raise CampaignFileError(
+            f"campaign file {path}: not valid {'TOML' if path.suffix == '.toml' else 'YAML'}: {exc}"
+        ) from exc
     if not isinstance(data, dict):
         raise CampaignFileError(f"campaign file {path}: expected a table of settings at the top")
     session = data.pop("session", None)

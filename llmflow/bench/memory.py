@@ -40,7 +40,10 @@ def gpu_used_mib() -> float | None:
     try:
         out = subprocess.run(
             ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
-            capture_output=True, text=True, timeout=10, check=True,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
         ).stdout
         return float(sum(float(x) for x in out.split()))
     except (OSError, subprocess.SubprocessError, ValueError):
@@ -75,7 +78,7 @@ class PeakSampler:
             if self._stop.wait(self.interval_s):
                 return
 
-    def __enter__(self) -> "PeakSampler":
+    def __enter__(self) -> PeakSampler:
         if self.pgid is not None or self._gpu:
             self._thread = threading.Thread(target=self._run, name="llmflow-mem", daemon=True)
             self._thread.start()

@@ -46,7 +46,9 @@ class RequestTiming(BaseModel):
     usage_source: Literal["server", "chunks"] | None = Field(
         default=None, description="server: from the stream's usage; chunks: counted text chunks (no usage sent)."
     )
-    server_timings: dict[str, Any] | None = Field(default=None, description="llama-server's own timings of the request.")
+    server_timings: dict[str, Any] | None = Field(
+        default=None, description="llama-server's own timings of the request."
+    )
 
 
 def classify(status_code: int | None, error: BaseException | None = None, timed_out: bool = False) -> Outcome:
@@ -97,8 +99,12 @@ def _latency(name: str, what: str, compared: tuple[str, ...] = (), shown: tuple[
     """``mean_<name>_ms`` ... ``p99_<name>_ms`` of a per-request latency."""
     return tuple(
         Metric(
-            f"{stat}_{name}_ms", "ms", f"{stat} {what}", better=None if stat == "std" else "lower",
-            regression=stat in compared, column=stat in shown,
+            f"{stat}_{name}_ms",
+            "ms",
+            f"{stat} {what}",
+            better=None if stat == "std" else "lower",
+            regression=stat in compared,
+            column=stat in shown,
         )
         for stat in LATENCY_STATS
     )
@@ -114,16 +120,45 @@ CELL_METRICS: tuple[Metric, ...] = (
     Metric("timed_out", "requests", "requests with no byte within the request timeout", value_type=int),
     Metric("total_input_tokens", "tokens", "prompt tokens of the completed requests", value_type=int),
     Metric("total_output_tokens", "tokens", "completion tokens of the completed requests", value_type=int),
-    Metric("request_throughput", "req/s", "completed requests per second of duration", better="higher", regression=True),
-    Metric("output_throughput", "tok/s", "completion tokens per second of duration", better="higher", regression=True, column=True),
+    Metric(
+        "request_throughput", "req/s", "completed requests per second of duration", better="higher", regression=True
+    ),
+    Metric(
+        "output_throughput",
+        "tok/s",
+        "completion tokens per second of duration",
+        better="higher",
+        regression=True,
+        column=True,
+    ),
     Metric("total_token_throughput", "tok/s", "prompt and completion tokens per second of duration", better="higher"),
     *_latency("ttft", "time to first token", compared=("mean", "p99"), shown=("mean", "p99")),
     *_latency("tpot", "time per output token after the first", compared=("mean",), shown=("mean",)),
     *_latency("itl", "gap between chunks with text", compared=("p99",), shown=("p99",)),
     *_latency("e2el", "end-to-end latency"),
-    Metric("prefill_tok_per_s", "tok/s", "prompt tokens over TTFT, pooled over requests", better="higher", regression=True, column=True),
-    Metric("decode_tok_per_s", "tok/s", "tokens after the first over E2EL - TTFT, pooled", better="higher", regression=True, column=True),
-    Metric("length_mismatches", "requests", "completed requests whose prompt or completion length was not as asked", column=True, value_type=int),
+    Metric(
+        "prefill_tok_per_s",
+        "tok/s",
+        "prompt tokens over TTFT, pooled over requests",
+        better="higher",
+        regression=True,
+        column=True,
+    ),
+    Metric(
+        "decode_tok_per_s",
+        "tok/s",
+        "tokens after the first over E2EL - TTFT, pooled",
+        better="higher",
+        regression=True,
+        column=True,
+    ),
+    Metric(
+        "length_mismatches",
+        "requests",
+        "completed requests whose prompt or completion length was not as asked",
+        column=True,
+        value_type=int,
+    ),
 )
 
 # The server's own view of the cell (its counters, histograms or per-response timings).
@@ -205,7 +240,9 @@ def cell_summary(timings: list[RequestTiming], duration_s: float) -> CellSummary
         duration=duration_s,
         completed=len(ok),
         failed=len(timings) - len(ok),
-        **{outcome: sum(1 for t in timings if t.outcome == outcome) for outcome in ("rejected", "crashed", "timed_out")},
+        **{
+            outcome: sum(1 for t in timings if t.outcome == outcome) for outcome in ("rejected", "crashed", "timed_out")
+        },
         total_input_tokens=total_in,
         total_output_tokens=total_out,
         request_throughput=per_s(len(ok)),

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import math
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +15,17 @@ from llmflow.bench.metrics import column_metrics, regression_metrics
 from llmflow.results import CellResult
 
 CELL_COLUMNS = (
-    "key", "context", "concurrency", "output_tokens", "status", "session", "requests",
+    "key",
+    "context",
+    "concurrency",
+    "output_tokens",
+    "status",
+    "session",
+    "requests",
     *(m.name for m in column_metrics()),
-    "peak_rss_mib", "peak_gpu_mib", "reason",
+    "peak_rss_mib",
+    "peak_gpu_mib",
+    "reason",
 )
 
 
@@ -81,7 +89,11 @@ def plot(cells: pd.DataFrame, path: Path, title: str) -> Path | None:
         return None
     several_outputs = ok["output_tokens"].nunique() > 1
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    panels = (("prefill_tok_per_s", "prefill tok/s (per request)"), ("decode_tok_per_s", "decode tok/s (per request)"), ("mean_ttft_ms", "mean TTFT (ms)"))
+    panels = (
+        ("prefill_tok_per_s", "prefill tok/s (per request)"),
+        ("decode_tok_per_s", "decode tok/s (per request)"),
+        ("mean_ttft_ms", "mean TTFT (ms)"),
+    )
     for (conc, out), group in ok.groupby(["concurrency", "output_tokens"]):
         group = group.sort_values("context")
         label = f"concurrency {conc}" + (f", output {out}" if several_outputs else "")
@@ -110,7 +122,15 @@ def compare(current: list[dict[str, Any]], baseline: list[dict[str, Any]], thres
         if old is None:
             continue
         if old.get("status") == "ok" and cell.get("status") != "ok":
-            found.append({"key": cell["key"], "metric": "status", "baseline": "ok", "current": cell.get("status"), "change": None})
+            found.append(
+                {
+                    "key": cell["key"],
+                    "metric": "status",
+                    "baseline": "ok",
+                    "current": cell.get("status"),
+                    "change": None,
+                }
+            )
             continue
         for metric in regression_metrics():
             a, b = old.get(metric.name), cell.get(metric.name)
@@ -119,7 +139,9 @@ def compare(current: list[dict[str, Any]], baseline: list[dict[str, Any]], thres
             change = (b - a) / abs(a)
             worse = change < -threshold if metric.better == "higher" else change > threshold
             if worse:
-                found.append({"key": cell["key"], "metric": metric.name, "baseline": a, "current": b, "change": round(change, 4)})
+                found.append(
+                    {"key": cell["key"], "metric": metric.name, "baseline": a, "current": b, "change": round(change, 4)}
+                )
     return found
 
 
@@ -167,7 +189,9 @@ def load_baseline(path: Path) -> list[dict[str, Any]]:
     return cells
 
 
-def markdown_report(meta: dict[str, Any], cells: list[CellResult], regressions: list[dict[str, Any]], paths: dict[str, Path]) -> str:
+def markdown_report(
+    meta: dict[str, Any], cells: list[CellResult], regressions: list[dict[str, Any]], paths: dict[str, Path]
+) -> str:
     """The campaign in a page: where and what, one line per cell, regressions, where the files are."""
     shown = [m for m in column_metrics() if m.name != "completed"]  # completed is in ok/sent
     lines = [
@@ -182,13 +206,18 @@ def markdown_report(meta: dict[str, Any], cells: list[CellResult], regressions: 
     for c in cells:
         row = {**c.summary.model_dump(), **c.server.model_dump()}
         figures = " | ".join(fmt(row[m.name]) for m in shown)
-        lines.append(f"| {c.key} | {c.status} | {c.summary.completed or 0}/{c.requests} | {figures} | {fmt(c.peak_rss_mib)} |")
+        lines.append(
+            f"| {c.key} | {c.status} | {c.summary.completed or 0}/{c.requests} | {figures} | {fmt(c.peak_rss_mib)} |"
+        )
     notes = [c for c in cells if c.reason]
     if notes:
-        lines += ["", "## Why cells did not run ok", ""] + [f"- `{c.key}` ({c.status}): {c.reason.splitlines()[0][:300]}" for c in notes]
+        lines += ["", "## Why cells did not run ok", ""] + [
+            f"- `{c.key}` ({c.status}): {c.reason.splitlines()[0][:300]}" for c in notes
+        ]
     if regressions:
         lines += ["", "## Regressions against the baseline", ""] + [
-            f"- `{r['key']}` {r['metric']}: {r['baseline']} → {r['current']}" + (f" ({r['change']:+.1%})" if r["change"] is not None else "")
+            f"- `{r['key']}` {r['metric']}: {r['baseline']} → {r['current']}"
+            + (f" ({r['change']:+.1%})" if r["change"] is not None else "")
             for r in regressions
         ]
     lines += ["", "## Files", ""] + [f"- {name}: `{path}`" for name, path in paths.items()]
@@ -201,4 +230,4 @@ def fmt(x: Any) -> str:
 
 
 def utc_stamp() -> str:
-    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    return datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")

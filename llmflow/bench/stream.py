@@ -92,7 +92,9 @@ async def _stream_once(session: aiohttp.ClientSession, url: str, req: StreamRequ
                 if event is None:
                     continue
                 if "error" in event:  # an error reported inside an open stream
-                    return sent, RequestTiming(outcome="crashed", status_code=status, error=json.dumps(event)[:500], **base)
+                    return sent, RequestTiming(
+                        outcome="crashed", status_code=status, error=json.dumps(event)[:500], **base
+                    )
                 choices = event.get("choices") or []
                 if choices and choices[0].get("text"):
                     times.append(time.perf_counter() - sent)
@@ -102,24 +104,44 @@ async def _stream_once(session: aiohttp.ClientSession, url: str, req: StreamRequ
                     usage = event["usage"]
                 if event.get("timings"):
                     timings = event["timings"]
-    except asyncio.TimeoutError:
-        return sent, RequestTiming(outcome="timed_out", status_code=status, error="no data within the request timeout", text_chunk_times=times, **base)
+    except TimeoutError:
+        return sent, RequestTiming(
+            outcome="timed_out",
+            status_code=status,
+            error="no data within the request timeout",
+            text_chunk_times=times,
+            **base,
+        )
     except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
-        return sent, RequestTiming(outcome="crashed", status_code=status, error=f"{type(exc).__name__}: {exc}", text_chunk_times=times, **base)
+        return sent, RequestTiming(
+            outcome="crashed", status_code=status, error=f"{type(exc).__name__}: {exc}", text_chunk_times=times, **base
+        )
     if not done:  # the server closed the stream before its end marker
-        return sent, RequestTiming(outcome="crashed", status_code=status, error="stream ended without [DONE]", text_chunk_times=times, **base)
+        return sent, RequestTiming(
+            outcome="crashed", status_code=status, error="stream ended without [DONE]", text_chunk_times=times, **base
+        )
     if usage:
         prompt, completion, source = usage.get("prompt_tokens"), usage.get("completion_tokens"), "server"
     else:
         prompt, completion, source = req.prompt_tokens, token_chunks, "chunks"
     return sent, RequestTiming(
-        outcome="ok", status_code=status, text_chunk_times=times, prompt_tokens=prompt, completion_tokens=completion,
-        usage_source=source, server_timings=timings, **base,
+        outcome="ok",
+        status_code=status,
+        text_chunk_times=times,
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        usage_source=source,
+        server_timings=timings,
+        **base,
     )
 
 
 async def run_requests(
-    base_url: str, api_key: str | None, requests: list[StreamRequest], concurrency: int, timeout_s: float,
+    base_url: str,
+    api_key: str | None,
+    requests: list[StreamRequest],
+    concurrency: int,
+    timeout_s: float,
     on_done: Any = None,
 ) -> tuple[list[tuple[float, RequestTiming]], float]:
     """All ``requests``, at most ``concurrency`` in flight; each result as (start offset in the
@@ -130,11 +152,14 @@ async def run_requests(
     url = base_url.rstrip("/") + "/v1/completions"
     slots = asyncio.Semaphore(concurrency)
     results: list[tuple[float, RequestTiming] | None] = [None] * len(requests)
-    async with aiohttp.ClientSession(
-        headers=headers, timeout=timeout, connector=aiohttp.TCPConnector(limit=concurrency)
-    ) as session, aiohttp.ClientSession(
-        headers=headers, timeout=timeout, connector=aiohttp.TCPConnector(limit=concurrency, force_close=True)
-    ) as fresh:
+    async with (
+        aiohttp.ClientSession(
+            headers=headers, timeout=timeout, connector=aiohttp.TCPConnector(limit=concurrency)
+        ) as session,
+        aiohttp.ClientSession(
+            headers=headers, timeout=timeout, connector=aiohttp.TCPConnector(limit=concurrency, force_close=True)
+        ) as fresh,
+    ):
         start = time.perf_counter()
 
         async def one(i: int, req: StreamRequest) -> None:

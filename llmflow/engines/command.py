@@ -6,8 +6,8 @@ import shutil
 from typing import Any
 
 from llmflow.config import ModelConfig
-from llmflow.errors import ConfigError
 from llmflow.engines.base import ENGINES, BinaryEngine, LaunchSpec, key_env
+from llmflow.errors import ConfigError
 
 
 @ENGINES.register("command")
@@ -22,7 +22,9 @@ class CommandSpec(BinaryEngine):
 
     def check_program(self) -> None:
         if shutil.which(self.engine.argv[0]) is None:
-            raise ConfigError(f"engine.argv[0]: {self.engine.argv[0]!r} is not an executable (absolute path or on PATH)")
+            raise ConfigError(
+                f"engine.argv[0]: {self.engine.argv[0]!r} is not an executable (absolute path or on PATH)"
+            )
 
     def launch(self, model: ModelConfig, host: str, api_key: str | None) -> LaunchSpec:
         values = {"{host}": host, "{model}": str(model.path), "{served_name}": model.served_name}

@@ -10,7 +10,6 @@ import httpx
 
 from llmflow.auth import bearer
 
-
 SERVER_COUNTERS = {
     "vllm:prompt_tokens_total": "prompt_tokens",
     "vllm:generation_tokens_total": "generation_tokens",

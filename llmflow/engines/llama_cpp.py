@@ -19,6 +19,8 @@ class LlamaCppSpec(VenvEngine):
 
     def launch(self, model: ModelConfig, host: str, api_key: str | None) -> LaunchSpec:
         engine = self.engine
+        # flags and their values in pairs
+        # fmt: off
         argv = [
             str(self.server_python()), "-m", "llama_cpp.server",
             "--model", str(model.path), "--model_alias", model.served_name,
@@ -27,6 +29,7 @@ class LlamaCppSpec(VenvEngine):
             # concurrent streaming clients would cut each other off
             "--interrupt_requests", "False",
         ]
+        # fmt: on
         if engine.n_threads is not None:
             argv += ["--n_threads", str(engine.n_threads)]
         argv += engine.extra_args

@@ -6,8 +6,8 @@ import os
 from typing import Any
 
 from llmflow.config import ModelConfig
-from llmflow.errors import ConfigError
 from llmflow.engines.base import ENGINES, PORT_PLACEHOLDER, BinaryEngine, LaunchSpec, key_env
+from llmflow.errors import ConfigError
 
 
 @ENGINES.register("llama_server")
@@ -32,10 +32,13 @@ class LlamaServerSpec(BinaryEngine):
 
     def launch(self, model: ModelConfig, host: str, api_key: str | None) -> LaunchSpec:
         engine = self.engine
+        # flags and their values in pairs
+        # fmt: off
         argv = [
             str(engine.binary), "--model", str(model.path), "--alias", model.served_name,
             "--host", host, "--port", PORT_PLACEHOLDER, "--ctx-size", str(engine.n_ctx),
         ]
+        # fmt: on
         if engine.n_threads is not None:
             argv += ["--threads", str(engine.n_threads)]
         if engine.parallel is not None:

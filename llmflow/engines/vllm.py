@@ -19,6 +19,8 @@ class VllmSpec(VenvEngine):
 
     def launch(self, model: ModelConfig, host: str, api_key: str | None) -> LaunchSpec:
         engine = self.engine
+        # flags and their values in pairs
+        # fmt: off
         argv = [
             str(self.server_python()), "-m", "vllm.entrypoints.openai.api_server",
             "--model", str(model.path), "--served-model-name", model.served_name,
@@ -26,6 +28,7 @@ class VllmSpec(VenvEngine):
             "--tensor-parallel-size", str(engine.tensor_parallel_size),
             "--pipeline-parallel-size", str(engine.pipeline_parallel_size),
         ]
+        # fmt: on
         if engine.max_model_len is not None:
             argv += ["--max-model-len", str(engine.max_model_len)]
         if engine.gpu_memory_utilization is not None:

@@ -7,7 +7,7 @@ tears down nothing: the server is the same after the run as before it.
 from __future__ import annotations
 
 import socket
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from urllib.parse import urlsplit
 
 from llmflow.placements.base import PLACEMENTS, Driver, make_run_dir, write_secret
@@ -20,8 +20,11 @@ class EndpointDriver(Driver):
 
     def allocate(self, run_id: str, flow_run_id: str | None = None) -> Allocation:
         return Allocation(
-            placement=self.kind, run_id=run_id, node=urlsplit(self.placement.base_url).hostname or "",
-            run_dir=make_run_dir(self.config.runs_dir, run_id), started_at=datetime.now(timezone.utc),
+            placement=self.kind,
+            run_id=run_id,
+            node=urlsplit(self.placement.base_url).hostname or "",
+            run_dir=make_run_dir(self.config.runs_dir, run_id),
+            started_at=datetime.now(UTC),
         )
 
     def warm(self, alloc: Allocation, flow_run_id: str | None = None) -> ServerHandle:
@@ -32,9 +35,13 @@ class EndpointDriver(Driver):
             key_file = alloc.run_dir / "api_key"
             write_secret(key_file, self.placement.api_key.get_secret_value())
         return ServerHandle(
-            engine=self.config.engine.kind, run_id=alloc.run_id, node=url.hostname or socket.gethostname(),
-            host=url.hostname or "", port=url.port or (443 if url.scheme == "https" else 80),
-            api_key_file=key_file, served_name=self.config.model.served_name,
+            engine=self.config.engine.kind,
+            run_id=alloc.run_id,
+            node=url.hostname or socket.gethostname(),
+            host=url.hostname or "",
+            port=url.port or (443 if url.scheme == "https" else 80),
+            api_key_file=key_file,
+            served_name=self.config.model.served_name,
         )
 
     def tunnel(self, handle: ServerHandle) -> Tunnel:
@@ -47,4 +54,4 @@ class EndpointDriver(Driver):
         return None
 
     def teardown(self, alloc: Allocation) -> Teardown:
-        return Teardown(run_id=alloc.run_id, not_ours=True, released_at=datetime.now(timezone.utc))
+        return Teardown(run_id=alloc.run_id, not_ours=True, released_at=datetime.now(UTC))

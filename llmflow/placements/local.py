@@ -7,7 +7,7 @@ import os
 import shlex
 import socket
 import subprocess
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from llmflow import engines
@@ -25,7 +25,16 @@ def launch_script(spec: engines.LaunchSpec, python: Path, endpoint_file: Path, h
     Setup lines are the user's own shell (module load, source, export) and run as written;
     everything this project adds is quoted.
     """
-    launcher = [str(python), str(SUPERVISOR), "--endpoint-file", str(endpoint_file), "--host", host, "--watch-parent", "--"]
+    launcher = [
+        str(python),
+        str(SUPERVISOR),
+        "--endpoint-file",
+        str(endpoint_file),
+        "--host",
+        host,
+        "--watch-parent",
+        "--",
+    ]
     return "\n".join(["set -e", *spec.setup, "exec " + shlex.join(launcher + spec.argv)]) + "\n"
 
 
@@ -47,7 +56,7 @@ class LocalDriver(Driver):
             run_id=run_id,
             node=socket.gethostname(),
             run_dir=run_dir,
-            started_at=datetime.now(timezone.utc),
+            started_at=datetime.now(UTC),
         )
 
     def warm(self, alloc: Allocation, flow_run_id: str | None = None, wait_s: float = 60.0) -> ServerHandle:
@@ -76,12 +85,16 @@ class LocalDriver(Driver):
         def started() -> None:
             if proc.poll() is not None:
                 remove_lease(run_dir)
-                raise ServerDied(f"server exited with code {proc.returncode} before it chose a port; log tail:\n{tail(log_path)}")
+                raise ServerDied(
+                    f"server exited with code {proc.returncode} before it chose a port; log tail:\n{tail(log_path)}"
+                )
 
         try:
             ep = wait_for_endpoint(
                 lambda: json.loads(endpoint_file.read_text()) if endpoint_file.exists() else None,
-                started, timeout_s=wait_s, interval_s=0.05,
+                started,
+                timeout_s=wait_s,
+                interval_s=0.05,
             )
         except TimeoutError as exc:
             self._stop(alloc)
@@ -101,7 +114,9 @@ class LocalDriver(Driver):
 
     def check_alive(self, handle: ServerHandle) -> None:
         if not group_alive(handle.pid):
-            raise ServerDied(f"{handle.engine} server (pid {handle.server_pid}) is gone; log tail:\n{tail(handle.log_path)}")
+            raise ServerDied(
+                f"{handle.engine} server (pid {handle.server_pid}) is gone; log tail:\n{tail(handle.log_path)}"
+            )
 
     def memory_group(self, handle: ServerHandle) -> int | None:
         return handle.pid  # the supervisor leads the server's process group, here
@@ -122,7 +137,7 @@ class LocalDriver(Driver):
             run_id=alloc.run_id,
             stopped_pids=stopped,
             already_gone=not stopped,
-            released_at=datetime.now(timezone.utc),
+            released_at=datetime.now(UTC),
         )
 
     @classmethod

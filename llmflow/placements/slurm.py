@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import shlex
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from llmflow import engines
@@ -34,8 +34,16 @@ from llmflow.results import Allocation, ServerHandle, Teardown, Tunnel
 # Pending reasons that mean the job can never start as asked: fail now, don't wait out the deadline.
 HOPELESS_REASONS = frozenset(
     {
-        "BadConstraints", "PartitionConfig", "PartitionNodeLimit", "PartitionTimeLimit", "InvalidAccount",
-        "InvalidQOS", "AccountNotAllowed", "QOSNotAllowed", "PartitionDown", "PartitionInactive",
+        "BadConstraints",
+        "PartitionConfig",
+        "PartitionNodeLimit",
+        "PartitionTimeLimit",
+        "InvalidAccount",
+        "InvalidQOS",
+        "AccountNotAllowed",
+        "QOSNotAllowed",
+        "PartitionDown",
+        "PartitionInactive",
     }
 )
 
@@ -105,8 +113,13 @@ class SlurmDriver(Driver):
             job_id, remote_dir = self._submit(shell, run_id, local_dir, flow_run_id)
         info = self._wait_running(shell, job_id, remote_dir)
         return Allocation(
-            placement=self.kind, run_id=run_id, node=info.nodes, run_dir=local_dir, job_id=job_id,
-            remote_dir=remote_dir, started_at=datetime.now(timezone.utc),
+            placement=self.kind,
+            run_id=run_id,
+            node=info.nodes,
+            run_dir=local_dir,
+            job_id=job_id,
+            remote_dir=remote_dir,
+            started_at=datetime.now(UTC),
         )
 
     def _submit(self, shell: Shell, run_id: str, local_dir: Path, flow_run_id: str | None) -> tuple[str, str]:
@@ -134,7 +147,12 @@ class SlurmDriver(Driver):
             raise JobRejected(f"sbatch refused the job: {(res.stderr or res.stdout).strip()}")
         job_id = slurm.parse_sbatch(res.stdout)
         write_lease(
-            local_dir, run_id, self.kind, flow_run_id=flow_run_id, job_id=job_id, remote_dir=remote_dir,
+            local_dir,
+            run_id,
+            self.kind,
+            flow_run_id=flow_run_id,
+            job_id=job_id,
+            remote_dir=remote_dir,
             placement_config=self.placement.model_dump(mode="json"),
         )
         return job_id, remote_dir
@@ -151,7 +169,9 @@ class SlurmDriver(Driver):
                 return info
             if info.terminal and (info := settled_info(shell, job_id)).terminal:
                 tail = remote_tail(shell, self._log_path(remote_dir, job_id))
-                raise ServerDied(f"job {job_id} ended {info.state} ({info.reason or 'no reason given'}) before it ran the server; log tail:\n{tail}")
+                raise ServerDied(
+                    f"job {job_id} ended {info.state} ({info.reason or 'no reason given'}) before it ran the server; log tail:\n{tail}"
+                )
             if info.reason in HOPELESS_REASONS:
                 cancel_and_confirm(shell, job_id)
                 raise JobRejected(f"job {job_id} can never start: {info.state} ({info.reason}); cancelled")
@@ -180,11 +200,16 @@ class SlurmDriver(Driver):
         def job_running() -> None:
             info = job_info(shell, job_id)
             if info.terminal and (info := settled_info(shell, job_id)).terminal:
-                raise ServerDied(f"job {job_id} ended {info.state} ({info.reason}); log tail:\n{remote_tail(shell, log_path)}")
+                raise ServerDied(
+                    f"job {job_id} ended {info.state} ({info.reason}); log tail:\n{remote_tail(shell, log_path)}"
+                )
 
         try:
             ep = wait_for_endpoint(
-                current, job_running, timeout_s=self.config.gate.deadline_s, interval_s=self.placement.poll_interval_s / 2
+                current,
+                job_running,
+                timeout_s=self.config.gate.deadline_s,
+                interval_s=self.placement.poll_interval_s / 2,
             )
         except TimeoutError:
             raise TimeoutError(f"job {job_id} wrote no endpoint record in {self.config.gate.deadline_s:.0f}s") from None
@@ -217,7 +242,9 @@ class SlurmDriver(Driver):
         shell = self.shell(handle.run_id)
         info = settled_info(shell, handle.job_id)
         if info.terminal:
-            raise ServerDied(f"job {handle.job_id} ended {info.state} ({info.reason}); log tail:\n{remote_tail(shell, str(handle.log_path))}")
+            raise ServerDied(
+                f"job {handle.job_id} ended {info.state} ({info.reason}); log tail:\n{remote_tail(shell, str(handle.log_path))}"
+            )
 
     def recover(self, alloc: Allocation, handle: ServerHandle) -> tuple[ServerHandle, Tunnel] | None:
         """After failures: if the job was requeued, wait for it and follow its new endpoint."""
@@ -225,7 +252,9 @@ class SlurmDriver(Driver):
         shell = self.shell(alloc.run_id)
         info = settled_info(shell, handle.job_id)
         if info.terminal:
-            raise ServerDied(f"job {handle.job_id} ended {info.state} ({info.reason}); log tail:\n{remote_tail(shell, str(handle.log_path))}")
+            raise ServerDied(
+                f"job {handle.job_id} ended {info.state} ({info.reason}); log tail:\n{remote_tail(shell, str(handle.log_path))}"
+            )
         if info.running and info.restarts == handle.restarts:
             return None  # same job, same server: the failures were not a requeue
         self._wait_running(shell, handle.job_id, alloc.remote_dir)
@@ -238,7 +267,7 @@ class SlurmDriver(Driver):
         run_id = alloc.run_id
         lease = read_lease(alloc.run_dir)
         job_id = alloc.job_id or (lease.job_id if lease else None)
-        result = Teardown(run_id=run_id, already_gone=True, released_at=datetime.now(timezone.utc))
+        result = Teardown(run_id=run_id, already_gone=True, released_at=datetime.now(UTC))
         try:
             if job_id:
                 result = self._cancel(run_id, job_id, result, alloc.started_at)
@@ -254,7 +283,7 @@ class SlurmDriver(Driver):
         final = cancel_and_confirm(shell, job_id)
         elapsed = final.elapsed_s or before.elapsed_s
         if elapsed is None:
-            elapsed = (datetime.now(timezone.utc) - started_at).total_seconds()
+            elapsed = (datetime.now(UTC) - started_at).total_seconds()
         node_hours = elapsed / 3600
         return result.model_copy(
             update={

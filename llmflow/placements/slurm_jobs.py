@@ -17,11 +17,35 @@ from llmflow.remote.start_script import server_start_lines
 
 # States after which the job will not run (again) on its own.
 TERMINAL = frozenset(
-    {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED_FINAL", "GONE"}
+    {
+        "COMPLETED",
+        "FAILED",
+        "CANCELLED",
+        "TIMEOUT",
+        "NODE_FAIL",
+        "OUT_OF_MEMORY",
+        "BOOT_FAIL",
+        "DEADLINE",
+        "PREEMPTED_FINAL",
+        "GONE",
+    }
 )
 # States in which the job is not running now but may run (again): keep waiting.
 WAITING = frozenset(
-    {"PENDING", "CONFIGURING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD", "PREEMPTED", "SUSPENDED", "RESIZING", "COMPLETING", "STAGE_OUT", "SIGNALING", "RESV_DEL_HOLD"}
+    {
+        "PENDING",
+        "CONFIGURING",
+        "REQUEUED",
+        "REQUEUE_FED",
+        "REQUEUE_HOLD",
+        "PREEMPTED",
+        "SUSPENDED",
+        "RESIZING",
+        "COMPLETING",
+        "STAGE_OUT",
+        "SIGNALING",
+        "RESV_DEL_HOLD",
+    }
 )
 
 
@@ -85,8 +109,13 @@ def render_job_script(
     """
     log_path = f"{run_dir}/slurm-%j.out"
     body = server_start_lines(
-        run_dir=run_dir, setup=setup, server_python=server_python, server_argv=server_argv,
-        bind_host=bind_host, launcher_source=launcher_source, api_key_env=api_key_env,
+        run_dir=run_dir,
+        setup=setup,
+        server_python=server_python,
+        server_argv=server_argv,
+        bind_host=bind_host,
+        launcher_source=launcher_source,
+        api_key_env=api_key_env,
     )
     return "\n".join(["#!/bin/bash", *sbatch_lines(opts, job_name, log_path), *body, ""])
 
@@ -140,7 +169,10 @@ def parse_sacct(job_id: str, stdout: str) -> JobInfo | None:
         if len(parts) >= 5 and parts[0] == job_id:
             state = parts[1].split()[0] if parts[1] else "GONE"  # "CANCELLED by 0" -> CANCELLED
             return JobInfo(
-                job_id=job_id, state=state, reason=parts[2], nodes=parts[3],
+                job_id=job_id,
+                state=state,
+                reason=parts[2],
+                nodes=parts[3],
                 elapsed_s=float(parts[4]) if parts[4].isdigit() else None,
             )
     return None

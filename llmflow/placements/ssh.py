@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import shlex
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from llmflow import engines
@@ -102,13 +102,24 @@ class SSHDriver(Driver):
         node = shell.run("hostname").stdout.strip() or self.placement.login.host
         self._lease(local_dir, run_id, flow_run_id, remote_dir)
         return Allocation(
-            placement=self.kind, run_id=run_id, node=node, run_dir=local_dir, remote_dir=remote_dir,
-            started_at=datetime.now(timezone.utc),
+            placement=self.kind,
+            run_id=run_id,
+            node=node,
+            run_dir=local_dir,
+            remote_dir=remote_dir,
+            started_at=datetime.now(UTC),
         )
 
-    def _lease(self, run_dir: Path, run_id: str, flow_run_id: str | None, remote_dir: str, pgid: int | None = None) -> None:
+    def _lease(
+        self, run_dir: Path, run_id: str, flow_run_id: str | None, remote_dir: str, pgid: int | None = None
+    ) -> None:
         write_lease(
-            run_dir, run_id, self.kind, pgid=pgid, flow_run_id=flow_run_id, remote_dir=remote_dir,
+            run_dir,
+            run_id,
+            self.kind,
+            pgid=pgid,
+            flow_run_id=flow_run_id,
+            remote_dir=remote_dir,
             placement_config=self.placement.model_dump(mode="json"),
         )
 
@@ -127,24 +138,37 @@ class SSHDriver(Driver):
         res = shell.run(start_command(remote_dir)).check("starting the server on the host")
         pgid = int(res.stdout.strip().splitlines()[-1])
         lease = read_lease(alloc.run_dir)
-        self._lease(alloc.run_dir, alloc.run_id, flow_run_id or (lease.flow_run_id if lease else None), remote_dir, pgid)
+        self._lease(
+            alloc.run_dir, alloc.run_id, flow_run_id or (lease.flow_run_id if lease else None), remote_dir, pgid
+        )
         log_path = f"{remote_dir}/server.log"
 
         def started() -> None:
             if shell.run(alive_command(pgid)).rc != 0:
-                raise ServerDied(f"server on {alloc.node} exited before it chose a port; log tail:\n{remote_tail(shell, log_path)}")
+                raise ServerDied(
+                    f"server on {alloc.node} exited before it chose a port; log tail:\n{remote_tail(shell, log_path)}"
+                )
 
         try:
             ep = wait_for_endpoint(
                 lambda: json.loads(text) if (text := shell.read_file(f"{remote_dir}/endpoint.json")) else None,
-                started, timeout_s=self.placement.start_timeout_s, interval_s=self.placement.poll_interval_s / 4,
+                started,
+                timeout_s=self.placement.start_timeout_s,
+                interval_s=self.placement.poll_interval_s / 4,
             )
         except TimeoutError as exc:
             self._stop(alloc)
             raise TimeoutError(f"{exc}; log tail:\n{remote_tail(shell, log_path)}") from None
         return ServerHandle(
-            engine=cfg.engine.kind, run_id=alloc.run_id, node=ep["node"], host=ep["host"], port=int(ep["port"]),
-            pid=pgid, server_pid=int(ep["server_pid"]), api_key_file=key_file, log_path=Path(log_path),
+            engine=cfg.engine.kind,
+            run_id=alloc.run_id,
+            node=ep["node"],
+            host=ep["host"],
+            port=int(ep["port"]),
+            pid=pgid,
+            server_pid=int(ep["server_pid"]),
+            api_key_file=key_file,
+            log_path=Path(log_path),
             served_name=cfg.model.served_name,
         )
 
@@ -156,8 +180,12 @@ class SSHDriver(Driver):
                 "#!/bin/bash",
                 "echo $$ > server.pgid  # setsid made this shell a group leader: teardown can find the group",
                 *server_start_lines(
-                    run_dir=remote_dir, setup=launch.setup, server_python=str(spec.server_python()),
-                    server_argv=launch.argv, bind_host=self.placement.bind_host, launcher_source=launcher_source(),
+                    run_dir=remote_dir,
+                    setup=launch.setup,
+                    server_python=str(spec.server_python()),
+                    server_argv=launch.argv,
+                    bind_host=self.placement.bind_host,
+                    launcher_source=launcher_source(),
                     api_key_env=spec.api_key_env,
                 ),
                 "",
@@ -205,7 +233,7 @@ class SSHDriver(Driver):
         finally:
             close_run(alloc.run_id)
         return Teardown(
-            run_id=alloc.run_id, stopped_pids=stopped, already_gone=not stopped, released_at=datetime.now(timezone.utc)
+            run_id=alloc.run_id, stopped_pids=stopped, already_gone=not stopped, released_at=datetime.now(UTC)
         )
 
     @classmethod

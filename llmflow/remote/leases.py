@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +27,13 @@ class Lease(BaseModel):
     run_id: str
     placement: str
     pgid: int | None = Field(
-        default=None, description="Local and ssh placements: process group of the server and its supervisor (ssh: on the host)."
+        default=None,
+        description="Local and ssh placements: process group of the server and its supervisor (ssh: on the host).",
     )
     job_id: str | None = Field(default=None, description="Slurm placement: the job to cancel.")
-    remote_dir: str | None = Field(default=None, description="Slurm and ssh placements: the run folder on the remote host.")
+    remote_dir: str | None = Field(
+        default=None, description="Slurm and ssh placements: the run folder on the remote host."
+    )
     placement_config: dict[str, Any] | None = Field(
         default=None, description="How to reach the cluster again (secrets masked, never stored)."
     )
@@ -55,7 +58,7 @@ def write_lease(
         owner_pid=os.getpid(),
         owner_start=process_start_time(os.getpid()),
         flow_run_id=flow_run_id,
-        created_at=datetime.now(timezone.utc),
+        created_at=datetime.now(UTC),
         **remote,
     )
     tmp = run_dir / (LEASE_FILE + ".tmp")

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import getpass
 import os
+import shlex
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
-
-import shlex
 
 import paramiko
 
@@ -28,7 +27,7 @@ class CommandResult:
     stdout: str
     stderr: str
 
-    def check(self, what: str) -> "CommandResult":
+    def check(self, what: str) -> CommandResult:
         if self.rc != 0:
             raise CommandFailed(f"{what} failed (exit {self.rc}): {(self.stderr or self.stdout).strip()[:500]}")
         return self
@@ -87,7 +86,11 @@ def resolve(login: SSHLogin) -> SSHTarget:
         path = login.ssh_config.expanduser()
         if path.exists():
             cfg = paramiko.SSHConfig.from_path(str(path)).lookup(login.host)
-    keys = [str(login.key_file.expanduser())] if login.key_file else [os.path.expanduser(k) for k in cfg.get("identityfile", [])]
+    keys = (
+        [str(login.key_file.expanduser())]
+        if login.key_file
+        else [os.path.expanduser(k) for k in cfg.get("identityfile", [])]
+    )
     return SSHTarget(
         hostname=cfg.get("hostname", login.host),
         port=login.port or int(cfg.get("port", 22)),
@@ -125,9 +128,16 @@ def connect(login: SSHLogin) -> paramiko.SSHClient:
     def open_to(client: paramiko.SSHClient, host: str, port: int, user: str, sock=None) -> None:
         try:
             client.connect(
-                host, port=port, username=user, key_filename=target.key_files or None, passphrase=passphrase,
-                timeout=login.connect_timeout_s, banner_timeout=login.connect_timeout_s,
-                auth_timeout=login.connect_timeout_s, sock=sock, look_for_keys=not target.key_files,
+                host,
+                port=port,
+                username=user,
+                key_filename=target.key_files or None,
+                passphrase=passphrase,
+                timeout=login.connect_timeout_s,
+                banner_timeout=login.connect_timeout_s,
+                auth_timeout=login.connect_timeout_s,
+                sock=sock,
+                look_for_keys=not target.key_files,
             )
         except paramiko.SSHException as exc:
             if "not found in known_hosts" in str(exc):
@@ -214,6 +224,8 @@ def remote_tail(shell: Shell, path: str, lines: int = 30) -> str:
 def make_remote_run_dir(shell: Shell, runs_dir: str, run_id: str, where: str) -> str:
     """Create ``runs_dir/run_id`` (mode 0700) on the remote host; its absolute path."""
     base, rid = shlex.quote(runs_dir), shlex.quote(run_id)
-    return shell.run(
-        f"mkdir -p {base} && mkdir -p -m 700 {base}/{rid} && cd {base}/{rid} && pwd"
-    ).check(f"creating the run folder on the {where}").stdout.strip()
+    return (
+        shell.run(f"mkdir -p {base} && mkdir -p -m 700 {base}/{rid} && cd {base}/{rid} && pwd")
+        .check(f"creating the run folder on the {where}")
+        .stdout.strip()
+    )

@@ -34,17 +34,22 @@ def server_start_lines(
     q = shlex.quote
     launcher = f"{run_dir}/supervisor.py"
     exec_line = shlex.join(
-        [server_python, launcher, "--endpoint-file", f"{run_dir}/endpoint.json", "--host", bind_host, "--", *server_argv]
+        [
+            server_python,
+            launcher,
+            "--endpoint-file",
+            f"{run_dir}/endpoint.json",
+            "--host",
+            bind_host,
+            "--",
+            *server_argv,
+        ]
     )
     return [
         "set -eo pipefail",
         f"cd {q(run_dir)}",
         "rm -f endpoint.json  # a restarted (requeued) server writes a fresh one",
-        *(
-            [f'if [ -f api_key ]; then {api_key_env}="$(cat api_key)"; export {api_key_env}; fi']
-            if api_key_env
-            else []
-        ),
+        *([f'if [ -f api_key ]; then {api_key_env}="$(cat api_key)"; export {api_key_env}; fi'] if api_key_env else []),
         "# --- setup lines from the engine config ---",
         *setup,
         "# --- end of setup lines ---",

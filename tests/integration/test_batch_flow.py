@@ -60,7 +60,9 @@ def test_batch_flow_end_to_end(session_config: SessionConfig, tmp_path: Path):
     n_input = sum(1 for line in SAMPLE_INPUT.read_text().splitlines() if line.strip())
     assert len(records) == n_input == result.report.succeeded
     assert {r["response"]["status_code"] for r in records} == {200}
-    assert sorted(r["custom_id"] for r in records) == sorted(json.loads(x)["custom_id"] for x in SAMPLE_INPUT.read_text().splitlines())
+    assert sorted(r["custom_id"] for r in records) == sorted(
+        json.loads(x)["custom_id"] for x in SAMPLE_INPUT.read_text().splitlines()
+    )
     assert {r["response"]["body"]["usage"]["completion_tokens"] for r in records} == {8}  # min_tokens honoured
     assert result.report.completion_tokens == 8 * n_input
 
@@ -115,12 +117,35 @@ def cli_env(prefect_api_url: str) -> dict[str, str]:
 
 def test_invalid_lines_are_reported_and_valid_ones_complete(session_config, tmp_path: Path, cli_env):
     src = tmp_path / "in.jsonl"
-    good = [json.dumps({"custom_id": f"g{i}", "method": "POST", "url": "/v1/completions",
-                        "body": {"model": "tiny-llama", "prompt": f"hi {i}", "max_tokens": 4}}) for i in range(5)]
+    good = [
+        json.dumps(
+            {
+                "custom_id": f"g{i}",
+                "method": "POST",
+                "url": "/v1/completions",
+                "body": {"model": "tiny-llama", "prompt": f"hi {i}", "max_tokens": 4},
+            }
+        )
+        for i in range(5)
+    ]
     src.write_text("\n".join([good[0], "{broken", good[1], good[2], good[1], good[3], good[4]]) + "\n")
     out = tmp_path / "out.jsonl"
-    proc = _cli(["batch", str(src), "-o", str(out), "--runs-dir", str(session_config.runs_dir),
-                 "--model", str(session_config.model.path)], cli_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = _cli(
+        [
+            "batch",
+            str(src),
+            "-o",
+            str(out),
+            "--runs-dir",
+            str(session_config.runs_dir),
+            "--model",
+            str(session_config.model.path),
+        ],
+        cli_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     stdout, _ = proc.communicate(timeout=300)
     assert proc.returncode == 3, stdout
     assert sorted(r["custom_id"] for r in _records(out)) == [f"g{i}" for i in range(5)]
@@ -136,11 +161,30 @@ def test_sigkill_mid_batch_then_rerun_finishes_each_id_once(session_config, tmp_
     src = tmp_path / "big.jsonl"
     with src.open("w") as f:
         for i in range(n):
-            f.write(json.dumps({"custom_id": f"r{i}", "method": "POST", "url": "/v1/completions",
-                                "body": {"model": "tiny-llama", "prompt": f"request {i}", "max_tokens": 48}}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "custom_id": f"r{i}",
+                        "method": "POST",
+                        "url": "/v1/completions",
+                        "body": {"model": "tiny-llama", "prompt": f"request {i}", "max_tokens": 48},
+                    }
+                )
+                + "\n"
+            )
     out = tmp_path / "out.jsonl"
-    args = ["batch", str(src), "-o", str(out), "--runs-dir", str(session_config.runs_dir),
-            "--model", str(session_config.model.path), "--concurrency", "2"]
+    args = [
+        "batch",
+        str(src),
+        "-o",
+        str(out),
+        "--runs-dir",
+        str(session_config.runs_dir),
+        "--model",
+        str(session_config.model.path),
+        "--concurrency",
+        "2",
+    ]
     first = _cli(args, cli_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 240
     while not (out.exists() and out.read_text().count("\n") >= 50):
@@ -169,14 +213,38 @@ def test_ctrl_c_mid_batch_tears_down_and_exits_130(session_config, tmp_path: Pat
     src = tmp_path / "big.jsonl"
     with src.open("w") as f:
         for i in range(600):
-            f.write(json.dumps({"custom_id": f"r{i}", "method": "POST", "url": "/v1/completions",
-                                "body": {"model": "tiny-llama", "prompt": f"request {i}", "max_tokens": 48}}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "custom_id": f"r{i}",
+                        "method": "POST",
+                        "url": "/v1/completions",
+                        "body": {"model": "tiny-llama", "prompt": f"request {i}", "max_tokens": 48},
+                    }
+                )
+                + "\n"
+            )
     out = tmp_path / "out.jsonl"
-    proc = _cli(["batch", str(src), "-o", str(out), "--runs-dir", str(session_config.runs_dir),
-                 "--model", str(session_config.model.path), "--concurrency", "2"],
-                cli_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                # a shell that started us in the background may have set SIGINT to "ignore"
-                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    proc = _cli(
+        [
+            "batch",
+            str(src),
+            "-o",
+            str(out),
+            "--runs-dir",
+            str(session_config.runs_dir),
+            "--model",
+            str(session_config.model.path),
+            "--concurrency",
+            "2",
+        ],
+        cli_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        # a shell that started us in the background may have set SIGINT to "ignore"
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     deadline = time.monotonic() + 240
     while not (out.exists() and out.read_text().count("\n") >= 30):
         assert proc.poll() is None and time.monotonic() < deadline
@@ -206,8 +274,12 @@ def test_endpoint_placement_uses_a_running_server_and_leaves_it_running(session_
             )
             out = tmp_path / "out.jsonl"
             result = batch_inference(session=theirs, batch=BatchConfig(output_path=out, concurrency=4))
-            still_up = httpx.get(s.tunnel.base_url + "/v1/models",
-                                 headers={"Authorization": f"Bearer {s.handle.api_key()}"}).status_code == 200
+            still_up = (
+                httpx.get(
+                    s.tunnel.base_url + "/v1/models", headers={"Authorization": f"Bearer {s.handle.api_key()}"}
+                ).status_code
+                == 200
+            )
             return result.report.succeeded, len(_records(out)), still_up
 
     succeeded, lines, still_up = outer()

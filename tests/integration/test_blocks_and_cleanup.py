@@ -20,10 +20,12 @@ pytestmark = pytest.mark.integration
 def test_cluster_block_round_trip_keeps_the_secret_secret(prefect_api_url):
     from prefect.client.orchestration import get_client
 
-    block = SlurmCluster(placement=SlurmPlacement(
-        login=SSHLogin(host="login.example.org", user="me", key_passphrase="hunter2", proxy_jump="bastion:2222"),
-        slurm=SlurmOptions(partition="gpu", gres="gpu:a100:1", time="08:00:00"),
-    ))
+    block = SlurmCluster(
+        placement=SlurmPlacement(
+            login=SSHLogin(host="login.example.org", user="me", key_passphrase="hunter2", proxy_jump="bastion:2222"),
+            slurm=SlurmOptions(partition="gpu", gres="gpu:a100:1", time="08:00:00"),
+        )
+    )
     block.save("test-della", overwrite=True)
     loaded = SlurmCluster.load("test-della")
     placement = loaded.placement
@@ -36,11 +38,22 @@ def test_cluster_block_round_trip_keeps_the_secret_secret(prefect_api_url):
 
 def test_a_dead_runs_slurm_job_is_cancelled_by_cleanup(test_cluster, server_env, tmp_path: Path):
     venv, model = server_env
-    config = SessionConfig.model_validate({
-        "placement": {"kind": "slurm", "login": _login(test_cluster).model_dump(), "remote_runs_dir": str(tmp_path / "cluster"),
-                      "bind_host": "127.0.0.1", "connect_host": "127.0.0.1", "poll_interval_s": 0.5, "queue_deadline_s": 120},
-        "engine": {"venv": str(venv)}, "model": {"path": str(model)}, "runs_dir": str(tmp_path / "runs"),
-    })
+    config = SessionConfig.model_validate(
+        {
+            "placement": {
+                "kind": "slurm",
+                "login": _login(test_cluster).model_dump(),
+                "remote_runs_dir": str(tmp_path / "cluster"),
+                "bind_host": "127.0.0.1",
+                "connect_host": "127.0.0.1",
+                "poll_interval_s": 0.5,
+                "queue_deadline_s": 120,
+            },
+            "engine": {"venv": str(venv)},
+            "model": {"path": str(model)},
+            "runs_dir": str(tmp_path / "runs"),
+        }
+    )
     alloc = SlurmDriver(config).allocate("dead-run")
     assert _jobs_of(tmp_path), "the job should be queued or running"
     lease_file = orphan_lease(alloc.run_dir)  # as if its flow process had been killed
@@ -56,12 +69,12 @@ def test_model_server_block_round_trip_and_a_flow_started_by_block_names(prefect
     batch run started by block name serves."""
     from blocks import ModelServer
     from flows.batch import batch_inference
-    from llmflow.config import BatchConfig, LlamaCppEngine, ModelConfig, SAMPLE_INPUT
+    from llmflow.config import SAMPLE_INPUT, BatchConfig, LlamaCppEngine, ModelConfig
 
     venv, model = server_env
-    ModelServer(engine=LlamaCppEngine(venv=venv, n_ctx=512), model=ModelConfig(path=model, served_name="from-block")).save(
-        "test-tiny", overwrite=True
-    )
+    ModelServer(
+        engine=LlamaCppEngine(venv=venv, n_ctx=512), model=ModelConfig(path=model, served_name="from-block")
+    ).save("test-tiny", overwrite=True)
     loaded = ModelServer.load("test-tiny")
     assert loaded.engine.kind == "llama_cpp" and loaded.engine.n_ctx == 512 and loaded.model.served_name == "from-block"
     src = tmp_path / "in.jsonl"

@@ -56,19 +56,36 @@ def _check_outputs(out: Path, cells: list, ok_contexts: list[int], past_limit: i
     return rows
 
 
-def test_llama_cpp_campaign_table_plot_artifacts_rejected_cell_and_baseline(server_env, prefect_api_url, tmp_path: Path):
+def test_llama_cpp_campaign_table_plot_artifacts_rejected_cell_and_baseline(
+    server_env, prefect_api_url, tmp_path: Path
+):
     venv, model = server_env
     contexts = [32, 64, 128, 240]
     # a baseline no real run can match: every ok cell must be flagged as a regression
     baseline = tmp_path / "baseline.json"
-    baseline.write_text(json.dumps({"cells": [
-        {"key": f"ctx{c}-c{k}-out8", "status": "ok", "output_throughput": 1e9} for c in contexts for k in (1, 2)
-    ]}))
-    campaign = CampaignConfig(
-        name="it-llama-cpp", context_sizes=[*contexts, 512, 1024], concurrencies=[1, 2], output_tokens=[8], rounds=2,
-        output_dir=tmp_path / "out", baseline=baseline,
+    baseline.write_text(
+        json.dumps(
+            {
+                "cells": [
+                    {"key": f"ctx{c}-c{k}-out8", "status": "ok", "output_throughput": 1e9}
+                    for c in contexts
+                    for k in (1, 2)
+                ]
+            }
+        )
     )
-    session = SessionConfig(engine=LlamaCppEngine(venv=venv, n_ctx=256), model=ModelConfig(path=model), runs_dir=tmp_path / "runs")
+    campaign = CampaignConfig(
+        name="it-llama-cpp",
+        context_sizes=[*contexts, 512, 1024],
+        concurrencies=[1, 2],
+        output_tokens=[8],
+        rounds=2,
+        output_dir=tmp_path / "out",
+        baseline=baseline,
+    )
+    session = SessionConfig(
+        engine=LlamaCppEngine(venv=venv, n_ctx=256), model=ModelConfig(path=model), runs_dir=tmp_path / "runs"
+    )
     state = benchmark_campaign(session=session, campaign=campaign, return_state=True)
     result = state.result()
     assert result.sessions == 1
@@ -93,8 +110,13 @@ def test_killed_server_is_crashed_and_the_campaign_goes_on_with_a_new_one(server
     venv, model = server_env
     out, runs = tmp_path / "out", tmp_path / "runs"
     campaign = CampaignConfig(
-        name="it-crash", context_sizes=[32, 64, 128], concurrencies=[1], output_tokens=[128], rounds=40,
-        warmup_requests=0, output_dir=out,
+        name="it-crash",
+        context_sizes=[32, 64, 128],
+        concurrencies=[1],
+        output_tokens=[128],
+        rounds=40,
+        warmup_requests=0,
+        output_dir=out,
     )
     session = SessionConfig(engine=LlamaCppEngine(venv=venv, n_ctx=512), model=ModelConfig(path=model), runs_dir=runs)
     killer, killed = kill_server_during_cell(out / "requests.jsonl", "ctx64-c1-out128", runs, timeout_s=300)
@@ -116,11 +138,18 @@ def test_vllm_campaign_server_figures_beside_the_client(vllm_env, prefect_api_ur
     venv, model = vllm_env
     contexts = [64, 128, 256, 496]
     campaign = CampaignConfig(
-        name="it-vllm", context_sizes=[*contexts, 1024], concurrencies=[1, 2], output_tokens=[16], rounds=2,
+        name="it-vllm",
+        context_sizes=[*contexts, 1024],
+        concurrencies=[1, 2],
+        output_tokens=[16],
+        rounds=2,
         output_dir=tmp_path / "out",
     )
     engine = VllmEngine(
-        venv=venv, max_model_len=512, dtype="float32", setup=["export HF_HUB_OFFLINE=1", "export VLLM_CPU_KVCACHE_SPACE=1"]
+        venv=venv,
+        max_model_len=512,
+        dtype="float32",
+        setup=["export HF_HUB_OFFLINE=1", "export VLLM_CPU_KVCACHE_SPACE=1"],
     )
     session = SessionConfig(engine=engine, model=ModelConfig(path=model), runs_dir=tmp_path / "runs")
     result = benchmark_campaign(session=session, campaign=campaign)
@@ -141,8 +170,12 @@ def test_a_stopped_campaign_resumes_where_it_stopped(server_env, prefect_api_url
     their request rows, drops the rows of the cell that was cut off, and runs only the rest."""
     venv, model = server_env
     out = tmp_path / "out"
-    session = SessionConfig(engine=LlamaCppEngine(venv=venv, n_ctx=256), model=ModelConfig(path=model), runs_dir=tmp_path / "runs")
-    campaign = CampaignConfig(name="it-resume", context_sizes=[32, 64, 128], concurrencies=[1], output_tokens=[4], output_dir=out)
+    session = SessionConfig(
+        engine=LlamaCppEngine(venv=venv, n_ctx=256), model=ModelConfig(path=model), runs_dir=tmp_path / "runs"
+    )
+    campaign = CampaignConfig(
+        name="it-resume", context_sizes=[32, 64, 128], concurrencies=[1], output_tokens=[4], output_dir=out
+    )
     first = benchmark_campaign(session=session, campaign=campaign)
     assert [c.status for c in first.cells] == ["ok"] * 3
     # as if the run had been killed during the third cell: its record never written, a torn line
@@ -154,5 +187,9 @@ def test_a_stopped_campaign_resumes_where_it_stopped(server_env, prefect_api_url
     assert [c.session for c in again.cells] == [1, 1, 2]
     assert again.cells[0].summary == first.cells[0].summary
     rows = pd.read_parquet(out / "requests.parquet")
-    assert rows.groupby("cell").size().to_dict() == {"ctx32-c1-out4": 3, "ctx64-c1-out4": 3, "ctx128-c1-out4": 3}  # warm-up + 2
+    assert rows.groupby("cell").size().to_dict() == {
+        "ctx32-c1-out4": 3,
+        "ctx64-c1-out4": 3,
+        "ctx128-c1-out4": 3,
+    }  # warm-up + 2
     assert len((out / "cells.jsonl").read_text().splitlines()) == 3

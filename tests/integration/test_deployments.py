@@ -55,8 +55,11 @@ def _prefect_server_and_worker(home: Path, extra_env: dict[str, str] | None = No
     worker on it; yields the environment that points a client or CLI at it. Stops both after."""
     url = f"http://127.0.0.1:{_free_port()}/api"
     env = {
-        **os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": url,
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2",
+        **os.environ,
+        "PREFECT_HOME": str(home),
+        "PREFECT_API_URL": url,
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2",
         **(extra_env or {}),
     }
     port = url.rsplit(":", 1)[1].split("/")[0]
@@ -64,7 +67,10 @@ def _prefect_server_and_worker(home: Path, extra_env: dict[str, str] | None = No
     logs.mkdir()
     server = subprocess.Popen(
         [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", port],
-        env=env, stdout=(logs / "server.log").open("wb"), stderr=subprocess.STDOUT, start_new_session=True,
+        env=env,
+        stdout=(logs / "server.log").open("wb"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     worker = None
     try:
@@ -78,11 +84,19 @@ def _prefect_server_and_worker(home: Path, extra_env: dict[str, str] | None = No
             assert server.poll() is None, (logs / "server.log").read_text()[-3000:]
             assert time.monotonic() < deadline, "prefect server did not come up in 120 s"
             time.sleep(0.5)
-        subprocess.run([PREFECT, "work-pool", "create", "llmflow", "--type", "process"], env=env, check=True,
-                       capture_output=True, cwd=PROJECT_ROOT)
+        subprocess.run(
+            [PREFECT, "work-pool", "create", "llmflow", "--type", "process"],
+            env=env,
+            check=True,
+            capture_output=True,
+            cwd=PROJECT_ROOT,
+        )
         worker = subprocess.Popen(
             [PREFECT, "worker", "start", "--pool", "llmflow", "--prefetch-seconds", "1"],
-            env=env, cwd=PROJECT_ROOT, stdout=(logs / "worker.log").open("wb"), stderr=subprocess.STDOUT,
+            env=env,
+            cwd=PROJECT_ROOT,
+            stdout=(logs / "worker.log").open("wb"),
+            stderr=subprocess.STDOUT,
             start_new_session=True,
         )
         yield env
@@ -108,17 +122,39 @@ def _postgres() -> Iterator[tuple[str, list[str]]]:
     data, port = root / "pgdata", _free_port()
     shutil.chown(root, "postgres")
     as_postgres = ["runuser", "-u", "postgres", "--"]
-    subprocess.run([*as_postgres, str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres"],
-                   check=True, capture_output=True)
-    subprocess.run([*as_postgres, str(bindir / "pg_ctl"), "-D", str(data), "-l", str(root / "pg.log"), "-w", "-o",
-                    f"-p {port} -k {root} -c listen_addresses=127.0.0.1", "start"], check=True, capture_output=True)
+    subprocess.run(
+        [*as_postgres, str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres"],
+        check=True,
+        capture_output=True,
+    )
+    subprocess.run(
+        [
+            *as_postgres,
+            str(bindir / "pg_ctl"),
+            "-D",
+            str(data),
+            "-l",
+            str(root / "pg.log"),
+            "-w",
+            "-o",
+            f"-p {port} -k {root} -c listen_addresses=127.0.0.1",
+            "start",
+        ],
+        check=True,
+        capture_output=True,
+    )
     try:
-        subprocess.run([*as_postgres, str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "prefect"],
-                       check=True, capture_output=True)
+        subprocess.run(
+            [*as_postgres, str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "prefect"],
+            check=True,
+            capture_output=True,
+        )
         psql = [str(bindir / "psql"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "-d", "prefect", "-tAc"]
         yield f"postgresql+asyncpg://postgres@127.0.0.1:{port}/prefect", psql
     finally:
-        subprocess.run([*as_postgres, str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"], capture_output=True)
+        subprocess.run(
+            [*as_postgres, str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"], capture_output=True
+        )
         shutil.rmtree(root, ignore_errors=True)
 
 
@@ -132,15 +168,25 @@ def _client(env: dict[str, str]):
 def _deploy(env: dict[str, str]) -> subprocess.CompletedProcess:
     """What a user runs from a fresh clone (see deployments/deploy.py for why not `prefect deploy`)."""
     return subprocess.run(
-        [sys.executable, "deployments/deploy.py"], env=env, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300,
+        [sys.executable, "deployments/deploy.py"],
+        env=env,
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
 
 
 def _parameters(tmp_path: Path, lines: int, concurrency: int = 4) -> dict:
     src = tmp_path / "in.jsonl"
-    src.write_text("".join(SAMPLE_INPUT.read_text().splitlines(keepends=True)[:lines]) if lines <= 240 else
-                   "".join(json.dumps({**json.loads(SAMPLE_INPUT.read_text().splitlines()[i % 240]), "custom_id": f"r{i}"}) + "\n"
-                           for i in range(lines)))
+    src.write_text(
+        "".join(SAMPLE_INPUT.read_text().splitlines(keepends=True)[:lines])
+        if lines <= 240
+        else "".join(
+            json.dumps({**json.loads(SAMPLE_INPUT.read_text().splitlines()[i % 240]), "custom_id": f"r{i}"}) + "\n"
+            for i in range(lines)
+        )
+    )
     model = tmp_path / "model" / "tiny.gguf"
     model.parent.mkdir(exist_ok=True)
     shutil.copy(PROJECT_ROOT / "models" / "tiny-llama.gguf", model)
@@ -167,13 +213,18 @@ def test_deploy_schedule_trigger_from_the_api_and_read_the_artifacts(prefect_ser
 def test_the_same_on_a_prefect_server_backed_by_postgresql(server_env, tmp_path: Path):
     """Teams that schedule every night outgrow SQLite: the whole path once on PostgreSQL."""
     (tmp_path / "prefect-home").mkdir()
-    with _postgres() as (db_url, psql), _prefect_server_and_worker(
-        tmp_path / "prefect-home", {"PREFECT_API_DATABASE_CONNECTION_URL": db_url}
-    ) as env:
+    with (
+        _postgres() as (db_url, psql),
+        _prefect_server_and_worker(tmp_path / "prefect-home", {"PREFECT_API_DATABASE_CONNECTION_URL": db_url}) as env,
+    ):
         _deploy_trigger_and_check(env, tmp_path / "run")
         # the runs, their artifacts and the deployments' schedules are rows in PostgreSQL
-        rows = subprocess.run([*psql, "select count(*) from artifact where key = 'batch-summary'"],
-                              capture_output=True, text=True, check=True).stdout.strip()
+        rows = subprocess.run(
+            [*psql, "select count(*) from artifact where key = 'batch-summary'"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
         assert rows == "1"
     assert not list((tmp_path / "prefect-home").glob("*.db")), "the server fell back to SQLite"
 
@@ -188,22 +239,31 @@ def _deploy_trigger_and_check(prefect_server: dict[str, str], tmp_path: Path) ->
         assert (schedule.cron, schedule.timezone) == ("0 2 * * *", "Europe/Berlin")
         # the server's scheduler puts the next nightly runs in the calendar
         deadline = time.monotonic() + 60
-        while not (upcoming := client.read_flow_runs(
-            flow_run_filter=FlowRunFilter(deployment_id=FlowRunFilterDeploymentId(any_=[nightly.id]))
-        )):
+        while not (
+            upcoming := client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(deployment_id=FlowRunFilterDeploymentId(any_=[nightly.id]))
+            )
+        ):
             assert time.monotonic() < deadline, "no scheduled run of the nightly deployment after 60 s"
             time.sleep(1)
-        assert upcoming[0].state.type.value == "SCHEDULED" and upcoming[0].expected_start_time.hour in (0, 1)  # 02:00 Berlin in UTC
+        assert upcoming[0].state.type.value == "SCHEDULED" and upcoming[0].expected_start_time.hour in (
+            0,
+            1,
+        )  # 02:00 Berlin in UTC
 
         on_demand = client.read_deployment_by_name("batch-inference/batch")
         run = client.create_flow_run_from_deployment(on_demand.id, parameters=_parameters(tmp_path, 40))
         assert _wait_state(client, run.id, {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}, 300) == "COMPLETED"
-        artifacts = {a.key: a for a in client.read_artifacts(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])))}
+        artifacts = {
+            a.key: a for a in client.read_artifacts(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])))
+        }
         assert {"batch-summary", "batch-report"} <= set(artifacts)
         row = json.loads(artifacts["batch-summary"].data)[0]
         assert row["succeeded"] == 40 and row["placement"] == "local" and row["completion_tokens"] > 0
         assert "40 ok" in artifacts["batch-report"].data
-        kinds = {a.type for a in client.read_artifacts(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])))}
+        kinds = {
+            a.type for a in client.read_artifacts(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])))
+        }
         assert "progress" in kinds
     # the finished batch emitted an event with its summary (events are stored asynchronously)
     deadline, events = time.monotonic() + 30, []
@@ -224,7 +284,9 @@ def test_cancel_from_the_api_mid_batch_tears_the_server_down(prefect_server, ser
         if not client.read_deployments():
             assert _deploy(prefect_server).returncode == 0
         deployment = client.read_deployment_by_name("batch-inference/batch")
-        run = client.create_flow_run_from_deployment(deployment.id, parameters=_parameters(tmp_path, 5000, concurrency=1))
+        run = client.create_flow_run_from_deployment(
+            deployment.id, parameters=_parameters(tmp_path, 5000, concurrency=1)
+        )
         out = tmp_path / "out.jsonl"
         deadline = time.monotonic() + 300
         while not (out.exists() and len(out.read_text().splitlines()) >= 20):
@@ -251,13 +313,32 @@ def test_node_limit_lets_one_session_at_a_time_hold_a_node(prefect_server, serve
     procs = []
     for i in (0, 1):
         config = tmp_path / f"config-{i}.json"
-        config.write_text(json.dumps({"session": {**params["session"], "runs_dir": str(tmp_path / f"runs-{i}"),
-                                                  "node_limit": "test-nodes"}}))
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "cli.main", "batch", params["batch"]["input_path"], "-o", str(tmp_path / f"out-{i}.jsonl"),
-             "--config", str(config), "--concurrency", "1"],
-            env=prefect_server, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        ))
+        config.write_text(
+            json.dumps(
+                {"session": {**params["session"], "runs_dir": str(tmp_path / f"runs-{i}"), "node_limit": "test-nodes"}}
+            )
+        )
+        procs.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "cli.main",
+                    "batch",
+                    params["batch"]["input_path"],
+                    "-o",
+                    str(tmp_path / f"out-{i}.jsonl"),
+                    "--config",
+                    str(config),
+                    "--concurrency",
+                    "1",
+                ],
+                env=prefect_server,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
     outputs = [p.communicate(timeout=600)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs
     windows = []
@@ -271,9 +352,21 @@ def test_node_limit_lets_one_session_at_a_time_hold_a_node(prefect_server, serve
     config = tmp_path / "config-missing.json"
     config.write_text(json.dumps({"session": {**params["session"], "node_limit": "no-such-limit"}}))
     res = subprocess.run(
-        [sys.executable, "-m", "cli.main", "batch", params["batch"]["input_path"], "-o", str(tmp_path / "o.jsonl"),
-         "--config", str(config)],
-        env=prefect_server, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "cli.main",
+            "batch",
+            params["batch"]["input_path"],
+            "-o",
+            str(tmp_path / "o.jsonl"),
+            "--config",
+            str(config),
+        ],
+        env=prefect_server,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert res.returncode == 1 and "prefect gcl create no-such-limit" in res.stdout + res.stderr
     assert llama_processes(str(tmp_path)) == []
@@ -291,11 +384,18 @@ def test_campaign_deployment_run_from_the_api_writes_its_table_and_report(prefec
         params = _parameters(tmp_path, 1)
         params.pop("batch")
         params["session"]["engine"] = {"kind": "llama_cpp", "n_ctx": 256}
-        params["campaign"] = {"name": "from-ui", "context_sizes": [32, 64, 128, 512], "concurrencies": [1, 2],
-                              "output_tokens": [4], "output_dir": str(tmp_path / "campaign")}
+        params["campaign"] = {
+            "name": "from-ui",
+            "context_sizes": [32, 64, 128, 512],
+            "concurrencies": [1, 2],
+            "output_tokens": [4],
+            "output_dir": str(tmp_path / "campaign"),
+        }
         run = client.create_flow_run_from_deployment(deployment.id, parameters=params)
         assert _wait_state(client, run.id, {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}, 300) == "COMPLETED"
-        artifacts = {a.key: a for a in client.read_artifacts(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])))}
+        artifacts = {
+            a.key: a for a in client.read_artifacts(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])))
+        }
         assert {"campaign-from-ui", "campaign-from-ui-report"} <= set(artifacts)
         statuses = [row["status"] for row in json.loads(artifacts["campaign-from-ui"].data)]
         assert statuses == ["ok", "ok", "ok", "rejected"] * 2

@@ -16,7 +16,13 @@ from prefect import flow
 from flows.batch import batch_inference
 from flows.session import model_session
 from llmflow.config import (
-    SAMPLE_INPUT, BatchConfig, CommandEngine, LlamaCppEngine, LlamaServerEngine, ModelConfig, SessionConfig,
+    SAMPLE_INPUT,
+    BatchConfig,
+    CommandEngine,
+    LlamaCppEngine,
+    LlamaServerEngine,
+    ModelConfig,
+    SessionConfig,
     SSHPlacement,
 )
 from llmflow.errors import ServerDied
@@ -132,14 +138,30 @@ def test_command_engine_serves_any_openai_style_server(server_env, tmp_path: Pat
     """llama-cpp-python's server, but described only as a command line, a readiness path and a key variable."""
     venv, model = server_env
     engine = CommandEngine(
-        argv=[str(venv / "bin" / "python"), "-m", "llama_cpp.server", "--model", "{model}",
-              "--model_alias", "{served_name}", "--host", "{host}", "--port", "{port}"],
-        readiness_path="/v1/models", api_key_env="API_KEY", fixed_length=["min_tokens"],
+        argv=[
+            str(venv / "bin" / "python"),
+            "-m",
+            "llama_cpp.server",
+            "--model",
+            "{model}",
+            "--model_alias",
+            "{served_name}",
+            "--host",
+            "{host}",
+            "--port",
+            "{port}",
+        ],
+        readiness_path="/v1/models",
+        api_key_env="API_KEY",
+        fixed_length=["min_tokens"],
     )
-    session = SessionConfig(engine=engine, model=ModelConfig(path=_model_copy(tmp_path, model)), runs_dir=tmp_path / "runs")
+    session = SessionConfig(
+        engine=engine, model=ModelConfig(path=_model_copy(tmp_path, model)), runs_dir=tmp_path / "runs"
+    )
     out = tmp_path / "out.jsonl"
     result = batch_inference(
-        session=session, batch=BatchConfig(input_path=_small_input(tmp_path, 20), output_path=out, fixed_output_tokens=6)
+        session=session,
+        batch=BatchConfig(input_path=_small_input(tmp_path, 20), output_path=out, fixed_output_tokens=6),
     )
     records = _records(out)
     assert len(records) == 20 == result.report.succeeded
@@ -155,7 +177,9 @@ def test_command_engine_serves_any_openai_style_server(server_env, tmp_path: Pat
 def ssh_session(test_cluster, server_env, tmp_path: Path, prefect_api_url) -> SessionConfig:
     venv, model = server_env
     return SessionConfig(
-        placement=SSHPlacement(login=_login(test_cluster), remote_runs_dir=str(tmp_path / "host-runs"), poll_interval_s=0.5),
+        placement=SSHPlacement(
+            login=_login(test_cluster), remote_runs_dir=str(tmp_path / "host-runs"), poll_interval_s=0.5
+        ),
         engine=LlamaCppEngine(venv=venv),
         model=ModelConfig(path=_model_copy(tmp_path, model)),
         runs_dir=tmp_path / "runs",
@@ -178,7 +202,9 @@ def test_ssh_placement_starts_a_real_server_tunnels_and_stops_it(ssh_session: Se
     assert seen["forwarded"] is True and seen["keyless"] == 401
     assert seen["processes"], "no server process was started on the host"
     out = tmp_path / "out.jsonl"
-    result = batch_inference(session=ssh_session, batch=BatchConfig(input_path=_small_input(tmp_path, 30), output_path=out))
+    result = batch_inference(
+        session=ssh_session, batch=BatchConfig(input_path=_small_input(tmp_path, 30), output_path=out)
+    )
     assert result.report.succeeded == 30 == len(_records(out))
     assert {r["response"]["status_code"] for r in _records(out)} == {200}
     assert _wait_no_processes(str(tmp_path)) == []

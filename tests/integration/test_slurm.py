@@ -16,10 +16,19 @@ from prefect import flow
 
 from flows.batch import batch_inference
 from flows.session import model_session
-from llmflow.config import SAMPLE_INPUT, BatchConfig, LlamaCppEngine, ModelConfig, SessionConfig, SlurmOptions, SlurmPlacement, SSHLogin
-from llmflow.remote.leases import read_lease
+from llmflow.config import (
+    SAMPLE_INPUT,
+    BatchConfig,
+    LlamaCppEngine,
+    ModelConfig,
+    SessionConfig,
+    SlurmOptions,
+    SlurmPlacement,
+    SSHLogin,
+)
 from llmflow.errors import HostKeyRejected, JobRejected, QueueTimeout, ServerDied
 from llmflow.remote.connections import forward_of, tunnel_shell_of
+from llmflow.remote.leases import read_lease
 from llmflow.remote.shell import SSHShell
 
 pytestmark = pytest.mark.integration
@@ -27,9 +36,12 @@ pytestmark = pytest.mark.integration
 
 def _login(cluster: dict[str, str], **overrides) -> SSHLogin:
     settings = dict(
-        host=cluster["LLMFLOW_TEST_SSH_HOST"], port=int(cluster["LLMFLOW_TEST_SSH_PORT"]),
-        user=cluster["LLMFLOW_TEST_SSH_USER"], key_file=Path(cluster["LLMFLOW_TEST_SSH_KEY"]),
-        known_hosts=Path(cluster["LLMFLOW_TEST_KNOWN_HOSTS"]), ssh_config=None,
+        host=cluster["LLMFLOW_TEST_SSH_HOST"],
+        port=int(cluster["LLMFLOW_TEST_SSH_PORT"]),
+        user=cluster["LLMFLOW_TEST_SSH_USER"],
+        key_file=Path(cluster["LLMFLOW_TEST_SSH_KEY"]),
+        known_hosts=Path(cluster["LLMFLOW_TEST_KNOWN_HOSTS"]),
+        ssh_config=None,
     )
     return SSHLogin(**{**settings, **overrides})
 
@@ -42,9 +54,13 @@ def slurm_session(tmp_path: Path, server_env, test_cluster, prefect_api_url) -> 
     shutil.copy(model, local_model)
     return SessionConfig(
         placement=SlurmPlacement(
-            login=_login(test_cluster), remote_runs_dir=str(tmp_path / "cluster-runs"),
+            login=_login(test_cluster),
+            remote_runs_dir=str(tmp_path / "cluster-runs"),
             # one-node test cluster: the "compute node" is this machine, reached on loopback
-            bind_host="127.0.0.1", connect_host="127.0.0.1", poll_interval_s=0.5, queue_deadline_s=120,
+            bind_host="127.0.0.1",
+            connect_host="127.0.0.1",
+            poll_interval_s=0.5,
+            queue_deadline_s=120,
         ),
         engine=LlamaCppEngine(venv=venv),
         model=ModelConfig(path=local_model),
@@ -92,7 +108,12 @@ def test_forward_listens_on_loopback_only_and_key_is_enforced(slurm_session: Ses
             }
 
     assert probe() == {
-        "bind": "127.0.0.1", "forwarded": True, "no_key": 401, "key": 200, "remote_key_mode": "0o600", "after_drop": 200,
+        "bind": "127.0.0.1",
+        "forwarded": True,
+        "no_key": 401,
+        "key": 200,
+        "remote_key_mode": "0o600",
+        "after_drop": 200,
     }
     assert _jobs_of(tmp_path) == []
 
@@ -116,8 +137,17 @@ def test_requeue_mid_batch_completes_each_id_once(slurm_session: SessionConfig, 
     n = 400
     with src.open("w") as f:
         for i in range(n):
-            f.write(json.dumps({"custom_id": f"r{i}", "method": "POST", "url": "/v1/completions",
-                                "body": {"model": "tiny-llama", "prompt": f"request {i}", "max_tokens": 48}}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "custom_id": f"r{i}",
+                        "method": "POST",
+                        "url": "/v1/completions",
+                        "body": {"model": "tiny-llama", "prompt": f"request {i}", "max_tokens": 48},
+                    }
+                )
+                + "\n"
+            )
     out = tmp_path / "out.jsonl"
     requeued: dict[str, object] = {}
 
@@ -132,7 +162,9 @@ def test_requeue_mid_batch_completes_each_id_once(slurm_session: SessionConfig, 
                 # Slurm holds a requeued job for 120 s (BeginTime) once it is back to PENDING;
                 # let it start again now rather than make the test wait
                 while time.monotonic() < deadline:
-                    state = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T|%r"], capture_output=True, text=True).stdout
+                    state = subprocess.run(
+                        ["squeue", "-h", "-j", job, "-o", "%T|%r"], capture_output=True, text=True
+                    ).stdout
                     if state.startswith("PENDING|BeginTime"):
                         subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
                         return
@@ -142,8 +174,9 @@ def test_requeue_mid_batch_completes_each_id_once(slurm_session: SessionConfig, 
 
     watcher = threading.Thread(target=requeue_when_busy, daemon=True)
     watcher.start()
-    batch = BatchConfig(input_path=src, output_path=out, concurrency=2, max_attempts=2, backoff_s=0.2,
-                        stop_after_failures=2)
+    batch = BatchConfig(
+        input_path=src, output_path=out, concurrency=2, max_attempts=2, backoff_s=0.2, stop_after_failures=2
+    )
     result = batch_inference(session=slurm_session, batch=batch)
     watcher.join(5)
     assert requeued.get("at_lines", n) < n, "the requeue did not happen mid-batch"
@@ -189,7 +222,9 @@ def test_unknown_host_key_is_refused_unless_opted_in(test_cluster, tmp_path: Pat
     SSHShell(_login(test_cluster, known_hosts=empty)).close()  # and now trusted without opting in
 
 
-def test_hold_prints_a_working_url_and_key_then_tears_down(slurm_session: SessionConfig, tmp_path: Path, prefect_api_url):
+def test_hold_prints_a_working_url_and_key_then_tears_down(
+    slurm_session: SessionConfig, tmp_path: Path, prefect_api_url
+):
     import os
     import re
     import sys
@@ -198,7 +233,10 @@ def test_hold_prints_a_working_url_and_key_then_tears_down(slurm_session: Sessio
     config.write_text(json.dumps({"session": slurm_session.model_dump(mode="json")}))
     proc = subprocess.Popen(
         [sys.executable, "-m", "cli.main", "hold", "--hours", "0.005", "--check-every", "2", "--config", str(config)],
-        env={**os.environ, "PREFECT_API_URL": prefect_api_url}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "PREFECT_API_URL": prefect_api_url},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     seen = ""
     deadline = time.monotonic() + 120
@@ -209,8 +247,12 @@ def test_hold_prints_a_working_url_and_key_then_tears_down(slurm_session: Sessio
     base = re.search(r"base URL:\s+(\S+)", seen).group(1)
     key = re.search(r"API key:\s+(\S+)", seen).group(1)
     assert base.startswith("http://127.0.0.1:") and "curl -s" in seen and "OpenAI(base_url=" in seen
-    resp = httpx.post(base + "/completions", headers={"Authorization": f"Bearer {key}"},
-                      json={"model": "tiny-llama", "prompt": "hi", "max_tokens": 4}, timeout=30)
+    resp = httpx.post(
+        base + "/completions",
+        headers={"Authorization": f"Bearer {key}"},
+        json={"model": "tiny-llama", "prompt": "hi", "max_tokens": 4},
+        timeout=30,
+    )
     assert resp.status_code == 200
     rest, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, seen + rest
@@ -227,8 +269,15 @@ def test_campaign_on_slurm_kill_mid_cell_starts_a_new_job(slurm_session: Session
 
     out = tmp_path / "campaign"
     session = slurm_session.model_copy(update={"engine": slurm_session.engine.model_copy(update={"n_ctx": 512})})
-    campaign = CampaignConfig(name="it-slurm", context_sizes=[32, 64, 128], concurrencies=[1], output_tokens=[128],
-                              rounds=40, warmup_requests=0, output_dir=out)
+    campaign = CampaignConfig(
+        name="it-slurm",
+        context_sizes=[32, 64, 128],
+        concurrencies=[1],
+        output_tokens=[128],
+        rounds=40,
+        warmup_requests=0,
+        output_dir=out,
+    )
     _, killed = kill_server_during_cell(out / "requests.jsonl", "ctx64-c1-out128", tmp_path / "cluster-runs")
     result = benchmark_campaign(session=session, campaign=campaign)
     assert killed

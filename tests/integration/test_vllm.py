@@ -67,7 +67,8 @@ def test_vllm_local_batch_key_enforced_nothing_left(vllm_env, tmp_path: Path, pr
     assert keyless.get("status") == 401
     # vLLM's own /metrics counters over the pass agree with the usage the client summed
     assert result.report.server_counters == {
-        "prompt_tokens": result.report.prompt_tokens, "generation_tokens": result.report.completion_tokens,
+        "prompt_tokens": result.report.prompt_tokens,
+        "generation_tokens": result.report.completion_tokens,
     }
     deadline = time.monotonic() + 15
     while llama_processes(str(tmp_path)) and time.monotonic() < deadline:
@@ -82,16 +83,24 @@ def vllm_slurm_session(vllm_env, test_cluster, tmp_path: Path, prefect_api_url) 
     shutil.copytree(model, local_model)
     return SessionConfig(
         placement=SlurmPlacement(
-            login=_login(test_cluster), remote_runs_dir=str(tmp_path / "cluster-runs"),
-            bind_host="127.0.0.1", connect_host="127.0.0.1", poll_interval_s=0.5, queue_deadline_s=120,
+            login=_login(test_cluster),
+            remote_runs_dir=str(tmp_path / "cluster-runs"),
+            bind_host="127.0.0.1",
+            connect_host="127.0.0.1",
+            poll_interval_s=0.5,
+            queue_deadline_s=120,
         ),
-        engine=_engine(venv), model=ModelConfig(path=local_model), runs_dir=tmp_path / "runs",
+        engine=_engine(venv),
+        model=ModelConfig(path=local_model),
+        runs_dir=tmp_path / "runs",
     )
 
 
 def test_vllm_on_slurm_through_ssh_tunnel(vllm_slurm_session: SessionConfig, tmp_path: Path):
     out = tmp_path / "out.jsonl"
-    result = batch_inference(session=vllm_slurm_session, batch=BatchConfig(input_path=_small_input(tmp_path), output_path=out))
+    result = batch_inference(
+        session=vllm_slurm_session, batch=BatchConfig(input_path=_small_input(tmp_path), output_path=out)
+    )
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(records) == 60 == result.report.succeeded
     assert {r["response"]["status_code"] for r in records} == {200}

@@ -46,7 +46,17 @@ class FaultyServer:
 def _write_input(path: Path, ids: list[str]) -> None:
     with path.open("w") as f:
         for cid in ids:
-            f.write(json.dumps({"custom_id": cid, "method": "POST", "url": "/v1/completions", "body": {"prompt": cid, "max_tokens": 5}}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "custom_id": cid,
+                        "method": "POST",
+                        "url": "/v1/completions",
+                        "body": {"prompt": cid, "max_tokens": 5},
+                    }
+                )
+                + "\n"
+            )
 
 
 def _output_ids(path: Path) -> list[str]:
@@ -58,8 +68,13 @@ def test_retries_5xx_not_4xx_and_gives_up(tmp_path: Path, transport: str):
     ids = [f"ok-{i}" for i in range(20)] + ["flaky-1", "flaky-2", "bad-1", "dead-1", "slow-1"]
     _write_input(tmp_path / "in.jsonl", ids)
     cfg = BatchConfig(
-        input_path=tmp_path / "in.jsonl", output_path=tmp_path / "out.jsonl", concurrency=4,
-        max_attempts=3, backoff_s=0.01, backoff_max_s=0.02, timeouts=Timeouts(read=0.5),
+        input_path=tmp_path / "in.jsonl",
+        output_path=tmp_path / "out.jsonl",
+        concurrency=4,
+        max_attempts=3,
+        backoff_s=0.01,
+        backoff_max_s=0.02,
+        timeouts=Timeouts(read=0.5),
     )
     fake = FaultyServer()
 
@@ -108,8 +123,11 @@ def test_rerun_sends_only_what_is_missing(tmp_path: Path):
 def test_connection_refused_is_retried_then_reported(tmp_path: Path):
     _write_input(tmp_path / "in.jsonl", ["a", "b"])
     cfg = BatchConfig(
-        input_path=tmp_path / "in.jsonl", output_path=tmp_path / "out.jsonl",
-        max_attempts=2, backoff_s=0.01, backoff_max_s=0.01,
+        input_path=tmp_path / "in.jsonl",
+        output_path=tmp_path / "out.jsonl",
+        max_attempts=2,
+        backoff_s=0.01,
+        backoff_max_s=0.01,
     )
     report = asyncio.run(run_batch(cfg, "http://127.0.0.1:9"))  # discard port: nothing listens
     assert report.unfinished == 2 and report.retries == 2

@@ -9,9 +9,20 @@ from llmflow.results import BatchReport
 
 def test_tok_per_s_counts_only_this_pass(tmp_path: Path):
     report = BatchReport(
-        input_path=tmp_path / "i", output_path=tmp_path / "o.jsonl", errors_path=tmp_path / "e",
-        input_lines=10, already_done=4, sent=6, succeeded=5, failed_http=1, unfinished=0, invalid_lines=0,
-        prompt_tokens=100, completion_tokens=50, wall_s=2.0, retries=0,
+        input_path=tmp_path / "i",
+        output_path=tmp_path / "o.jsonl",
+        errors_path=tmp_path / "e",
+        input_lines=10,
+        already_done=4,
+        sent=6,
+        succeeded=5,
+        failed_http=1,
+        unfinished=0,
+        invalid_lines=0,
+        prompt_tokens=100,
+        completion_tokens=50,
+        wall_s=2.0,
+        retries=0,
     )
     t = tok_per_s(report, summary_path_for(report.output_path))
     assert t.requests == 6 and t.requests_per_s == 3.0
@@ -21,10 +32,31 @@ def test_tok_per_s_counts_only_this_pass(tmp_path: Path):
 
 def test_merge_reports_sums_the_passes(tmp_path: Path):
     common = dict(input_path=tmp_path, output_path=tmp_path, errors_path=tmp_path, input_lines=100, invalid_lines=0)
-    a = BatchReport(**common, already_done=10, sent=50, succeeded=40, failed_http=0, unfinished=10,
-                    prompt_tokens=400, completion_tokens=80, wall_s=5, retries=30, stopped_early=True)
-    b = BatchReport(**common, already_done=50, sent=50, succeeded=50, failed_http=0, unfinished=0,
-                    prompt_tokens=500, completion_tokens=100, wall_s=4, retries=0)
+    a = BatchReport(
+        **common,
+        already_done=10,
+        sent=50,
+        succeeded=40,
+        failed_http=0,
+        unfinished=10,
+        prompt_tokens=400,
+        completion_tokens=80,
+        wall_s=5,
+        retries=30,
+        stopped_early=True,
+    )
+    b = BatchReport(
+        **common,
+        already_done=50,
+        sent=50,
+        succeeded=50,
+        failed_http=0,
+        unfinished=0,
+        prompt_tokens=500,
+        completion_tokens=100,
+        wall_s=4,
+        retries=0,
+    )
     m = merge_reports(a, b)
     assert (m.already_done, m.sent, m.succeeded, m.unfinished, m.stopped_early) == (10, 100, 90, 0, False)
     assert (m.prompt_tokens, m.completion_tokens, m.wall_s, m.retries) == (900, 180, 9, 30)

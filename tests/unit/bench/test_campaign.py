@@ -12,16 +12,16 @@ import httpx
 import pytest
 from aiohttp import web
 
-from llmflow.bench.metrics import server_figures
-from llmflow.bench.config import CampaignConfig, Cell, grid, load_campaign, skip_reason
-from llmflow.errors import CampaignFileError
-from llmflow.bench.report import compare, markdown_report, vllm_result, write_outputs
 from cli.main import main
-from llmflow.config import PROJECT_ROOT, LlamaServerEngine, VllmEngine
+from llmflow.bench.config import CampaignConfig, Cell, grid, load_campaign, skip_reason
 from llmflow.bench.memory import group_rss_bytes
+from llmflow.bench.metrics import server_figures
 from llmflow.bench.prompts import PromptFactory, fit_prompt, prompt_text
-from llmflow.results import CellResult
+from llmflow.bench.report import compare, markdown_report, vllm_result, write_outputs
 from llmflow.bench.stream import StreamRequest, parse_event, run_requests
+from llmflow.config import PROJECT_ROOT, LlamaServerEngine, VllmEngine
+from llmflow.errors import CampaignFileError
+from llmflow.results import CellResult
 from tests.conftest import serve_aiohttp
 
 CAMPAIGNS = PROJECT_ROOT / "benchmarks" / "campaigns"
@@ -30,10 +30,21 @@ CAMPAIGNS = PROJECT_ROOT / "benchmarks" / "campaigns"
 def test_grid_runs_small_contexts_first_per_concurrency_and_skips_after_a_rejection():
     c = CampaignConfig(context_sizes=[128, 32, 64], concurrencies=[4, 1], output_tokens=[8])
     keys = [cell.key for cell in grid(c)]
-    assert keys == ["ctx32-c1-out8", "ctx64-c1-out8", "ctx128-c1-out8", "ctx32-c4-out8", "ctx64-c4-out8", "ctx128-c4-out8"]
+    assert keys == [
+        "ctx32-c1-out8",
+        "ctx64-c1-out8",
+        "ctx128-c1-out8",
+        "ctx32-c4-out8",
+        "ctx64-c4-out8",
+        "ctx128-c4-out8",
+    ]
     done = [CellResult(key="ctx64-c1-out8", context=64, concurrency=1, output_tokens=8, status="rejected")]
-    assert skip_reason(Cell(context=128, concurrency=1, output_tokens=8), done, ["rejected"]) == "context 64 was rejected"
-    assert skip_reason(Cell(context=128, concurrency=4, output_tokens=8), done, ["rejected"]) is None  # other concurrency
+    assert (
+        skip_reason(Cell(context=128, concurrency=1, output_tokens=8), done, ["rejected"]) == "context 64 was rejected"
+    )
+    assert (
+        skip_reason(Cell(context=128, concurrency=4, output_tokens=8), done, ["rejected"]) is None
+    )  # other concurrency
     assert skip_reason(Cell(context=32, concurrency=1, output_tokens=8), done, ["rejected"]) is None  # smaller
     assert skip_reason(Cell(context=128, concurrency=1, output_tokens=8), done, ["crashed"]) is None
 
@@ -71,7 +82,9 @@ def test_campaign_file_errors_name_the_file_and_field(tmp_path: Path):
 
 def test_yaml_and_relative_paths(tmp_path: Path):
     f = tmp_path / "c.yml"
-    f.write_text("name: y\ncontext_sizes: [16]\noutput_dir: out/here\nsession:\n  engine: {kind: vllm, venv: .venvs/v}\n")
+    f.write_text(
+        "name: y\ncontext_sizes: [16]\noutput_dir: out/here\nsession:\n  engine: {kind: vllm, venv: .venvs/v}\n"
+    )
     campaign, session = load_campaign(f)
     assert campaign.output_dir == PROJECT_ROOT / "out" / "here"
     assert session["engine"]["venv"] == str(PROJECT_ROOT / ".venvs" / "v")
@@ -129,7 +142,10 @@ def test_prompt_factory_measures_the_tokenizer_offset_and_reuses_the_shape():
 def test_llama_server_tokenize_request_asks_for_special_tokens():
     from llmflow import engines
 
-    assert engines.spec_for(LlamaServerEngine()).tokenize_request("hi", "m") == ("/tokenize", {"content": "hi", "add_special": True})
+    assert engines.spec_for(LlamaServerEngine()).tokenize_request("hi", "m") == (
+        "/tokenize",
+        {"content": "hi", "add_special": True},
+    )
 
 
 def test_parse_event():
@@ -150,7 +166,9 @@ async def _sse(request: web.Request) -> web.StreamResponse:
     if mode == "slow":
         await asyncio.sleep(2.0)  # nothing within the client's read timeout
     for i, text in enumerate(["a", "", "b", "c"]):  # one token decodes to no text
-        await resp.write(b"data: " + json.dumps({"choices": [{"text": text, "finish_reason": None}]}).encode() + b"\n\n")
+        await resp.write(
+            b"data: " + json.dumps({"choices": [{"text": text, "finish_reason": None}]}).encode() + b"\n\n"
+        )
         await asyncio.sleep(0.01)
         if mode == "cut" and i == 1:
             return resp  # the server goes away mid-stream
@@ -164,7 +182,10 @@ async def _sse(request: web.Request) -> web.StreamResponse:
 def test_stream_client_outcomes_against_a_real_sse_server():
     async def go():
         runner, url = await serve_aiohttp(_sse)
-        reqs = [StreamRequest(m, json.dumps({"prompt": m}).encode(), 7, 4) for m in ("usage", "chunks", "cut", "reject", "slow")]
+        reqs = [
+            StreamRequest(m, json.dumps({"prompt": m}).encode(), 7, 4)
+            for m in ("usage", "chunks", "cut", "reject", "slow")
+        ]
         seen = []
         try:
             results, wall = await run_requests(url, "k", reqs, 2, 0.5, on_done=lambda i, s, t: seen.append(i))
@@ -185,8 +206,17 @@ def test_stream_client_outcomes_against_a_real_sse_server():
 
 
 def test_server_figures_from_vllm_histograms_and_llama_server_timings():
-    v = server_figures({"prompt_tokens": 200, "generation_tokens": 40, "prefill_seconds": 0.5, "decode_seconds": 2.0,
-                        "ttft_seconds": 0.3, "ttft_count": 3}, None)
+    v = server_figures(
+        {
+            "prompt_tokens": 200,
+            "generation_tokens": 40,
+            "prefill_seconds": 0.5,
+            "decode_seconds": 2.0,
+            "ttft_seconds": 0.3,
+            "ttft_count": 3,
+        },
+        None,
+    )
     assert v.server_prefill_tok_per_s == 400 and v.server_decode_tok_per_s == 20
     assert v.server_mean_ttft_ms == pytest.approx(100)
     ls = server_figures(None, {"prompt_n": 100, "prompt_ms": 50, "predicted_n": 30, "predicted_ms": 300, "cache_n": 2})
@@ -195,16 +225,35 @@ def test_server_figures_from_vllm_histograms_and_llama_server_timings():
 
 
 def _cell(key="ctx32-c1-out8", status="ok", **summary) -> CellResult:
-    return CellResult(key=key, context=32, concurrency=1, output_tokens=8, status=status, requests=2,
-                      summary={"completed": 2, "prefill_tok_per_s": 100.0, "decode_tok_per_s": 50.0,
-                               "mean_ttft_ms": 10.0, "output_throughput": 80.0, **summary})
+    return CellResult(
+        key=key,
+        context=32,
+        concurrency=1,
+        output_tokens=8,
+        status=status,
+        requests=2,
+        summary={
+            "completed": 2,
+            "prefill_tok_per_s": 100.0,
+            "decode_tok_per_s": 50.0,
+            "mean_ttft_ms": 10.0,
+            "output_throughput": 80.0,
+            **summary,
+        },
+    )
 
 
 def test_compare_flags_worse_cells_only_beyond_the_threshold():
-    base = [{"key": "a", "status": "ok", "output_throughput": 100.0, "mean_ttft_ms": 10.0},
-            {"key": "b", "status": "ok", "output_throughput": 100.0}, {"key": "gone", "status": "ok"}]
-    now = [{"key": "a", "status": "ok", "output_throughput": 95.0, "mean_ttft_ms": 12.0},  # ttft +20%: flagged
-           {"key": "b", "status": "crashed"}, {"key": "new", "status": "ok", "output_throughput": 1.0}]
+    base = [
+        {"key": "a", "status": "ok", "output_throughput": 100.0, "mean_ttft_ms": 10.0},
+        {"key": "b", "status": "ok", "output_throughput": 100.0},
+        {"key": "gone", "status": "ok"},
+    ]
+    now = [
+        {"key": "a", "status": "ok", "output_throughput": 95.0, "mean_ttft_ms": 12.0},  # ttft +20%: flagged
+        {"key": "b", "status": "crashed"},
+        {"key": "new", "status": "ok", "output_throughput": 1.0},
+    ]
     found = compare(now, base, 0.10)
     assert [(f["key"], f["metric"]) for f in found] == [("a", "mean_ttft_ms"), ("b", "status")]
     assert found[0]["change"] == pytest.approx(0.2)
@@ -213,12 +262,56 @@ def test_compare_flags_worse_cells_only_beyond_the_threshold():
 
 def test_outputs_and_vllm_json_and_report(tmp_path: Path):
     rows = tmp_path / "requests.jsonl"
-    rows.write_text("\n".join(json.dumps(r) for r in [
-        {"cell": "ctx32-c1-out8", "warmup": True, "outcome": "ok", "prompt_tokens": 32, "completion_tokens": 8, "ttft_s": 0.5, "itl_s": [0.1], "error": None},
-        {"cell": "ctx32-c1-out8", "warmup": False, "outcome": "ok", "prompt_tokens": 32, "completion_tokens": 8, "ttft_s": 0.01, "itl_s": [0.1, 0.2], "error": None},
-        {"cell": "ctx32-c1-out8", "warmup": False, "outcome": "ok", "prompt_tokens": 32, "completion_tokens": 8, "ttft_s": 0.02, "itl_s": [0.1], "error": None},
-    ]) + '\n{"cell": "torn')
-    cells = [_cell(), _cell("ctx64-c1-out8", "rejected"), CellResult(key="ctx128-c1-out8", context=128, concurrency=1, output_tokens=8, status="skipped", reason="context 64 was rejected")]
+    rows.write_text(
+        "\n".join(
+            json.dumps(r)
+            for r in [
+                {
+                    "cell": "ctx32-c1-out8",
+                    "warmup": True,
+                    "outcome": "ok",
+                    "prompt_tokens": 32,
+                    "completion_tokens": 8,
+                    "ttft_s": 0.5,
+                    "itl_s": [0.1],
+                    "error": None,
+                },
+                {
+                    "cell": "ctx32-c1-out8",
+                    "warmup": False,
+                    "outcome": "ok",
+                    "prompt_tokens": 32,
+                    "completion_tokens": 8,
+                    "ttft_s": 0.01,
+                    "itl_s": [0.1, 0.2],
+                    "error": None,
+                },
+                {
+                    "cell": "ctx32-c1-out8",
+                    "warmup": False,
+                    "outcome": "ok",
+                    "prompt_tokens": 32,
+                    "completion_tokens": 8,
+                    "ttft_s": 0.02,
+                    "itl_s": [0.1],
+                    "error": None,
+                },
+            ]
+        )
+        + '\n{"cell": "torn'
+    )
+    cells = [
+        _cell(),
+        _cell("ctx64-c1-out8", "rejected"),
+        CellResult(
+            key="ctx128-c1-out8",
+            context=128,
+            concurrency=1,
+            output_tokens=8,
+            status="skipped",
+            reason="context 64 was rejected",
+        ),
+    ]
     cells[1].context = 64
     meta = {"name": "t", "engine": "vllm", "model": "m", "date": "20261127-000000"}
     paths = write_outputs(tmp_path, cells, rows, meta, [])
@@ -228,8 +321,18 @@ def test_outputs_and_vllm_json_and_report(tmp_path: Path):
     assert v["backend"] == "vllm" and v["mean_ttft_ms"] == 10.0
     summary = json.loads(paths["summary"].read_text())
     assert [c["status"] for c in summary["cells"]] == ["ok", "rejected", "skipped"]
-    md = markdown_report({**meta, "sessions": 1}, cells, [{"key": "ctx32-c1-out8", "metric": "status", "baseline": "ok", "current": "x", "change": None}], paths)
-    assert "| ctx32-c1-out8 | ok | 2/2 | 80.0 | 10.0 |" in md and "prefill_tok_per_s (tok/s)" in md and "context 64 was rejected" in md and "Regressions" in md
+    md = markdown_report(
+        {**meta, "sessions": 1},
+        cells,
+        [{"key": "ctx32-c1-out8", "metric": "status", "baseline": "ok", "current": "x", "change": None}],
+        paths,
+    )
+    assert (
+        "| ctx32-c1-out8 | ok | 2/2 | 80.0 | 10.0 |" in md
+        and "prefill_tok_per_s (tok/s)" in md
+        and "context 64 was rejected" in md
+        and "Regressions" in md
+    )
     assert vllm_result(cells[2], __import__("pandas").DataFrame(), meta)["ttfts"] == []
 
 

@@ -9,8 +9,14 @@ from llmflow.bench.metrics import RequestTiming, cell_status, cell_summary, clas
 
 
 def _ok(times: list[float], prompt: int = 100, out: int | None = None, **kw) -> RequestTiming:
-    return RequestTiming(outcome="ok", status_code=200, text_chunk_times=times, prompt_tokens=prompt,
-                         completion_tokens=len(times) if out is None else out, **kw)
+    return RequestTiming(
+        outcome="ok",
+        status_code=200,
+        text_chunk_times=times,
+        prompt_tokens=prompt,
+        completion_tokens=len(times) if out is None else out,
+        **kw,
+    )
 
 
 def test_request_metrics_follow_the_definitions():

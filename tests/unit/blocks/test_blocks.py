@@ -41,6 +41,8 @@ def test_cluster_block_validates_like_the_placement_it_holds():
 
 
 def test_model_server_block_replaces_engine_and_model():
-    block = ModelServer.model_validate({"engine": {"kind": "vllm", "max_model_len": 512}, "model": {"path": "/m", "served_name": "x"}})
+    block = ModelServer.model_validate(
+        {"engine": {"kind": "vllm", "max_model_len": 512}, "model": {"path": "/m", "served_name": "x"}}
+    )
     session = block.apply(SessionConfig())
     assert session.engine.kind == "vllm" and session.model.served_name == "x"

@@ -26,18 +26,28 @@ def test_fixed_length_uses_min_tokens():
     assert engines.spec_for(LlamaCppEngine()).fixed_length_fields(32) == {"max_tokens": 32, "min_tokens": 32}
 
 
-
-
 def test_vllm_launch_and_fixed_length():
     from llmflow.config import VllmEngine
 
-    engine = VllmEngine(venv=Path("/v"), max_model_len=4096, gpu_memory_utilization=0.9, tensor_parallel_size=2,
-                        dtype="float32", extra_args=["--enforce-eager"])
+    engine = VllmEngine(
+        venv=Path("/v"),
+        max_model_len=4096,
+        gpu_memory_utilization=0.9,
+        tensor_parallel_size=2,
+        dtype="float32",
+        extra_args=["--enforce-eager"],
+    )
     spec = engines.spec_for(engine).launch(ModelConfig(path=Path("/m/ckpt"), served_name="m"), "0.0.0.0", "k")
     argv = spec.argv
     assert argv[:3] == ["/v/bin/python", "-m", "vllm.entrypoints.openai.api_server"]
-    for flag, value in [("--model", "/m/ckpt"), ("--served-model-name", "m"), ("--max-model-len", "4096"),
-                        ("--gpu-memory-utilization", "0.9"), ("--tensor-parallel-size", "2"), ("--dtype", "float32")]:
+    for flag, value in [
+        ("--model", "/m/ckpt"),
+        ("--served-model-name", "m"),
+        ("--max-model-len", "4096"),
+        ("--gpu-memory-utilization", "0.9"),
+        ("--tensor-parallel-size", "2"),
+        ("--dtype", "float32"),
+    ]:
         assert argv[argv.index(flag) + 1] == value
     assert argv[-1] == "--enforce-eager" and "k" not in argv
     assert spec.env == {"VLLM_API_KEY": "k"}
@@ -46,12 +56,19 @@ def test_vllm_launch_and_fixed_length():
 
 
 def test_slurm_script_exports_the_engines_key_variable():
-    from llmflow.placements import slurm_jobs as slurm
     from llmflow.config import SlurmOptions
+    from llmflow.placements import slurm_jobs as slurm
 
     script = slurm.render_job_script(
-        opts=SlurmOptions(), job_name="j", run_dir="/r", setup=[], server_python="/p", server_argv=["x"],
-        bind_host="0.0.0.0", launcher_source="pass\n", api_key_env="VLLM_API_KEY",
+        opts=SlurmOptions(),
+        job_name="j",
+        run_dir="/r",
+        setup=[],
+        server_python="/p",
+        server_argv=["x"],
+        bind_host="0.0.0.0",
+        launcher_source="pass\n",
+        api_key_env="VLLM_API_KEY",
     )
     assert 'VLLM_API_KEY="$(cat api_key)"; export VLLM_API_KEY' in script
 
@@ -77,12 +94,20 @@ def test_prometheus_counters_are_summed_over_labels_and_diffed():
 def test_llama_server_launch_key_in_env_metrics_on_and_ignore_eos():
     from llmflow.config import LlamaServerEngine
 
-    engine = LlamaServerEngine(binary=Path("/opt/llama.cpp/llama-server"), n_ctx=4096, parallel=4, extra_args=["--flash-attn", "on"])
+    engine = LlamaServerEngine(
+        binary=Path("/opt/llama.cpp/llama-server"), n_ctx=4096, parallel=4, extra_args=["--flash-attn", "on"]
+    )
     spec = engines.spec_for(engine).launch(ModelConfig(path=Path("/m/x.gguf"), served_name="m"), "0.0.0.0", "k")
     argv = spec.argv
     assert argv[0] == "/opt/llama.cpp/llama-server"
-    for flag, value in [("--model", "/m/x.gguf"), ("--alias", "m"), ("--host", "0.0.0.0"), ("--port", "{port}"),
-                        ("--ctx-size", "4096"), ("--parallel", "4")]:
+    for flag, value in [
+        ("--model", "/m/x.gguf"),
+        ("--alias", "m"),
+        ("--host", "0.0.0.0"),
+        ("--port", "{port}"),
+        ("--ctx-size", "4096"),
+        ("--parallel", "4"),
+    ]:
         assert argv[argv.index(flag) + 1] == value
     assert "--metrics" in argv and argv[-2:] == ["--flash-attn", "on"] and "k" not in argv
     assert spec.env == {"LLAMA_API_KEY": "k"}
@@ -97,7 +122,10 @@ def test_command_engine_fills_placeholders_and_takes_its_settings_from_the_confi
 
     engine = CommandEngine(
         argv=["uvicorn", "app:api", "--host", "{host}", "--port", "{port}", "--model={model}", "{served_name}"],
-        readiness_path="/healthz", api_key_env="APP_KEY", fixed_length=["ignore_eos"], metrics_path="/metrics",
+        readiness_path="/healthz",
+        api_key_env="APP_KEY",
+        fixed_length=["ignore_eos"],
+        metrics_path="/metrics",
     )
     spec = engines.spec_for(engine).launch(ModelConfig(path=Path("/m/w"), served_name="m"), "127.0.0.1", "k")
     assert spec.argv == ["uvicorn", "app:api", "--host", "127.0.0.1", "--port", "{port}", "--model=/m/w", "m"]
@@ -118,7 +146,9 @@ def test_command_engine_config_errors_name_the_field():
     with pytest.raises(ValidationError, match=r"(?s)engine\.command.*argv must contain \{port\}"):
         SessionConfig.model_validate({"engine": {"kind": "command", "argv": ["srv", "--port", "8000"]}})
     with pytest.raises(ValidationError, match=r"engine\.command\.readiness_path"):
-        SessionConfig.model_validate({"engine": {"kind": "command", "argv": ["srv", "{port}"], "readiness_path": "healthz"}})
+        SessionConfig.model_validate(
+            {"engine": {"kind": "command", "argv": ["srv", "{port}"], "readiness_path": "healthz"}}
+        )
     with pytest.raises(ValidationError, match=r"engine\.llama_server\.n_ctx"):
         SessionConfig.model_validate({"engine": {"kind": "llama_server", "n_ctx": 1}})
 
@@ -157,7 +187,12 @@ def test_server_timings_are_summed_and_turned_into_rates():
     add_timings(sums, {"prompt_n": 10, "prompt_ms": 5.0, "predicted_n": 8, "predicted_ms": 40.0, "cache_n": 0})
     add_timings(sums, {"prompt_n": 30, "prompt_ms": 15.0, "predicted_n": 8, "predicted_ms": 40.0})
     assert timings_summary(sums) == {
-        "cache_n": 0, "prompt_n": 40, "prompt_ms": 20.0, "predicted_n": 16, "predicted_ms": 80.0,
-        "prefill_tok_per_s": 2000.0, "decode_tok_per_s": 200.0,
+        "cache_n": 0,
+        "prompt_n": 40,
+        "prompt_ms": 20.0,
+        "predicted_n": 16,
+        "predicted_ms": 80.0,
+        "prefill_tok_per_s": 2000.0,
+        "decode_tok_per_s": 200.0,
     }
     assert timings_summary({}) is None

@@ -9,38 +9,54 @@ from pathlib import Path
 
 import pytest
 
-from llmflow.errors import JobRejected
-
 from llmflow import engines
-from llmflow.remote import start_script as remote_script
-from llmflow.placements import slurm_jobs as slurm
 from llmflow.config import LlamaCppEngine, ModelConfig, SlurmOptions
+from llmflow.errors import JobRejected
+from llmflow.placements import slurm_jobs as slurm
+from llmflow.remote import start_script as remote_script
 
-NASTY = "it's a \"quoted\" $HOME `x` value"
+NASTY = 'it\'s a "quoted" $HOME `x` value'
 
 
 def _render(tmp_path: Path, **opts) -> str:
     engine = LlamaCppEngine(
         venv=Path("/scratch/my venvs/llama"),
-        setup=["module load cuda/12.4", "source '/scratch/my venvs/llama/bin/activate'",
-               "export HF_HOME=/scratch/hf", "export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True"],
+        setup=[
+            "module load cuda/12.4",
+            "source '/scratch/my venvs/llama/bin/activate'",
+            "export HF_HOME=/scratch/hf",
+            "export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True",
+        ],
     )
     spec = engines.spec_for(engine).launch(ModelConfig(path=Path("/models/it's big.gguf")), "0.0.0.0", None)
     return slurm.render_job_script(
-        opts=SlurmOptions(**opts), job_name="llmflow-run 1", run_dir="/home/u/llmflow runs/r1",
-        setup=spec.setup, server_python=str(engines.spec_for(engine).server_python()), server_argv=spec.argv, bind_host="0.0.0.0",
+        opts=SlurmOptions(**opts),
+        job_name="llmflow-run 1",
+        run_dir="/home/u/llmflow runs/r1",
+        setup=spec.setup,
+        server_python=str(engines.spec_for(engine).server_python()),
+        server_argv=spec.argv,
+        bind_host="0.0.0.0",
         launcher_source=remote_script.launcher_source(),
     )
 
 
 def _sbatch_options(script: str) -> list[list[str]]:
-    return [shlex.split(line[len("#SBATCH "):]) for line in script.splitlines() if line.startswith("#SBATCH ")]
+    return [shlex.split(line[len("#SBATCH ") :]) for line in script.splitlines() if line.startswith("#SBATCH ")]
 
 
 def test_gpu_job_script_quotes_every_value(tmp_path: Path):
     script = _render(
-        tmp_path, partition="gpu", account=NASTY, qos="high", gres="gpu:v100:1", cpus_per_task=8, mem="64G",
-        time="04:00:00", constraint="a100|h100", extra_sbatch=["--exclusive", f"--comment={NASTY}"],
+        tmp_path,
+        partition="gpu",
+        account=NASTY,
+        qos="high",
+        gres="gpu:v100:1",
+        cpus_per_task=8,
+        mem="64G",
+        time="04:00:00",
+        constraint="a100|h100",
+        extra_sbatch=["--exclusive", f"--comment={NASTY}"],
     )
     opts = _sbatch_options(script)
     assert ["--job-name=llmflow-run 1"] in opts
@@ -60,12 +76,14 @@ def test_unset_options_are_left_out_and_key_never_in_script(tmp_path: Path):
     script = _render(tmp_path)
     flat = [o[0].split("=")[0] for o in _sbatch_options(script)]
     assert "--partition" not in flat and "--gres" not in flat and "--time" in flat
-    assert "API_KEY=\"$(cat api_key)\"" in script  # read from the 0600 file at run time
+    assert 'API_KEY="$(cat api_key)"' in script  # read from the 0600 file at run time
 
 
 def test_embedded_launcher_is_the_real_one(tmp_path: Path):
     script = _render(tmp_path)
-    body = re.search(rf"<<'{remote_script.LAUNCHER_DELIMITER}'\n(.*?)\n{remote_script.LAUNCHER_DELIMITER}\n", script, re.S).group(1)
+    body = re.search(
+        rf"<<'{remote_script.LAUNCHER_DELIMITER}'\n(.*?)\n{remote_script.LAUNCHER_DELIMITER}\n", script, re.S
+    ).group(1)
     assert body + "\n" == remote_script.launcher_source()
 
 
@@ -80,8 +98,10 @@ def test_parse_squeue_scontrol_sacct():
     info = slurm.parse_squeue("7", "7|PENDING|Resources|\n")
     assert info.state == "PENDING" and info.reason == "Resources" and not info.terminal and not info.running
     assert slurm.parse_squeue("7", "") is None
-    text = ("JobId=7 JobName=llmflow-x\n   JobState=RUNNING Reason=None Dependency=(null)\n"
-            "   Requeue=1 Restarts=2 BatchFlag=1\n   RunTime=1-02:03:04 TimeLimit=2-00:00:00\n   NodeList=gpu017\n")
+    text = (
+        "JobId=7 JobName=llmflow-x\n   JobState=RUNNING Reason=None Dependency=(null)\n"
+        "   Requeue=1 Restarts=2 BatchFlag=1\n   RunTime=1-02:03:04 TimeLimit=2-00:00:00\n   NodeList=gpu017\n"
+    )
     info = slurm.parse_scontrol("7", text)
     assert (info.state, info.reason, info.nodes, info.restarts) == ("RUNNING", "", "gpu017", 2)
     assert info.elapsed_s == 86400 + 2 * 3600 + 3 * 60 + 4
@@ -102,6 +122,8 @@ def test_terminal_states(state):
     assert slurm.JobInfo(job_id="1", state=state).terminal
 
 
-@pytest.mark.parametrize(("gres", "gpus"), [(None, 0), ("gpu", 1), ("gpu:2", 2), ("gpu:v100:4", 4), ("gpu:a100:1,nvme:1", 1)])
+@pytest.mark.parametrize(
+    ("gres", "gpus"), [(None, 0), ("gpu", 1), ("gpu:2", 2), ("gpu:v100:4", 4), ("gpu:a100:1,nvme:1", 1)]
+)
 def test_gpus_in_gres(gres, gpus):
     assert slurm.gpus_in_gres(gres) == gpus

@@ -18,14 +18,26 @@ import httpx
 
 from llmflow.placements import release_leftovers
 from llmflow.remote.leases import all_leases, write_lease
-from llmflow.remote.start_script import SUPERVISOR as LAUNCHER
 from llmflow.remote.procs import group_alive, process_alive, stop_group
+from llmflow.remote.start_script import SUPERVISOR as LAUNCHER
 
 
 def _launch(tmp_path: Path, extra: list[str] | None = None, parent_cmd: list[str] | None = None):
     ep = tmp_path / "endpoint.json"
-    cmd = [sys.executable, str(LAUNCHER), "--endpoint-file", str(ep), *(extra or []), "--",
-           sys.executable, "-m", "http.server", "--bind", "127.0.0.1", "{port}"]
+    cmd = [
+        sys.executable,
+        str(LAUNCHER),
+        "--endpoint-file",
+        str(ep),
+        *(extra or []),
+        "--",
+        sys.executable,
+        "-m",
+        "http.server",
+        "--bind",
+        "127.0.0.1",
+        "{port}",
+    ]
     proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 15
     while not ep.exists():
@@ -63,12 +75,27 @@ def _answers(port: int) -> bool:
 def test_server_stops_when_its_starter_is_killed(tmp_path: Path):
     """SIGKILL of the flow process skips every hook; the supervisor's parent watch still stops the server."""
     ep_file = tmp_path / "endpoint.json"
-    starter = subprocess.Popen([
-        sys.executable, "-c",
-        "import subprocess, sys, time; subprocess.Popen(sys.argv[1:]); time.sleep(600)",
-        sys.executable, str(LAUNCHER), "--endpoint-file", str(ep_file), "--watch-parent", "--",
-        sys.executable, "-m", "http.server", "--bind", "127.0.0.1", "{port}",
-    ], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    starter = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import subprocess, sys, time; subprocess.Popen(sys.argv[1:]); time.sleep(600)",
+            sys.executable,
+            str(LAUNCHER),
+            "--endpoint-file",
+            str(ep_file),
+            "--watch-parent",
+            "--",
+            sys.executable,
+            "-m",
+            "http.server",
+            "--bind",
+            "127.0.0.1",
+            "{port}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     assert _wait_until(ep_file.exists)
     ep = json.loads(ep_file.read_text())
     assert _wait_until(lambda: _answers(ep["port"]))
