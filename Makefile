@@ -1,5 +1,5 @@
 # Two commands: `make demo` (set up, then run the demo) and `make test` (set up, then the tests).
-.PHONY: setup cluster demo test test-unit bench
+.PHONY: setup cluster demo test test-unit lint format bench
 
 setup:
 	./scripts/setup.sh
@@ -17,6 +17,14 @@ test: setup cluster
 
 test-unit: setup
 	.venv/bin/pytest -q -m "not integration"
+
+lint: setup
+	.venv/bin/ruff check .
+	.venv/bin/ruff format --check .
+
+format: setup
+	.venv/bin/ruff format .
+	.venv/bin/ruff check --fix .
 
 bench: setup
 	.venv/bin/python benchmarks/client_throughput.py
