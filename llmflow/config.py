@@ -7,7 +7,7 @@ fails with pydantic's message naming the field (``engine.n_ctx``, ``run.concurre
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, PositiveFloat, SecretStr, Tag, model_validator
 
@@ -140,10 +140,12 @@ class EndpointPlacement(_Strict):
 
 
 Placement = Annotated[
-    Annotated[LocalPlacement, Tag("local")]
-    | Annotated[SlurmPlacement, Tag("slurm")]
-    | Annotated[SSHPlacement, Tag("ssh")]
-    | Annotated[EndpointPlacement, Tag("endpoint")],
+    Union[  # one member per line: a new placement is one added line
+        Annotated[LocalPlacement, Tag("local")],
+        Annotated[SlurmPlacement, Tag("slurm")],
+        Annotated[SSHPlacement, Tag("ssh")],
+        Annotated[EndpointPlacement, Tag("endpoint")],
+    ],
     kind_of("local"),
 ]
 
@@ -255,10 +257,12 @@ class CommandEngine(_Strict):
 
 
 Engine = Annotated[
-    Annotated[LlamaCppEngine, Tag("llama_cpp")]
-    | Annotated[VllmEngine, Tag("vllm")]
-    | Annotated[LlamaServerEngine, Tag("llama_server")]
-    | Annotated[CommandEngine, Tag("command")],
+    Union[  # one member per line: a new engine is one added line
+        Annotated[LlamaCppEngine, Tag("llama_cpp")],
+        Annotated[VllmEngine, Tag("vllm")],
+        Annotated[LlamaServerEngine, Tag("llama_server")],
+        Annotated[CommandEngine, Tag("command")],
+    ],
     kind_of("llama_cpp"),
 ]
 

@@ -13,7 +13,8 @@ if [ ! -x .venv/bin/python ]; then
   echo "[setup] creating .venv (orchestrator: prefect, httpx, aiohttp, paramiko, pandas ...)"
   "$PY" -m venv .venv
 fi
-if ! .venv/bin/python -c 'import llmflow, prefect, pytest' 2>/dev/null; then
+# (re)install when a package or tool is missing: an older checkout's install lacks cli/ and ruff
+if ! .venv/bin/python -c 'import llmflow, cli, prefect, pytest' 2>/dev/null || [ ! -x .venv/bin/ruff ]; then
   .venv/bin/pip install --quiet --disable-pip-version-check -e '.[test,bench]'
 fi
 
