@@ -257,33 +257,3 @@ def test_ctrl_c_mid_batch_tears_down_and_exits_130(session_config, tmp_path: Pat
     assert not (run_dir / "lease.json").exists()
     assert llama_processes(str(tmp_path)) == []  # gone by the time the CLI exits, no waiting
     assert out.read_text().count("\n") < 600
-
-
-def test_endpoint_placement_uses_a_running_server_and_leaves_it_running(session_config, tmp_path: Path):
-    """Someone else's server (here: one our own local session holds) is gated and used, never stopped."""
-    from pydantic import SecretStr
-
-    from llmflow.config import EndpointPlacement
-
-    @flow
-    def outer() -> tuple[int, int, bool]:
-        with model_session(session_config) as s:
-            theirs = SessionConfig(
-                placement=EndpointPlacement(base_url=s.tunnel.base_url, api_key=SecretStr(s.handle.api_key())),
-                runs_dir=tmp_path / "endpoint-runs",
-            )
-            out = tmp_path / "out.jsonl"
-            result = batch_inference(session=theirs, batch=BatchConfig(output_path=out, concurrency=4))
-            still_up = (
-                httpx.get(
-                    s.tunnel.base_url + "/v1/models", headers={"Authorization": f"Bearer {s.handle.api_key()}"}
-                ).status_code
-                == 200
-            )
-            return result.report.succeeded, len(_records(out)), still_up
-
-    succeeded, lines, still_up = outer()
-    n = sum(1 for line in SAMPLE_INPUT.read_text().splitlines() if line.strip())
-    assert succeeded == lines == n
-    assert still_up, "the endpoint placement stopped a server it did not start"
-    assert _wait_no_processes(str(tmp_path)) == []  # the session that did start it tore it down

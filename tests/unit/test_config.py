@@ -25,8 +25,6 @@ def test_kind_may_be_left_out_in_dicts():
         ({"placement": {"kind": "cloud"}}, "placement"),
         ({"gate": {"deadline_s": 0}}, "deadline_s"),
         ({"engine": {"ctx": 4096}}, "ctx"),  # typo: unknown keys are errors
-        ({"placement": {"kind": "endpoint", "base_url": "http://gpu-box:8000/v1"}}, "base_url"),
-        ({"placement": {"kind": "endpoint"}}, "base_url"),
     ],
 )
 def test_invalid_session_values_name_the_field(data, field):
