@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import stat
 import subprocess
@@ -19,25 +18,11 @@ from prefect import flow
 
 from flows.batch import batch_inference
 from flows.session import model_session
-from llmflow.config import SAMPLE_INPUT, BatchConfig, LlamaCppEngine, ModelConfig, SessionConfig
+from llmflow.config import SAMPLE_INPUT, BatchConfig, SessionConfig
 from llmflow.errors import ServerDied
 from tests.conftest import llama_processes
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def session_config(tmp_path: Path, server_env, prefect_api_url) -> SessionConfig:
-    """A session whose run folders and model copy live in tmp_path, so its processes are findable."""
-    venv, model = server_env
-    local_model = tmp_path / "model" / "tiny.gguf"
-    local_model.parent.mkdir()
-    shutil.copy(model, local_model)
-    return SessionConfig(
-        engine=LlamaCppEngine(venv=venv),
-        model=ModelConfig(path=local_model),
-        runs_dir=tmp_path / "runs",
-    )
 
 
 def _records(path: Path) -> list[dict]:
