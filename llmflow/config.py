@@ -129,11 +129,22 @@ class SSHPlacement(_Strict):
     poll_interval_s: PositiveFloat = Field(default=1.0, description="Seconds between checks on the remote server.")
 
 
+class EndpointPlacement(_Strict):
+    """A server someone else runs: gate, batch and measure it; start and stop nothing."""
+
+    kind: Literal["endpoint"] = Field(default="endpoint", description="Placement type.")
+    base_url: str = Field(
+        pattern=r"^https?://[^/\s]+/?$", description="Where the OpenAI-style API is, without /v1: http://host:port"
+    )
+    api_key: SecretStr | None = Field(default=None, description="Bearer key the server expects, if any.")
+
+
 Placement = Annotated[
     Union[  # one member per line: a new placement is one added line
         Annotated[LocalPlacement, Tag("local")],
         Annotated[SlurmPlacement, Tag("slurm")],
         Annotated[SSHPlacement, Tag("ssh")],
+        Annotated[EndpointPlacement, Tag("endpoint")],
     ],
     kind_of("local"),
 ]
