@@ -39,6 +39,7 @@ def test_cell_summary_keys_values_and_mismatches():
     assert (s.completed, s.failed, s.rejected, s.crashed) == (3, 1, 1, 0)
     assert s.total_input_tokens == 290 and s.total_output_tokens == 10
     assert s.request_throughput == 1.5 and s.output_throughput == 5.0 and s.total_token_throughput == 150.0
+    assert s.mean_in_flight == pytest.approx((1.1 + 0.9 + 0.4) / 2.0)  # the load the server really saw
     assert s.mean_ttft_ms == pytest.approx(1000 * (0.5 + 0.3 + 0.2) / 3)
     assert s.p99_ttft_ms == pytest.approx(float(np.percentile([500.0, 300.0, 200.0], 99)))
     tpots = [(1.1 - 0.5) / 3, (0.9 - 0.3) / 3, 0.2]
