@@ -154,6 +154,161 @@ class _Tally:
     pending: set[asyncio.Task[None]] = field(default_factory=set)
 
 
+class _BatchPass:
+    """One pass over the input: what ``run_batch`` does, a step per method."""
+
+    def __init__(
+        self,
+        config: BatchConfig,
+        sender: Sender,
+        overrides: dict[str, Any],
+        progress: ProgressFn | None,
+        progress_every_s: float,
+    ) -> None:
+        self.config = config
+        self.sender = sender
+        self.overrides = overrides
+        self.progress = progress
+        self.progress_every_s = progress_every_s
+        self.errors_path = errors_path_for(config.output_path)
+        self.total = count_lines(config.input_path)
+        self.finished = load_finished(config.output_path)
+        self.tally = _Tally()
+        self.gate = asyncio.Semaphore(config.concurrency)
+        self.id_prefix = uuid.uuid4().hex[
+            :12
+        ]  # record ids: random per pass, then a counter (uuid4 each was measurable)
+        self.last_report = 0.0
+
+    def tick(self) -> None:
+        """One input line dealt with; progress at most every ``progress_every_s``."""
+        self.tally.done += 1
+        now = time.monotonic()
+        if self.progress and now - self.last_report >= self.progress_every_s:
+            self.last_report = now
+            self.progress(self.tally.done, self.total)
+
+    async def post(self, path: str, payload: bytes) -> HttpResult:
+        """One request with retries: timeouts, connection errors and 5xx, backing off between."""
+        config = self.config
+        for attempt_no in range(1, config.max_attempts + 1):
+            try:
+                result = await self.sender.post(path, payload)
+                if result.status >= 500:
+                    raise RetryableError(f"HTTP {result.status}: {str(result.body)[:200]}")
+                return result
+            except RetryableError:
+                if attempt_no == config.max_attempts:
+                    raise
+                self.tally.retries += 1
+                await asyncio.sleep(backoff_delay(attempt_no, config.backoff_s, config.backoff_max_s))
+        raise AssertionError("unreachable")
+
+    async def one(self, line: int, custom_id: str, path: str, payload: bytes) -> None:
+        """Send one request and append its record (or, having given up, its error line)."""
+        tally = self.tally
+        try:
+            result = await self.post(path, payload)
+        except RetryableError as exc:
+            tally.unfinished += 1
+            tally.failing_streak += 1
+            if tally.failing_streak >= self.config.stop_after_failures:
+                tally.stopped_early = True  # the endpoint is down: stop sending, let the caller recover
+            reason = f"gave up after {self.config.max_attempts} attempts: {exc}"
+            self.errors.write({"line": line, "custom_id": custom_id, "reason": reason})
+        else:
+            tally.failing_streak = 0
+            self.record(custom_id, result)
+        finally:
+            self.gate.release()
+            self.tick()
+
+    def record(self, custom_id: str, result: HttpResult) -> None:
+        """Append the answer in the batch output shape; count its status, usage and timings."""
+        tally = self.tally
+        tally.records += 1
+        record_id = f"batch_req_{self.id_prefix}{tally.records:08x}"
+        request_id = result.request_id or record_id
+        self.out.write_line(output_line(record_id, custom_id, result.status, request_id, result.body, result.raw))
+        if result.status >= 300:
+            tally.failed_http += 1
+            return
+        tally.succeeded += 1
+        body = result.body if isinstance(result.body, dict) else {}
+        if usage := body.get("usage"):
+            tally.prompt_tokens += usage.get("prompt_tokens") or 0
+            tally.completion_tokens += usage.get("completion_tokens") or 0
+        if timings := body.get("timings"):  # llama-server's own per-request figures
+            add_timings(tally.server_timings, timings)
+
+    async def send_all(self) -> None:
+        """Stream the input: skip what is finished, note invalid lines, keep ``concurrency`` in
+        flight, stop sending once the endpoint stopped answering."""
+        tally = self.tally
+        for parsed in parse_lines(self.config.input_path):
+            if tally.stopped_early:
+                break
+            if parsed.request is None:
+                tally.invalid += 1
+                self.errors.write({"line": parsed.line, "custom_id": parsed.custom_id, "reason": parsed.error})
+                self.tick()
+                continue
+            req = parsed.request
+            if req.custom_id in self.finished:
+                self.tick()
+                continue
+            body = {**req.body, **self.overrides} if self.overrides else req.body
+            payload = json.dumps(body).encode()
+            await self.gate.acquire()
+            if tally.stopped_early:
+                self.gate.release()
+                break
+            tally.sent += 1
+            task = asyncio.create_task(self.one(parsed.line, req.custom_id, req.url, payload))
+            tally.pending.add(task)
+            task.add_done_callback(tally.pending.discard)
+        if tally.pending:
+            await asyncio.gather(*tally.pending)
+
+    async def run(self) -> BatchReport:
+        started = time.perf_counter()
+        with (
+            JsonlAppender(self.config.output_path) as self.out,
+            JsonlAppender(self.errors_path, truncate=True) as self.errors,
+        ):
+            try:
+                await self.send_all()
+            finally:
+                for task in list(self.tally.pending):
+                    task.cancel()
+                await self.sender.aclose()
+        wall = time.perf_counter() - started
+        if self.progress:
+            self.progress(self.tally.done, self.total)
+        return self.report(wall)
+
+    def report(self, wall_s: float) -> BatchReport:
+        tally = self.tally
+        return BatchReport(
+            input_path=self.config.input_path,
+            output_path=self.config.output_path,
+            errors_path=self.errors_path,
+            input_lines=self.total,
+            already_done=len(self.finished),
+            sent=tally.sent,
+            succeeded=tally.succeeded,
+            failed_http=tally.failed_http,
+            unfinished=tally.unfinished,
+            invalid_lines=tally.invalid,
+            prompt_tokens=tally.prompt_tokens,
+            completion_tokens=tally.completion_tokens,
+            wall_s=wall_s,
+            retries=tally.retries,
+            stopped_early=tally.stopped_early,
+            server_timings=timings_summary(tally.server_timings),
+        )
+
+
 async def run_batch(
     config: BatchConfig,
     base_url: str,
@@ -174,130 +329,8 @@ async def run_batch(
         transport: ``aiohttp`` (default) or ``httpx``.
         progress: called with (finished, total) at most every ``progress_every_s`` and at the end.
     """
-    input_path, output_path = config.input_path, config.output_path
-    errors_path = errors_path_for(output_path)
-    total = count_lines(input_path)
-    finished = load_finished(output_path)
-    already_done = len(finished)
-    tally = _Tally(done=0)
     sender = make_sender(transport, base_url, api_key, config.timeouts, config.concurrency)
-    gate = asyncio.Semaphore(config.concurrency)
-    overrides = body_overrides or {}
-    id_prefix = uuid.uuid4().hex[:12]  # record ids: random per pass, then a counter (uuid4 each was measurable)
-    last_report = 0.0
-
-    def tick() -> None:
-        nonlocal last_report
-        tally.done += 1
-        now = time.monotonic()
-        if progress and now - last_report >= progress_every_s:
-            last_report = now
-            progress(tally.done, total)
-
-    async def attempt(path: str, payload: bytes) -> HttpResult:
-        result = await sender.post(path, payload)
-        if result.status >= 500:
-            raise RetryableError(f"HTTP {result.status}: {str(result.body)[:200]}")
-        return result
-
-    async def with_retries(path: str, payload: bytes) -> HttpResult:
-        for attempt_no in range(1, config.max_attempts + 1):
-            try:
-                return await attempt(path, payload)
-            except RetryableError:
-                if attempt_no == config.max_attempts:
-                    raise
-                tally.retries += 1
-                await asyncio.sleep(backoff_delay(attempt_no, config.backoff_s, config.backoff_max_s))
-        raise AssertionError("unreachable")
-
-    async def one(line: int, custom_id: str, path: str, payload: bytes) -> None:
-        try:
-            result = await with_retries(path, payload)
-        except RetryableError as exc:
-            tally.unfinished += 1
-            tally.failing_streak += 1
-            if tally.failing_streak >= config.stop_after_failures:
-                tally.stopped_early = True  # the endpoint is down: stop sending, let the caller recover
-            errors.write(
-                {"line": line, "custom_id": custom_id, "reason": f"gave up after {config.max_attempts} attempts: {exc}"}
-            )
-        else:
-            tally.failing_streak = 0
-            tally.records += 1
-            record_id = f"batch_req_{id_prefix}{tally.records:08x}"
-            out.write_line(
-                output_line(
-                    record_id, custom_id, result.status, result.request_id or record_id, result.body, result.raw
-                )
-            )
-            if result.status < 300:
-                tally.succeeded += 1
-                usage = result.body.get("usage") if isinstance(result.body, dict) else None
-                if usage:
-                    tally.prompt_tokens += usage.get("prompt_tokens") or 0
-                    tally.completion_tokens += usage.get("completion_tokens") or 0
-                timings = result.body.get("timings") if isinstance(result.body, dict) else None
-                if timings:  # llama-server's own per-request figures
-                    add_timings(tally.server_timings, timings)
-            else:
-                tally.failed_http += 1
-        finally:
-            gate.release()
-            tick()
-
-    started = time.perf_counter()
-    with JsonlAppender(output_path) as out, JsonlAppender(errors_path, truncate=True) as errors:
-        try:
-            for parsed in parse_lines(input_path):
-                if tally.stopped_early:
-                    break
-                if parsed.request is None:
-                    tally.invalid += 1
-                    errors.write({"line": parsed.line, "custom_id": parsed.custom_id, "reason": parsed.error})
-                    tick()
-                    continue
-                req = parsed.request
-                if req.custom_id in finished:
-                    tick()
-                    continue
-                body = {**req.body, **overrides} if overrides else req.body
-                payload = json.dumps(body).encode()
-                await gate.acquire()
-                if tally.stopped_early:
-                    gate.release()
-                    break
-                tally.sent += 1
-                task = asyncio.create_task(one(parsed.line, req.custom_id, req.url, payload))
-                tally.pending.add(task)
-                task.add_done_callback(tally.pending.discard)
-            if tally.pending:
-                await asyncio.gather(*tally.pending)
-        finally:
-            for task in list(tally.pending):
-                task.cancel()
-            await sender.aclose()
-    wall = time.perf_counter() - started
-    if progress:
-        progress(tally.done, total)
-    return BatchReport(
-        input_path=input_path,
-        output_path=output_path,
-        errors_path=errors_path,
-        input_lines=total,
-        already_done=already_done,
-        sent=tally.sent,
-        succeeded=tally.succeeded,
-        failed_http=tally.failed_http,
-        unfinished=tally.unfinished,
-        invalid_lines=tally.invalid,
-        prompt_tokens=tally.prompt_tokens,
-        completion_tokens=tally.completion_tokens,
-        wall_s=wall,
-        retries=tally.retries,
-        stopped_early=tally.stopped_early,
-        server_timings=timings_summary(tally.server_timings),
-    )
+    return await _BatchPass(config, sender, body_overrides or {}, progress, progress_every_s).run()
 
 
 def run_batch_sync(
