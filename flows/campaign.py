@@ -3,7 +3,6 @@ on one model session, with a new session after the server crashes."""
 
 from __future__ import annotations
 
-import json
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -18,8 +17,8 @@ from prefect.artifacts import (
 )
 from prefect.events import emit_event
 
-from flows.session import model_session, release_session, with_blocks
-from llmflow.batch.jsonl import JsonlAppender
+from flows.session import Session, model_session, release_session, with_blocks
+from llmflow.bench.cells import CellBook
 from llmflow.bench.config import CampaignConfig, campaign_path, cell_result, grid, load_campaign, skip_reason
 from llmflow.bench.report import (
     CELL_COLUMNS,
@@ -62,90 +61,26 @@ def benchmark_campaign(
         model_server_block: Name of a saved Model Server block; replaces ``session.engine`` and ``session.model``.
     """
     logger = get_run_logger()
-    if campaign_file:
-        campaign, file_session = load_campaign(campaign_path(campaign_file))
-        if file_session is not None:
-            session = SessionConfig.model_validate({"runs_dir": session.runs_dir, **file_session})
-    session = with_blocks(session, cluster_block, model_server_block)
+    session, campaign = _resolve(session, campaign, campaign_file, cluster_block, model_server_block)
     out_dir = campaign.resolved_output_dir(utc_stamp())
     baseline_path = campaign.resolved_baseline(out_dir)
     baseline = load_baseline(baseline_path) if baseline_path else None
     out_dir.mkdir(parents=True, exist_ok=True)
     if baseline_path:
         logger.info("comparing with %s", baseline_path)
-    rows_path = out_dir / "requests.jsonl"
     cells = grid(campaign)
     logger.info("campaign %s: %d cells, output in %s", campaign.name, len(cells), out_dir)
     progress = create_progress_artifact(
         progress=0.0, key=artifact_key(campaign.name, "progress"), description=f"cells of {campaign.name}"
     )
+    book = CellBook.open(
+        campaign, cells, out_dir, lambda done, total: update_progress_artifact(progress, progress=100.0 * done / total)
+    )
+    if book.results:
+        logger.info("resuming: %d cells already measured in %s", len(book.results), book.path)
+    sessions, node, failure = _run_cells(session, campaign, book)
 
-    cells_path = out_dir / "cells.jsonl"
-    if cells_path.exists() and not campaign.resume:
-        raise FileExistsError(
-            f"campaign.output_dir: {out_dir} already holds a campaign (cells.jsonl); "
-            "set campaign.resume (llmflow bench --resume DIR) to finish it, or choose another folder"
-        )
-    results: dict[str, CellResult] = resumed_cells(cells_path, rows_path) if campaign.resume else {}
-    if results:
-        logger.info("resuming: %d cells already measured in %s", len(results), cells_path)
-    pending = [c for c in cells if c.key not in results]
-    sessions = max((r.session for r in results.values()), default=0)
-    first_session = sessions + 1
-    node = "-"
-    failure: BaseException | None = None
-
-    def record(result: CellResult) -> None:
-        results[result.key] = result
-        with JsonlAppender(cells_path) as out:
-            out.write(result.model_dump(mode="json"))
-        update_progress_artifact(progress, progress=100.0 * len(results) / len(cells))
-
-    while pending:
-        if sessions - first_session + 1 > campaign.max_restarts:
-            for cell in pending:
-                record(
-                    cell_result(
-                        cell,
-                        "not_run",
-                        reason=f"the server crashed {campaign.max_restarts + 1} times (max_restarts {campaign.max_restarts})",
-                    )
-                )
-            break
-        sessions += 1
-        measuring = False
-        try:
-            with model_session(session) as s:
-                node, measuring = s.allocation.node, True
-                while pending:
-                    cell = pending[0]
-                    reason = skip_reason(cell, results.values(), campaign.skip_larger_on)
-                    if reason:
-                        record(cell_result(cell, "skipped", reason=reason, session=sessions))
-                        logger.info("cell %s skipped: %s", cell.key, reason)
-                    else:
-                        record(run_benchmark_cell(session, campaign, cell, s.handle, s.tunnel, rows_path, sessions))
-                    pending.pop(0)
-                    if results[cell.key].status == "crashed" and not _server_usable(session, s.handle, s.tunnel):
-                        logger.warning(
-                            "the server died during cell %s; starting a new one for the %d cells left",
-                            cell.key,
-                            len(pending),
-                        )
-                        break
-        except Exception as exc:  # record the rest as not run and keep what was measured
-            if sessions == first_session and not measuring:
-                raise  # the campaign's first server did not come up: nothing was measured
-            failure = exc
-            what = "the campaign failed" if measuring else "no server came up again"
-            logger.error("%s: %s", what, exc)
-            for cell in pending:
-                record(
-                    cell_result(cell, "not_run", reason=f"{what}: {type(exc).__name__}: {exc}"[:500], session=sessions)
-                )
-            pending = []
-
-    ordered = [results[c.key] for c in cells]
+    ordered = book.ordered()
     meta = {
         "name": campaign.name,
         "engine": session.engine.kind,
@@ -162,7 +97,7 @@ def benchmark_campaign(
     regressions = (
         compare([cell_record(c) for c in ordered], baseline, campaign.regression_threshold) if baseline else []
     )
-    paths = write_outputs(out_dir, ordered, rows_path, meta, regressions)
+    paths = write_outputs(out_dir, ordered, book.rows_path, meta, regressions)
     publish_campaign(meta, ordered, regressions, paths, campaign)
     for r in regressions:
         logger.warning("regression in %s: %s %s -> %s", r["key"], r["metric"], r["baseline"], r["current"])
@@ -177,31 +112,75 @@ def benchmark_campaign(
     return result
 
 
-def resumed_cells(cells_path: Path, rows_path: Path) -> dict[str, CellResult]:
-    """Cells a stopped run of this campaign finished (``cells.jsonl``); rows of any cell it
-    did not finish are dropped from ``requests.jsonl``, as that cell runs again."""
-    if not cells_path.exists():
-        return {}
-    done: dict[str, CellResult] = {}
-    for line in cells_path.read_text().splitlines():
+def _resolve(
+    session: SessionConfig,
+    campaign: CampaignConfig,
+    campaign_file: str | None,
+    cluster_block: str | None,
+    model_server_block: str | None,
+) -> tuple[SessionConfig, CampaignConfig]:
+    """The session and campaign the parameters name: a campaign file (and its session table)
+    over the inline forms, then saved blocks over the session's placement, engine and model."""
+    if campaign_file:
+        campaign, file_session = load_campaign(campaign_path(campaign_file))
+        if file_session is not None:
+            session = SessionConfig.model_validate({"runs_dir": session.runs_dir, **file_session})
+    return with_blocks(session, cluster_block, model_server_block), campaign
+
+
+def _run_cells(
+    session: SessionConfig, campaign: CampaignConfig, book: CellBook
+) -> tuple[int, str, BaseException | None]:
+    """Every pending cell, on as many servers as crashes need (up to ``max_restarts`` more).
+
+    Returns the number of the last server session, the node it ran on, and the error that
+    left cells not run (None when every cell has a result).
+    """
+    logger = get_run_logger()
+    sessions = book.last_session()
+    first_session = sessions + 1
+    node = "-"
+    while book.pending():
+        if sessions - first_session + 1 > campaign.max_restarts:
+            reason = f"the server crashed {campaign.max_restarts + 1} times (max_restarts {campaign.max_restarts})"
+            for cell in book.pending():
+                book.record(cell_result(cell, "not_run", reason=reason))
+            break
+        sessions += 1
+        measuring = False
         try:
-            cell = CellResult.model_validate_json(line)
-        except ValueError:
-            continue  # a torn last line
-        if cell.status != "not_run":
-            done[cell.key] = cell
-    cells_path.write_text("".join(c.model_dump_json() + "\n" for c in done.values()))
-    if rows_path.exists():
-        kept = [line for line in rows_path.read_text().splitlines() if _row_cell(line) in done]
-        rows_path.write_text("".join(line + "\n" for line in kept))
-    return done
+            with model_session(session) as s:
+                node, measuring = s.allocation.node, True
+                _cells_on_one_server(session, campaign, book, s, sessions)
+        except Exception as exc:  # record the rest as not run and keep what was measured
+            if sessions == first_session and not measuring:
+                raise  # the campaign's first server did not come up: nothing was measured
+            what = "the campaign failed" if measuring else "no server came up again"
+            logger.error("%s: %s", what, exc)
+            for cell in book.pending():
+                reason = f"{what}: {type(exc).__name__}: {exc}"[:500]
+                book.record(cell_result(cell, "not_run", reason=reason, session=sessions))
+            return sessions, node, exc
+    return sessions, node, None
 
 
-def _row_cell(line: str) -> str | None:
-    try:
-        return json.loads(line).get("cell")
-    except ValueError:
-        return None
+def _cells_on_one_server(
+    session: SessionConfig, campaign: CampaignConfig, book: CellBook, s: Session, session_no: int
+) -> None:
+    """Run (or skip) pending cells in order on the session's server until none is left or the
+    server died during a cell."""
+    logger = get_run_logger()
+    for cell in book.pending():
+        reason = skip_reason(cell, book.results.values(), campaign.skip_larger_on)
+        if reason:
+            book.record(cell_result(cell, "skipped", reason=reason, session=session_no))
+            logger.info("cell %s skipped: %s", cell.key, reason)
+        else:
+            book.record(run_benchmark_cell(session, campaign, cell, s.handle, s.tunnel, book.rows_path, session_no))
+        if book.results[cell.key].status == "crashed" and not _server_usable(session, s.handle, s.tunnel):
+            left = len(book.pending())
+            logger.warning("the server died during cell %s; starting a new one for the %d cells left", cell.key, left)
+            return
 
 
 def _server_usable(session: SessionConfig, handle: ServerHandle, tunnel: Tunnel, settle_s: float = 3.0) -> bool:

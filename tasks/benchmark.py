@@ -148,60 +148,79 @@ def run_benchmark_cell(
         duration = 0.0
         with JsonlAppender(rows_path) as rows:
             if warm:
-                run_sync(
-                    lambda: run_requests(
-                        tunnel.base_url,
-                        api_key,
-                        warm,
-                        min(cell.concurrency, len(warm)),
-                        campaign.request_timeout_s,
-                        on_done=lambda i, start, t: rows.write(request_row(cell, -1, i, True, start, t)),
-                    )
-                )
+                _send(tunnel.base_url, api_key, warm, min(cell.concurrency, len(warm)), campaign, cell, rows, -1)
             before = read_counters(spec.metrics_path, tunnel.base_url, api_key, BENCH_COUNTERS)
             with PeakSampler(pgid) as memory:
                 for r in range(campaign.repeats):
                     batch = timed[r * n : (r + 1) * n]
-                    results, wall = run_sync(
-                        lambda batch=batch, r=r: run_requests(
-                            tunnel.base_url,
-                            api_key,
-                            batch,
-                            cell.concurrency,
-                            campaign.request_timeout_s,
-                            on_done=lambda i, start, timing: rows.write(request_row(cell, r, i, False, start, timing)),
-                        )
-                    )
-                    timings += [t for _, t in results]
+                    done, wall = _send(tunnel.base_url, api_key, batch, cell.concurrency, campaign, cell, rows, r)
+                    timings += done
                     duration += wall
             after = read_counters(spec.metrics_path, tunnel.base_url, api_key, BENCH_COUNTERS)
 
-    summary = cell_summary(timings, duration)
-    sums: dict[str, float] = {}
-    for t in timings:
-        if t.outcome == "ok" and t.server_timings:
-            add_timings(sums, t.server_timings)
-    server = server_figures(counter_delta(before, after), timings_summary(sums))
-    status = cell_status(summary)
-    first_error = next((t.error for t in timings if t.error), None)
-    result = cell_result(
-        cell,
-        status,
-        reason=first_error[:500] if first_error and status != "ok" else None,
-        requests=len(timings),
-        summary=summary,
-        server=server,
-        peak_rss_mib=memory.peak_rss_mib,
-        peak_gpu_mib=memory.peak_gpu_mib,
-        session=session_no,
-    )
+    result = _verdict(cell, timings, duration, counter_delta(before, after), memory, session_no)
+    summary = result.summary
     logger.info(
         "cell %s: %s; %d/%d ok, %s output tok/s, mean TTFT %s ms",
         cell.key,
-        status,
+        result.status,
         summary.completed,
         len(timings),
         fmt(summary.output_throughput),
         fmt(summary.mean_ttft_ms),
     )
     return result
+
+
+def _send(
+    base_url: str,
+    api_key: str | None,
+    requests: list[StreamRequest],
+    concurrency: int,
+    campaign: CampaignConfig,
+    cell: Cell,
+    rows: JsonlAppender,
+    repeat: int,
+) -> tuple[list[RequestTiming], float]:
+    """Stream ``requests`` at ``concurrency``, appending each one's row as it finishes (repeat -1:
+    the warm-up); their timings in order, and the wall time."""
+    results, wall = run_sync(
+        lambda: run_requests(
+            base_url,
+            api_key,
+            requests,
+            concurrency,
+            campaign.request_timeout_s,
+            on_done=lambda i, start, t: rows.write(request_row(cell, repeat, i, repeat < 0, start, t)),
+        )
+    )
+    return [t for _, t in results], wall
+
+
+def _verdict(
+    cell: Cell,
+    timings: list[RequestTiming],
+    duration: float,
+    counters: dict[str, float] | None,
+    memory: PeakSampler,
+    session_no: int,
+) -> CellResult:
+    """The cell's result: the client's summary, the server's figures, its status and why."""
+    summary = cell_summary(timings, duration)
+    sums: dict[str, float] = {}
+    for t in timings:
+        if t.outcome == "ok" and t.server_timings:
+            add_timings(sums, t.server_timings)
+    status = cell_status(summary)
+    first_error = next((t.error for t in timings if t.error), None)
+    return cell_result(
+        cell,
+        status,
+        reason=first_error[:500] if first_error and status != "ok" else None,
+        requests=len(timings),
+        summary=summary,
+        server=server_figures(counters, timings_summary(sums)),
+        peak_rss_mib=memory.peak_rss_mib,
+        peak_gpu_mib=memory.peak_gpu_mib,
+        session=session_no,
+    )
