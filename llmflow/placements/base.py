@@ -16,14 +16,17 @@ from __future__ import annotations
 import os
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, ClassVar
 
 from llmflow import engines
 from llmflow.config import SessionConfig
 from llmflow.registry import Registry
+from llmflow.remote.connections import shell_for
 from llmflow.remote.leases import Lease
+from llmflow.remote.shell import Shell, check_key_file, open_shell
 from llmflow.results import Allocation, ServerHandle, Teardown, Tunnel
 
 PLACEMENTS: Registry[Driver] = Registry("placement")
@@ -79,6 +82,34 @@ class Driver:
     def lease_server_alive(cls, lease: Lease) -> bool | None:
         """Whether the lease's server still runs, where that is cheap to tell; None: unknown."""
         return None
+
+
+class RemoteDriver(Driver):
+    """A placement reached over SSH, or on the login host itself (``login`` None): ssh, slurm.
+
+    Its config model (``config_model``) has a ``login``; the lease keeps that config (never a
+    secret), so a later process can reach the host again (``lease_shell``).
+    """
+
+    config_model: ClassVar[type[Any]]
+
+    def shell(self, run_id: str) -> Shell:
+        """The run's command connection, opened on first use and kept until teardown."""
+        return shell_for(run_id, self.placement.login)
+
+    def preflight(self) -> None:
+        check_key_file(self.placement.login)
+
+    @classmethod
+    @contextmanager
+    def lease_shell(cls, lease: Lease) -> Iterator[Shell]:
+        """A fresh connection to the lease's host, for releasing what a dead run left."""
+        placement = cls.config_model.model_validate(lease.placement_config or {})
+        shell = open_shell(placement.login)
+        try:
+            yield shell
+        finally:
+            shell.close()
 
 
 def driver_class(kind: str) -> type[Driver]:

@@ -24,10 +24,10 @@ from llmflow import engines
 from llmflow.config import SlurmPlacement
 from llmflow.errors import CommandFailed, JobRejected, QueueTimeout, ServerDied
 from llmflow.placements import slurm_jobs as slurm
-from llmflow.placements.base import PLACEMENTS, Driver, make_run_dir, mint_api_key, wait_for_endpoint
-from llmflow.remote.connections import close_run, forward_for, shell_for
+from llmflow.placements.base import PLACEMENTS, RemoteDriver, make_run_dir, mint_api_key, wait_for_endpoint
+from llmflow.remote.connections import close_run, forward_for
 from llmflow.remote.leases import Lease, read_lease, remove_lease, write_lease
-from llmflow.remote.shell import Shell, check_key_file, make_remote_run_dir, open_shell, remote_tail
+from llmflow.remote.shell import Shell, make_remote_run_dir, remote_tail
 from llmflow.remote.start_script import launcher_source
 from llmflow.results import Allocation, ServerHandle, Teardown, Tunnel
 
@@ -92,15 +92,10 @@ def cancel_and_confirm(shell: Shell, job_id: str, timeout_s: float = 60.0) -> sl
 
 
 @PLACEMENTS.register("slurm")
-class SlurmDriver(Driver):
+class SlurmDriver(RemoteDriver):
     kind = "slurm"
+    config_model = SlurmPlacement
     placement: SlurmPlacement
-
-    def shell(self, run_id: str) -> Shell:
-        return shell_for(run_id, self.placement.login)
-
-    def preflight(self) -> None:
-        check_key_file(self.placement.login)
 
     # -- allocate ----------------------------------------------------------------------
     def allocate(self, run_id: str, flow_run_id: str | None = None) -> Allocation:
@@ -299,11 +294,7 @@ class SlurmDriver(Driver):
         """For ``llmflow cleanup`` and crash hooks: reach the cluster from the lease and cancel its job."""
         if lease.job_id is None:
             return False
-        placement = SlurmPlacement.model_validate(lease.placement_config or {})
-        shell = open_shell(placement.login)
-        try:
+        with cls.lease_shell(lease) as shell:
             was_alive = not job_info(shell, lease.job_id).terminal
             cancel_and_confirm(shell, lease.job_id)
             return was_alive
-        finally:
-            shell.close()

@@ -20,10 +20,10 @@ from pathlib import Path
 from llmflow import engines
 from llmflow.config import SSHPlacement
 from llmflow.errors import CommandFailed, ServerDied
-from llmflow.placements.base import PLACEMENTS, Driver, make_run_dir, mint_api_key, wait_for_endpoint
-from llmflow.remote.connections import close_run, forward_for, shell_for
+from llmflow.placements.base import PLACEMENTS, RemoteDriver, make_run_dir, mint_api_key, wait_for_endpoint
+from llmflow.remote.connections import close_run, forward_for
 from llmflow.remote.leases import Lease, read_lease, remove_lease, write_lease
-from llmflow.remote.shell import Shell, SSHShell, check_key_file, make_remote_run_dir, remote_tail
+from llmflow.remote.shell import Shell, make_remote_run_dir, remote_tail
 from llmflow.remote.start_script import launcher_source, server_start_lines
 from llmflow.results import Allocation, ServerHandle, Teardown, Tunnel
 
@@ -83,15 +83,10 @@ def remote_pgid(shell: Shell, lease: Lease) -> int | None:
 
 
 @PLACEMENTS.register("ssh")
-class SSHDriver(Driver):
+class SSHDriver(RemoteDriver):
     kind = "ssh"
+    config_model = SSHPlacement
     placement: SSHPlacement
-
-    def shell(self, run_id: str) -> Shell:
-        return shell_for(run_id, self.placement.login)
-
-    def preflight(self) -> None:
-        check_key_file(self.placement.login)
 
     # -- allocate ----------------------------------------------------------------------
     def allocate(self, run_id: str, flow_run_id: str | None = None) -> Allocation:
@@ -239,10 +234,6 @@ class SSHDriver(Driver):
     @classmethod
     def release_lease(cls, lease: Lease) -> bool:
         """For ``llmflow cleanup`` and crash hooks: reach the host from the lease and stop the group."""
-        placement = SSHPlacement.model_validate(lease.placement_config or {})
-        shell = SSHShell(placement.login)
-        try:
+        with cls.lease_shell(lease) as shell:
             pgid = remote_pgid(shell, lease)
             return pgid is not None and stop_remote_group(shell, pgid)
-        finally:
-            shell.close()
