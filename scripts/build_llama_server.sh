@@ -9,6 +9,10 @@
 #
 #   scripts/build_llama_server.sh            build unless the binary is already there
 #   JOBS=4 scripts/build_llama_server.sh     more compiler processes
+#
+# A built binary is also kept outside the clone, keyed by the pinned version
+# ($LLMFLOW_CACHE, default ~/.cache/llmflow/llama-server-<version>/), as pip keeps built wheels:
+# a fresh clone on the same machine copies it instead of compiling again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=build/llama.cpp
@@ -19,6 +23,13 @@ if [ -x "$BIN" ] && "$BIN" --version >/dev/null 2>&1; then
 fi
 PIN=$(grep -E '^llama-cpp-python(\[[a-z,]+\])?==' scripts/requirements/llama_cpp_server.txt | sed -E 's/.*==//')
 [ -n "$PIN" ] || { echo "[llama-server] no llama-cpp-python==X pin in scripts/requirements/llama_cpp_server.txt" >&2; exit 1; }
+CACHED=${LLMFLOW_CACHE:-$HOME/.cache/llmflow}/llama-server-$PIN/llama-server
+if [ -x "$CACHED" ] && "$CACHED" --version >/dev/null 2>&1; then
+  mkdir -p "$OUT/bin"
+  cp "$CACHED" "$BIN"
+  echo "[llama-server] copied the build of llama-cpp-python $PIN's llama.cpp from $CACHED"
+  exit 0
+fi
 PIP=${PIP:-.venv/bin/pip}
 SRC=$OUT/src
 mkdir -p "$OUT/bin" "$SRC"
@@ -37,4 +48,5 @@ cmake --build "$OUT/cmake" --target llama-server -j "${JOBS:-$(nproc)}" >>"$OUT/
   exit 1
 }
 cp "$OUT/cmake/bin/llama-server" "$BIN"
+mkdir -p "$(dirname "$CACHED")" && cp "$BIN" "$CACHED.tmp" && mv "$CACHED.tmp" "$CACHED"
 echo "[llama-server] built $BIN ($("$BIN" --version 2>&1 | grep -m1 -i version || true))"
