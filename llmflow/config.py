@@ -68,6 +68,13 @@ class SSHLogin(_Strict):
         description="Trust a login host whose key is not in known_hosts (and remember it). Off: such a host is refused.",
     )
     connect_timeout_s: PositiveFloat = Field(default=20.0, description="Seconds to connect and authenticate.")
+    forward: Literal["auto", "openssh", "paramiko"] = Field(
+        default="auto",
+        description=(
+            "What carries the port forward to the server: the OpenSSH client (several times faster under "
+            "load), in-process paramiko (no ssh binary needed), or auto: OpenSSH when ssh is on PATH."
+        ),
+    )
 
 
 class SlurmOptions(_Strict):

@@ -13,6 +13,7 @@ cd "$(dirname "$0")/.."
 TOP=$(pwd)
 STATE=$TOP/build/testcluster
 SSH_PORT=${LLMFLOW_TEST_SSH_PORT:-22022}
+TEST_PASSPHRASE="llmflow test passphrase"  # of the test-only client key below; nothing else uses it
 NODE=$(hostname -s)
 
 need_packages() {
@@ -107,7 +108,9 @@ start_sshd() {
   chmod 700 "$STATE"
   [ -f "$STATE/host_ed25519" ] || ssh-keygen -q -t ed25519 -N '' -f "$STATE/host_ed25519"
   [ -f "$STATE/client_ed25519" ] || ssh-keygen -q -t ed25519 -N '' -f "$STATE/client_ed25519"
-  cp "$STATE/client_ed25519.pub" "$STATE/authorized_keys"
+  # a second client key with a passphrase, for the tests of keys that have one
+  [ -f "$STATE/client_ed25519_pass" ] || ssh-keygen -q -t ed25519 -N "$TEST_PASSPHRASE" -f "$STATE/client_ed25519_pass"
+  cat "$STATE/client_ed25519.pub" "$STATE/client_ed25519_pass.pub" > "$STATE/authorized_keys"
   chmod 600 "$STATE/authorized_keys"
   cat > "$STATE/sshd_config" <<CONF
 Port $SSH_PORT
@@ -143,6 +146,8 @@ LLMFLOW_TEST_SSH_PORT=$SSH_PORT
 LLMFLOW_TEST_SSH_USER=$(id -un)
 LLMFLOW_TEST_SSH_KEY=$STATE/client_ed25519
 LLMFLOW_TEST_KNOWN_HOSTS=$STATE/known_hosts
+LLMFLOW_TEST_SSH_KEY_WITH_PASSPHRASE=$STATE/client_ed25519_pass
+LLMFLOW_TEST_SSH_PASSPHRASE=$TEST_PASSPHRASE
 ENV
 }
 

@@ -8,13 +8,17 @@ the forwarded traffic.
 
 from __future__ import annotations
 
+import shutil
+
 from llmflow.config import SSHLogin
 from llmflow.remote.shell import Shell, SSHShell, open_shell
-from llmflow.remote.tunnel import LocalForward
+from llmflow.remote.tunnel import LocalForward, OpenSSHForward
+
+Forward = LocalForward | OpenSSHForward
 
 _SHELLS: dict[str, Shell] = {}
 _TUNNEL_SHELLS: dict[str, SSHShell] = {}
-_FORWARDS: dict[str, LocalForward] = {}
+_FORWARDS: dict[str, Forward] = {}
 
 
 def shell_for(run_id: str, login: SSHLogin | None) -> Shell:
@@ -24,21 +28,29 @@ def shell_for(run_id: str, login: SSHLogin | None) -> Shell:
     return _SHELLS[run_id]
 
 
-def forward_for(run_id: str, login: SSHLogin, host: str, port: int) -> LocalForward:
+def uses_openssh(login: SSHLogin) -> bool:
+    """Whether ``login.forward`` picks the OpenSSH client (``auto``: when ssh is on PATH)."""
+    if login.forward == "auto":
+        return shutil.which("ssh") is not None
+    return login.forward == "openssh"
+
+
+def forward_for(run_id: str, login: SSHLogin, host: str, port: int) -> Forward:
     """The run's forward from 127.0.0.1 to ``host:port`` as seen from the login host: opened on
     first use, pointed at the new address after (a requeued job's new node and port)."""
     forward = _FORWARDS.get(run_id)
-    if forward is None:
+    if forward is not None:
+        forward.retarget(host, port)
+    elif uses_openssh(login):
+        forward = _FORWARDS[run_id] = OpenSSHForward(login, host, port)
+    else:
         tunnel_shell = SSHShell(login)  # its own connection, apart from commands
         _TUNNEL_SHELLS[run_id] = tunnel_shell
-        forward = LocalForward(lambda: tunnel_shell.transport, host, port)
-        _FORWARDS[run_id] = forward
-    else:
-        forward.retarget(host, port)
+        forward = _FORWARDS[run_id] = LocalForward(lambda: tunnel_shell.transport, host, port)
     return forward
 
 
-def forward_of(run_id: str) -> LocalForward | None:
+def forward_of(run_id: str) -> Forward | None:
     """The run's open forward, if any (tests cut its connection to check reconnects)."""
     return _FORWARDS.get(run_id)
 

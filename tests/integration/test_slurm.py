@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import threading
 import time
@@ -30,6 +32,7 @@ from llmflow.errors import HostKeyRejected, JobRejected, QueueTimeout, ServerDie
 from llmflow.remote.connections import forward_of, tunnel_shell_of
 from llmflow.remote.leases import read_lease
 from llmflow.remote.shell import SSHShell
+from llmflow.remote.tunnel import OpenSSHForward
 
 pytestmark = pytest.mark.integration
 
@@ -119,9 +122,21 @@ def test_forward_listens_on_loopback_only_and_key_is_enforced(slurm_session: Ses
 
 
 def _status_after_ssh_drop(s, url: str) -> int:
-    """Cut the tunnel's SSH connection under it; the next request must reconnect by itself."""
-    tunnel_shell_of(s.allocation.run_id)._client.get_transport().close()
-    return httpx.get(url, headers={"Authorization": f"Bearer {s.handle.api_key()}"}, timeout=30).status_code
+    """Cut the tunnel's SSH connection under it; requests must get through again by themselves
+    (the OpenSSH forward starts its master again at once; the paramiko one on the next request)."""
+    forward = forward_of(s.allocation.run_id)
+    if isinstance(forward, OpenSSHForward):
+        os.kill(forward.pid, signal.SIGKILL)
+    else:
+        tunnel_shell_of(s.allocation.run_id)._client.get_transport().close()
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            return httpx.get(url, headers=s.handle.auth_headers(), timeout=30).status_code
+        except httpx.TransportError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
 
 
 def test_queue_deadline_cancels_a_job_that_never_starts(slurm_session: SessionConfig, tmp_path: Path):
