@@ -1,5 +1,5 @@
 # Two commands: `make demo` (set up, then run the demo) and `make test` (set up, then the tests).
-.PHONY: setup cluster demo test test-unit lint format bench
+.PHONY: setup cluster demo test test-unit lint format bench bench-tunnel
 
 setup:
 	./scripts/setup.sh
@@ -29,3 +29,7 @@ format: setup
 bench: setup
 	.venv/bin/python benchmarks/client_throughput.py
 	.venv/bin/python benchmarks/stream_overhead.py
+
+# the SSH data path against the test cluster's sshd (needs root, like `make test`)
+bench-tunnel: setup cluster
+	.venv/bin/python benchmarks/tunnel_throughput.py
