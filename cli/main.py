@@ -279,7 +279,10 @@ def main(argv: list[str] | None = None) -> int:
         released = release_leftovers(args.runs_dir)
         print(
             f"released {len(released)} leftover server(s)"
-            + "".join(f"\n  {x.run_id} (pgid {x.pgid})" for x in released)
+            + "".join(
+                f"\n  {x.run_id} ({x.placement}: " + (f"job {x.job_id}" if x.job_id else f"pgid {x.pgid}") + ")"
+                for x in released
+            )
         )
         return 0
 

@@ -47,7 +47,9 @@ class LocalDriver(Driver):
     def preflight(self) -> None:
         engines.spec_for(self.config.engine).check_installed()
         if not self.config.model.path.exists():
-            raise ConfigError(f"model.path: {self.config.model.path} does not exist (`make model` writes the tiny one)")
+            raise ConfigError(
+                f"model.path: {self.config.model.path} does not exist (`llmflow make-model` writes the tiny one)"
+            )
 
     def allocate(self, run_id: str, flow_run_id: str | None = None) -> Allocation:
         run_dir = make_run_dir(self.config.runs_dir, run_id)
