@@ -27,6 +27,7 @@ from llmflow.registry import Registry
 from llmflow.remote.connections import shell_for
 from llmflow.remote.leases import Lease
 from llmflow.remote.shell import Shell, check_key_file, open_shell
+from llmflow.remote.start_script import launcher_source
 from llmflow.results import Allocation, ServerHandle, Teardown, Tunnel
 
 PLACEMENTS: Registry[Driver] = Registry("placement")
@@ -99,6 +100,21 @@ class RemoteDriver(Driver):
 
     def preflight(self) -> None:
         check_key_file(self.placement.login)
+
+    def start_args(self, remote_dir: str) -> dict[str, Any]:
+        """What the remote start script needs (``remote.start_script.server_start_lines``): the
+        engine's setup lines and command, the supervisor's Python and source, the key variable."""
+        spec = engines.spec_for(self.config.engine)
+        launch = spec.launch(self.config.model, self.placement.bind_host, None)  # the key: from its file
+        return {
+            "run_dir": remote_dir,
+            "setup": launch.setup,
+            "server_python": str(spec.server_python()),
+            "server_argv": launch.argv,
+            "bind_host": self.placement.bind_host,
+            "launcher_source": launcher_source(),
+            "api_key_env": spec.api_key_env,
+        }
 
     @classmethod
     @contextmanager

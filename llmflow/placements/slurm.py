@@ -20,7 +20,6 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from llmflow import engines
 from llmflow.config import SlurmPlacement
 from llmflow.errors import CommandFailed, JobRejected, QueueTimeout, ServerDied
 from llmflow.placements import slurm_jobs as slurm
@@ -28,7 +27,6 @@ from llmflow.placements.base import PLACEMENTS, RemoteDriver, make_run_dir, mint
 from llmflow.remote.connections import close_run, forward_for
 from llmflow.remote.leases import Lease, read_lease, remove_lease, write_lease
 from llmflow.remote.shell import Shell, make_remote_run_dir, remote_tail
-from llmflow.remote.start_script import launcher_source
 from llmflow.results import Allocation, ServerHandle, Teardown, Tunnel
 
 # Pending reasons that mean the job can never start as asked: fail now, don't wait out the deadline.
@@ -122,18 +120,8 @@ class SlurmDriver(RemoteDriver):
         api_key, _ = mint_api_key(self.config, local_dir)
         if api_key:
             shell.write_file(f"{remote_dir}/api_key", api_key, 0o600)
-        spec = engines.spec_for(self.config.engine)
-        launch = spec.launch(self.config.model, self.placement.bind_host, None)
         script = slurm.render_job_script(
-            opts=self.placement.slurm,
-            job_name=f"llmflow-{run_id}",
-            run_dir=remote_dir,
-            setup=launch.setup,
-            server_python=str(spec.server_python()),
-            server_argv=launch.argv,
-            bind_host=self.placement.bind_host,
-            launcher_source=launcher_source(),
-            api_key_env=spec.api_key_env,
+            opts=self.placement.slurm, job_name=f"llmflow-{run_id}", **self.start_args(remote_dir)
         )
         shell.write_file(f"{remote_dir}/job.sh", script, 0o700)
         (local_dir / "job.sh").write_text(script)

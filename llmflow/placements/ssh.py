@@ -17,14 +17,13 @@ import shlex
 from datetime import UTC, datetime
 from pathlib import Path
 
-from llmflow import engines
 from llmflow.config import SSHPlacement
 from llmflow.errors import CommandFailed, ServerDied
 from llmflow.placements.base import PLACEMENTS, RemoteDriver, make_run_dir, mint_api_key, wait_for_endpoint
 from llmflow.remote.connections import close_run, forward_for
 from llmflow.remote.leases import Lease, read_lease, remove_lease, write_lease
 from llmflow.remote.shell import Shell, make_remote_run_dir, remote_tail
-from llmflow.remote.start_script import launcher_source, server_start_lines
+from llmflow.remote.start_script import server_start_lines
 from llmflow.results import Allocation, ServerHandle, Teardown, Tunnel
 
 GRACE_S = 10
@@ -168,21 +167,11 @@ class SSHDriver(RemoteDriver):
         )
 
     def _start_script(self, remote_dir: str) -> str:
-        spec = engines.spec_for(self.config.engine)
-        launch = spec.launch(self.config.model, self.placement.bind_host, None)
         return "\n".join(
             [
                 "#!/bin/bash",
                 "echo $$ > server.pgid  # setsid made this shell a group leader: teardown can find the group",
-                *server_start_lines(
-                    run_dir=remote_dir,
-                    setup=launch.setup,
-                    server_python=str(spec.server_python()),
-                    server_argv=launch.argv,
-                    bind_host=self.placement.bind_host,
-                    launcher_source=launcher_source(),
-                    api_key_env=spec.api_key_env,
-                ),
+                *server_start_lines(**self.start_args(remote_dir)),
                 "",
             ]
         )
