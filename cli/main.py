@@ -11,6 +11,7 @@ SIGTERM), after tearing the server down.
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import os
 import signal
@@ -21,16 +22,41 @@ from pydantic import ValidationError
 
 from llmflow.batch import progress
 from llmflow.config import DEFAULT_MODEL, PROJECT_ROOT, SAMPLE_INPUT, BatchConfig, SessionConfig
+from llmflow.errors import ConfigError
 
 EXIT_INVALID_LINES = 3
 EXIT_INTERRUPTED = 130
+
+
+CONFIG_SECTIONS = ("session", "batch")
+
+
+def _config_file(path: Path | None) -> dict:
+    """The ``--config`` JSON file: a table with ``session`` and/or ``batch``. Anything else at the
+    top (a typo such as ``sesion``) is refused, as unknown keys are at every other level."""
+    if path is None:
+        return {}
+    try:
+        data = json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise ConfigError(f"--config {path}: {exc.strerror}") from None
+    except ValueError as exc:
+        raise ConfigError(f"--config {path}: not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f'--config {path}: expected {{"session": {{...}}, "batch": {{...}}}} at the top')
+    for key in data:
+        if key not in CONFIG_SECTIONS:
+            close = difflib.get_close_matches(key, CONFIG_SECTIONS, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f" (expected {' or '.join(CONFIG_SECTIONS)})"
+            raise ConfigError(f"--config {path}: unknown top-level key {key!r}{hint}")
+    return data
 
 
 def _session_config(args: argparse.Namespace, data: dict | None = None) -> SessionConfig:
     """The session from ``data`` (a campaign file's session table), else from ``--config`` and
     the engine flags; then ``--runs-dir`` and the block names."""
     if data is None:
-        data = json.loads(Path(args.config).read_text()).get("session", {}) if args.config else {}
+        data = _config_file(args.config).get("session", {})
         engine = data.setdefault("engine", {})
         if args.venv:
             engine["venv"] = args.venv
@@ -49,7 +75,7 @@ def _session_config(args: argparse.Namespace, data: dict | None = None) -> Sessi
 
 
 def _batch_config(args: argparse.Namespace, input_path: Path, output_path: Path) -> BatchConfig:
-    data: dict = json.loads(Path(args.config).read_text()).get("batch", {}) if args.config else {}
+    data: dict = _config_file(args.config).get("batch", {})
     data.update(input_path=input_path, output_path=output_path)
     if args.concurrency:
         data["concurrency"] = args.concurrency
@@ -107,7 +133,7 @@ def _hold(args: argparse.Namespace) -> int:
 
     try:
         session = _session_config(args)
-    except ValidationError as exc:
+    except (ValidationError, ConfigError) as exc:
         print(f"invalid configuration:\n{exc}", file=sys.stderr)
         return 2
     on_ready(
@@ -294,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         session = _session_config(args)
         batch = _batch_config(args, input_path, args.output)
-    except ValidationError as exc:
+    except (ValidationError, ConfigError) as exc:
         print(f"invalid configuration:\n{exc}", file=sys.stderr)
         return 2
     if args.command == "demo" and not session.model.path.exists():
