@@ -125,6 +125,7 @@ class OpenSSHForward:
 
     def __init__(self, login: SSHLogin, node: str, port: int, ssh: str = "ssh") -> None:
         self.login = login
+        self._resolved = resolve(login)  # the ssh config is read once, not at every control command
         self.target = (node, port)
         self._ssh = ssh
         # 0700: control socket, askpass helper, ssh's log; /tmp when $TMPDIR is too long for a socket path
@@ -154,7 +155,7 @@ class OpenSSHForward:
 
     # -- the ssh command line ------------------------------------------------------------
     def _base_args(self) -> list[str]:
-        login, target = self.login, resolve(self.login)
+        login, target = self.login, self._resolved
         config = login.ssh_config.expanduser() if login.ssh_config is not None else None
         args = [self._ssh, "-F", str(config) if config is not None and config.exists() else "/dev/null"]
         args += ["-p", str(target.port), "-l", target.user, "-S", str(self._control)]
@@ -209,7 +210,7 @@ class OpenSSHForward:
         # A terminal and a command that only waits, not -N: sshd (and ssh) set TCP_NODELAY on an
         # interactive connection only, and without it each response waits ~40 ms on Nagle's
         # algorithm and the peer's delayed ACK (measured: a 50 ms request took 95 ms with -N).
-        cmd = self._base_args() + ["-M", "-tt", "-L", self._spec(*self.target), resolve(self.login).hostname]
+        cmd = self._base_args() + ["-M", "-tt", "-L", self._spec(*self.target), self._resolved.hostname]
         cmd.append(f"sleep {2**31 - 1}")
         with (self._dir / "ssh.log").open("ab") as out:
             self._proc = subprocess.Popen(
@@ -223,13 +224,13 @@ class OpenSSHForward:
                 return
             time.sleep(0.02)
         self._stop_proc()
-        raise CommandFailed(f"ssh forward to {resolve(self.login).hostname} not up in time: {self._log_tail()}")
+        raise CommandFailed(f"ssh forward to {self._resolved.hostname} not up in time: {self._log_tail()}")
 
     def _start_error(self) -> Exception:
         tail = self._log_tail()
         if "Host key verification failed" in tail or "REMOTE HOST IDENTIFICATION HAS CHANGED" in tail:
             return HostKeyRejected(
-                f"ssh refused the host key of {resolve(self.login).hostname} (known hosts: {self.login.known_hosts}): {tail}"
+                f"ssh refused the host key of {self._resolved.hostname} (known hosts: {self.login.known_hosts}): {tail}"
             )
         if "Address already in use" in tail or "cannot listen to port" in tail:
             return _PortTaken(tail)
@@ -255,7 +256,7 @@ class OpenSSHForward:
 
     def _ctl(self, *op: str) -> subprocess.CompletedProcess:
         """A control command to the running master (check, forward, cancel, exit)."""
-        cmd = self._base_args() + ["-O", *op, resolve(self.login).hostname]
+        cmd = self._base_args() + ["-O", *op, self._resolved.hostname]
         return subprocess.run(cmd, capture_output=True, text=True, timeout=15, env=self._env())
 
     def retarget(self, node: str, port: int) -> None:
