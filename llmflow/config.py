@@ -105,7 +105,10 @@ class SlurmPlacement(_Strict):
         min_length=1,
         description="Folder on the cluster's shared filesystem for run folders (relative: under the login home).",
     )
-    bind_host: str = Field(default="0.0.0.0", description="Interface the server binds on the compute node.")
+    bind_host: str = Field(
+        default="0.0.0.0",
+        description="Interface the server binds on the compute node; '@node': the address the node's own name resolves to.",
+    )
     connect_host: str | None = Field(
         default=None, description="Address the login node uses to reach the compute node; default its hostname."
     )

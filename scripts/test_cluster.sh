@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
-# A real one-node Slurm cluster and a "login node" sshd on loopback, for the tests and CI.
+# A real multi-node Slurm cluster and a "login node" sshd on loopback, for the tests and CI.
 #
 #   scripts/test_cluster.sh up      install (Debian packages) and start munge, slurmctld, slurmd, sshd
 #   scripts/test_cluster.sh down    stop them
 #   scripts/test_cluster.sh status  sinfo and the sshd port
 #
+# The cluster has LLMFLOW_TEST_NODES nodes (default 3), node1..nodeN: one slurmd each
+# (`slurmd -N nodeK`), each with its own port, spool, pid and log file and its own loopback
+# address 127.0.0.(10+K), named in /etc/hosts, so a server in a job binds and is reached at its
+# node's address. All traffic stays on loopback.
 # The sshd listens on 127.0.0.1 only, with its own host key, and lets in one test key. What
 # the tests need is written to build/testcluster/env (SSH port, key, known_hosts).
 # Needs root (it is run by `make test` on the project's machines, which are root).
@@ -14,7 +18,8 @@ TOP=$(pwd)
 STATE=$TOP/build/testcluster
 SSH_PORT=${LLMFLOW_TEST_SSH_PORT:-22022}
 TEST_PASSPHRASE="llmflow test passphrase"  # of the test-only client key below; nothing else uses it
-NODE=$(hostname -s)
+NODES=${LLMFLOW_TEST_NODES:-3}
+node_names() { seq -f 'node%g' 1 "$NODES"; }
 
 need_packages() {
   local missing=()
@@ -42,20 +47,30 @@ start_munge() {
   pgrep -x munged >/dev/null || su -s /bin/sh munge -c /usr/sbin/munged
 }
 
+write_hosts() {
+  # node names to their loopback addresses, once each
+  local k
+  for k in $(seq 1 "$NODES"); do
+    grep -qE "^127\.0\.0\.$((10 + k))[[:space:]]+node$k\b" /etc/hosts || echo "127.0.0.$((10 + k)) node$k" >> /etc/hosts
+  done
+}
+
 write_slurm_conf() {
   mkdir -p /etc/slurm /var/spool/slurmctld /var/spool/slurmd /var/log/slurm
-  local cpus mem
+  local cpus mem k
   cpus=$(nproc)
-  mem=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 - 2048 ))
-  cat > /etc/slurm/slurm.conf <<CONF
+  mem=$(( ($(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 - 2048) / NODES ))
+  {
+    cat <<CONF
 ClusterName=llmflow-test
-SlurmctldHost=$NODE
+SlurmctldHost=$(hostname -s)
 SlurmUser=root
 SlurmctldPort=6817
-SlurmdPort=6818
 AuthType=auth/munge
 StateSaveLocation=/var/spool/slurmctld
-SlurmdSpoolDir=/var/spool/slurmd
+SlurmdSpoolDir=/var/spool/slurmd/%n
+SlurmdPidFile=/run/slurmd-%n.pid
+SlurmdLogFile=/var/log/slurm/slurmd-%n.log
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SelectType=select/cons_tres
@@ -63,25 +78,42 @@ SelectTypeParameters=CR_Core_Memory
 ReturnToService=2
 SchedulerType=sched/backfill
 SlurmctldLogFile=/var/log/slurm/slurmctld.log
-SlurmdLogFile=/var/log/slurm/slurmd.log
 MinJobAge=30
 JobRequeue=1
 DefMemPerCPU=1024
-NodeName=$NODE CPUs=$cpus RealMemory=$mem State=UNKNOWN
-PartitionName=debug Nodes=$NODE Default=YES MaxTime=INFINITE State=UP
 CONF
+    for k in $(seq 1 "$NODES"); do
+      echo "NodeName=node$k NodeAddr=127.0.0.$((10 + k)) Port=$((6820 + k)) CPUs=$cpus RealMemory=$mem State=UNKNOWN"
+    done
+    echo "PartitionName=debug Nodes=node[1-$NODES] Default=YES MaxTime=INFINITE State=UP"
+  } > /etc/slurm/slurm.conf.new
+  for k in $(seq 1 "$NODES"); do mkdir -p "/var/spool/slurmd/node$k"; done
+  if ! cmp -s /etc/slurm/slurm.conf.new /etc/slurm/slurm.conf; then
+    # another layout (the old one-node cluster, another node count): start Slurm afresh (-c)
+    echo "[cluster] new slurm.conf ($NODES nodes); restarting Slurm with a clean state"
+    pkill -x slurmd 2>/dev/null || true
+    pkill -x slurmctld 2>/dev/null || true
+    for _ in $(seq 1 100); do pgrep -x 'slurmctld|slurmd' >/dev/null || break; sleep 0.2; done
+    mv /etc/slurm/slurm.conf.new /etc/slurm/slurm.conf
+    CLEAN_START=-c
+  else
+    rm -f /etc/slurm/slurm.conf.new
+  fi
 }
 
 start_slurm() {
-  pgrep -x slurmctld >/dev/null || slurmctld
-  pgrep -x slurmd >/dev/null || slurmd
+  local name
+  pgrep -x slurmctld >/dev/null || slurmctld ${CLEAN_START:-}
+  for name in $(node_names); do
+    pgrep -f "^slurmd -N $name\$" >/dev/null || slurmd -N "$name"
+  done
   for _ in $(seq 1 60); do
-    if sinfo -h -o '%T' 2>/dev/null | grep -qE '^(idle|mixed|allocated)'; then return 0; fi
-    scontrol update nodename="$NODE" state=resume >/dev/null 2>&1 || true
+    if [ "$(sinfo -h -N -o '%N %T' 2>/dev/null | grep -cE ' (idle|mixed|allocated)$')" -ge "$NODES" ]; then return 0; fi
+    for name in $(node_names); do scontrol update nodename="$name" state=resume >/dev/null 2>&1 || true; done
     sleep 0.5
   done
   echo "[cluster] slurm did not come up:" >&2
-  sinfo >&2 || true
+  sinfo -N >&2 || true
   tail -20 /var/log/slurm/slurmctld.log >&2 || true
   return 1
 }
@@ -96,7 +128,7 @@ clear_queue() {
   # shellcheck disable=SC2086
   scancel $jobs 2>/dev/null || true
   for _ in $(seq 1 120); do
-    [ -z "$(squeue -h -o '%i' 2>/dev/null)" ] && sinfo -h -o '%T' | grep -qx idle && return 0
+    [ -z "$(squeue -h -o '%i' 2>/dev/null)" ] && [ "$(sinfo -h -N -o '%T' | grep -cx idle)" -ge "$NODES" ] && return 0
     sleep 0.5
   done
   echo "[cluster] warning: queue not empty after cancelling:" >&2
@@ -155,11 +187,12 @@ case "${1:-up}" in
   up)
     need_packages
     start_munge
+    write_hosts
     write_slurm_conf
     start_slurm
     clear_queue
     start_sshd
-    echo "[cluster] up: $(sinfo -h -o '%P %T %N' | head -1); sshd on 127.0.0.1:$SSH_PORT"
+    echo "[cluster] up: $(sinfo -h -o '%P %T %N' | tr '\n' ' ')($NODES nodes); sshd on 127.0.0.1:$SSH_PORT"
     ;;
   down)
     scancel --user="$(id -un)" >/dev/null 2>&1 || true

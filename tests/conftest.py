@@ -79,7 +79,7 @@ def llama_processes(marker: str) -> list[str]:
 
 @pytest.fixture(scope="session")
 def test_cluster() -> dict[str, str]:
-    """The real one-node Slurm cluster and loopback sshd of scripts/test_cluster.sh (brought up if needed)."""
+    """The real multi-node Slurm cluster and loopback sshd of scripts/test_cluster.sh (brought up if needed)."""
     import subprocess
 
     root = Path(__file__).resolve().parent.parent

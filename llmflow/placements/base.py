@@ -103,9 +103,12 @@ class RemoteDriver(Driver):
 
     def start_args(self, remote_dir: str) -> dict[str, Any]:
         """What the remote start script needs (``remote.start_script.server_start_lines``): the
-        engine's setup lines and command, the supervisor's Python and source, the key variable."""
+        engine's setup lines and command, the supervisor's Python and source, the key variable,
+        and the run's record in the registry folder beside the run folders (``registry_file``)."""
         spec = engines.spec_for(self.config.engine)
-        launch = spec.launch(self.config.model, self.placement.bind_host, None)  # the key: from its file
+        bind = self.placement.bind_host
+        # '@node': the supervisor resolves the node's address on the node and puts it in for {bind_host}
+        launch = spec.launch(self.config.model, "{bind_host}" if bind == "@node" else bind, None)  # key: from its file
         return {
             "run_dir": remote_dir,
             "setup": launch.setup,
@@ -114,6 +117,7 @@ class RemoteDriver(Driver):
             "bind_host": self.placement.bind_host,
             "launcher_source": launcher_source(),
             "api_key_env": spec.api_key_env,
+            "registry_file": registry_file(remote_dir),
         }
 
     @classmethod
@@ -126,6 +130,17 @@ class RemoteDriver(Driver):
             yield shell
         finally:
             shell.close()
+
+
+def registry_file(run_dir: str) -> str:
+    """Where a run's endpoint record is kept for others to read: ``<runs folder>/registry/<run>.json``.
+
+    Replicas of one session have their run folders in the session's own folder, so their
+    records make up that session's registry (as seed 004's endpoint registry on a shared
+    filesystem); a single run's record sits in the registry of all runs.
+    """
+    parent, _, name = run_dir.rstrip("/").rpartition("/")
+    return f"{parent or '.'}/registry/{name}.json"
 
 
 def driver_class(kind: str) -> type[Driver]:

@@ -100,6 +100,7 @@ def render_job_script(
     bind_host: str,
     launcher_source: str,
     api_key_env: str | None = "API_KEY",
+    registry_file: str | None = None,
 ) -> str:
     """The batch script: resources, the user's setup lines, then the supervisor and server.
 
@@ -116,6 +117,7 @@ def render_job_script(
         bind_host=bind_host,
         launcher_source=launcher_source,
         api_key_env=api_key_env,
+        registry_file=registry_file,
     )
     return "\n".join(["#!/bin/bash", *sbatch_lines(opts, job_name, log_path), *body, ""])
 

@@ -29,8 +29,10 @@ def server_start_lines(
     bind_host: str,
     launcher_source: str,
     api_key_env: str | None,
+    registry_file: str | None = None,
 ) -> list[str]:
-    """Body lines of the start script; the supervisor writes ``endpoint.json`` in ``run_dir``."""
+    """Body lines of the start script; the supervisor writes ``endpoint.json`` in ``run_dir``
+    and, given ``registry_file``, keeps the replica's record with its state there too."""
     q = shlex.quote
     launcher = f"{run_dir}/supervisor.py"
     exec_line = shlex.join(
@@ -39,6 +41,7 @@ def server_start_lines(
             launcher,
             "--endpoint-file",
             f"{run_dir}/endpoint.json",
+            *(["--registry-file", registry_file] if registry_file else []),
             "--host",
             bind_host,
             "--",
@@ -49,6 +52,7 @@ def server_start_lines(
         "set -eo pipefail",
         f"cd {q(run_dir)}",
         "rm -f endpoint.json  # a restarted (requeued) server writes a fresh one",
+        *([f"mkdir -p {q(registry_file.rsplit('/', 1)[0])}"] if registry_file and "/" in registry_file else []),
         *([f'if [ -f api_key ]; then {api_key_env}="$(cat api_key)"; export {api_key_env}; fi'] if api_key_env else []),
         "# --- setup lines from the engine config ---",
         *setup,

@@ -1,4 +1,4 @@
-"""Slurm placement on the real one-node cluster, through the real sshd and a paramiko tunnel."""
+"""Slurm placement on the real test cluster, through the real sshd and the SSH forward."""
 
 from __future__ import annotations
 
@@ -59,9 +59,8 @@ def slurm_session(tmp_path: Path, server_env, test_cluster, prefect_api_url) -> 
         placement=SlurmPlacement(
             login=_login(test_cluster),
             remote_runs_dir=str(tmp_path / "cluster-runs"),
-            # one-node test cluster: the "compute node" is this machine, reached on loopback
-            bind_host="127.0.0.1",
-            connect_host="127.0.0.1",
+            # each test-cluster node has its own loopback address; the server binds its node's
+            bind_host="@node",
             poll_interval_s=0.5,
             queue_deadline_s=120,
         ),

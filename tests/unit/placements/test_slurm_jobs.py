@@ -127,3 +127,10 @@ def test_terminal_states(state):
 )
 def test_gpus_in_gres(gres, gpus):
     assert slurm.gpus_in_gres(gres) == gpus
+
+
+def test_registry_file_sits_beside_the_run_folders():
+    from llmflow.placements.base import registry_file
+
+    assert registry_file("/home/u/llmflow-runs/set-1/set-1-r0") == "/home/u/llmflow-runs/set-1/registry/set-1-r0.json"
+    assert registry_file("/home/u/llmflow-runs/run-1/") == "/home/u/llmflow-runs/registry/run-1.json"

@@ -129,3 +129,37 @@ def test_release_leftovers_only_takes_dead_owners(tmp_path: Path):
     finally:
         stop_group(live.pid, 2)
         stop_group(orphan.pid, 2)
+
+
+def test_registry_record_and_the_node_address(tmp_path: Path):
+    """``--host @node`` binds the address the node's name resolves to ({bind_host} in the command);
+    the registry record follows the server: started, then stopped on SIGTERM."""
+    registry = tmp_path / "registry" / "r0.json"
+    registry.parent.mkdir()
+    ep = tmp_path / "endpoint.json"
+    cmd = [sys.executable, str(LAUNCHER), "--endpoint-file", str(ep), "--registry-file", str(registry)]
+    cmd += ["--host", "@node", "--", sys.executable, "-m", "http.server", "--bind", "{bind_host}", "{port}"]
+    env = {**os.environ, "SLURMD_NODENAME": "localhost", "SLURM_JOB_ID": "42"}
+    proc = subprocess.Popen(cmd, start_new_session=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert _wait_until(registry.exists)
+        record = json.loads(registry.read_text())
+        assert (record["node"], record["host"], record["state"], record["job_id"]) == (
+            "localhost",
+            "127.0.0.1",
+            "started",
+            "42",
+        )
+        assert _wait_until(lambda: _answers_at(record["host"], record["port"]))
+        os.kill(proc.pid, signal.SIGTERM)
+        proc.wait(15)
+        assert json.loads(registry.read_text())["state"] == "stopped"
+    finally:
+        stop_group(proc.pid)
+
+
+def _answers_at(host: str, port: int) -> bool:
+    try:
+        return httpx.get(f"http://{host}:{port}/", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
