@@ -11,6 +11,7 @@ import getpass
 import os
 import shlex
 import subprocess
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -167,13 +168,15 @@ class SSHShell:
     def __init__(self, login: SSHLogin) -> None:
         self.login = login
         self._client = connect(login)
+        self._lock = threading.Lock()  # replicas' threads share one connection: reconnect once
 
     @property
     def transport(self) -> paramiko.Transport:
-        transport = self._client.get_transport()
-        if transport is None or not transport.is_active():
-            self.reconnect()
+        with self._lock:
             transport = self._client.get_transport()
+            if transport is None or not transport.is_active():
+                self.reconnect()
+                transport = self._client.get_transport()
         assert transport is not None
         return transport
 

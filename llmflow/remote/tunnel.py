@@ -127,6 +127,8 @@ class OpenSSHForward:
         self.login = login
         self._resolved = resolve(login)  # the ssh config is read once, not at every control command
         self.target = (node, port)
+        self._extra: dict[int, tuple[str, int]] = {}  # more forwards on this connection (``add``)
+        self._primary = True  # whether the first forward (``local_port`` -> ``target``) is still wanted
         self._ssh = ssh
         # 0700: control socket, askpass helper, ssh's log; /tmp when $TMPDIR is too long for a socket path
         base = None if len(tempfile.gettempdir()) < 60 else "/tmp"
@@ -187,8 +189,12 @@ class OpenSSHForward:
             )
         return env
 
-    def _spec(self, node: str, port: int) -> str:
-        return f"127.0.0.1:{self.local_port}:{node}:{port}"
+    def _spec(self, node: str, port: int, local_port: int | None = None) -> str:
+        return f"127.0.0.1:{local_port or self.local_port}:{node}:{port}"
+
+    def _all_specs(self) -> list[str]:
+        specs = [self._spec(*self.target)] if self._primary else []
+        return specs + [self._spec(node, port, lp) for lp, (node, port) in self._extra.items()]
 
     # -- starting and watching -------------------------------------------------------------
     def _start_on_a_free_port(self) -> int:
@@ -210,7 +216,10 @@ class OpenSSHForward:
         # A terminal and a command that only waits, not -N: sshd (and ssh) set TCP_NODELAY on an
         # interactive connection only, and without it each response waits ~40 ms on Nagle's
         # algorithm and the peer's delayed ACK (measured: a 50 ms request took 95 ms with -N).
-        cmd = self._base_args() + ["-M", "-tt", "-L", self._spec(*self.target), self._resolved.hostname]
+        cmd = self._base_args() + ["-M", "-tt"]
+        for spec in self._all_specs():
+            cmd += ["-L", spec]
+        cmd.append(self._resolved.hostname)
         cmd.append(f"sleep {2**31 - 1}")
         with (self._dir / "ssh.log").open("ab") as out:
             self._proc = subprocess.Popen(
@@ -270,6 +279,50 @@ class OpenSSHForward:
             if res.returncode != 0:
                 raise CommandFailed(f"ssh could not move the forward to {node}:{port}: {res.stderr.strip()}")
 
+    # -- more forwards on the same connection (the replicas of one session) ---------------------
+    def _running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def add(self, node: str, port: int) -> int:
+        """One more forward, 127.0.0.1:<free port> -> node:port, on this connection; its local port."""
+        with self._lock:
+            for _ in range(3):
+                local_port = _free_port()
+                if not self._running():  # restarting: the new master opens it with the others
+                    self._extra[local_port] = (node, port)
+                    return local_port
+                res = self._ctl("forward", "-L", self._spec(node, port, local_port))
+                if res.returncode == 0:
+                    self._extra[local_port] = (node, port)
+                    return local_port
+            raise CommandFailed(f"ssh could not add a forward to {node}:{port}: {res.stderr.strip()}")
+
+    def move(self, local_port: int, node: str, port: int) -> None:
+        """Point the forward on ``local_port`` at a new node:port; the local port stays."""
+        if local_port == self.local_port:
+            self.retarget(node, port)
+            return
+        with self._lock:
+            old = self._extra[local_port]
+            self._extra[local_port] = (node, port)
+            if old == (node, port) or not self._running():
+                return
+            self._ctl("cancel", "-L", self._spec(*old, local_port))
+            res = self._ctl("forward", "-L", self._spec(node, port, local_port))
+            if res.returncode != 0:
+                raise CommandFailed(f"ssh could not move the forward to {node}:{port}: {res.stderr.strip()}")
+
+    def remove(self, local_port: int) -> None:
+        """Stop forwarding ``local_port``; the connection and its other forwards stay."""
+        with self._lock:
+            if local_port == self.local_port:
+                target, self._primary = (self.target if self._primary else None), False
+            else:
+                target = self._extra.pop(local_port, None)
+            if target is not None and self._running():
+                with contextlib.suppress(subprocess.SubprocessError, OSError):
+                    self._ctl("cancel", "-L", self._spec(*target, local_port))
+
     # -- closing ------------------------------------------------------------------------------
     def _stop_proc(self) -> None:
         proc = self._proc
@@ -300,6 +353,38 @@ class OpenSSHForward:
                     self._ctl("exit")
             self._stop_proc()
         self._cleanup_dir()
+
+
+class ForwardPort:
+    """One forward on a connection that other forwards share (``OpenSSHForward.add``).
+
+    The replicas of one session each get one, so a single SSH connection to the login node
+    carries all of their traffic; ``close`` drops this forward only, the connection stays.
+    """
+
+    def __init__(self, master: OpenSSHForward, node: str, port: int, local_port: int | None = None) -> None:
+        self.master = master
+        self.target = (node, port)
+        self.local_port = local_port if local_port is not None else master.add(node, port)
+
+    @property
+    def bind_address(self) -> tuple[str, int]:
+        return ("127.0.0.1", self.local_port)
+
+    @property
+    def pid(self) -> int | None:
+        return self.master.pid
+
+    @property
+    def restarts(self) -> int:
+        return self.master.restarts
+
+    def retarget(self, node: str, port: int) -> None:
+        self.master.move(self.local_port, node, port)
+        self.target = (node, port)
+
+    def close(self) -> None:
+        self.master.remove(self.local_port)
 
 
 class _PortTaken(Exception):
