@@ -64,6 +64,8 @@ def _session_config(args: argparse.Namespace, data: dict | None = None) -> Sessi
             engine["n_ctx"] = args.n_ctx
         if args.model:
             data.setdefault("model", {})["path"] = args.model
+        if getattr(args, "replicas", None):
+            data["replicas"] = args.replicas
     if args.runs_dir:
         data["runs_dir"] = args.runs_dir
     session = SessionConfig.model_validate(data)
@@ -213,6 +215,9 @@ def _bench(args: argparse.Namespace) -> int:
 def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--concurrency", type=int, help="requests in flight (default 8)")
     p.add_argument("--fixed-output-tokens", type=int, help="force each completion to exactly N tokens")
+    p.add_argument(
+        "--replicas", type=int, help="servers of the model to spread the batch over (default 1; on Slurm a job each)"
+    )
     _add_session_options(p)
 
 

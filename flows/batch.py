@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from datetime import UTC, datetime
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.events import emit_event
 from pydantic import BaseModel
 
+from flows.replicas import replica_set
 from flows.session import model_session, release_session, with_blocks
 from llmflow.batch.report import batch_markdown, batch_summary, merge_reports
 from llmflow.config import BatchConfig, SessionConfig
-from llmflow.errors import UnfinishedRequests
-from llmflow.results import Allocation, BatchReport, Teardown, TokPS
+from llmflow.errors import ServerDied, UnfinishedRequests
+from llmflow.results import Allocation, BatchReport, Ready, Teardown, TokPS
 from tasks import record_tok_s, recover_session, run_batch_inference
 
 
@@ -68,6 +70,8 @@ def batch_inference(
     """
     logger = get_run_logger()
     session = with_blocks(session, cluster_block, model_server_block)
+    if session.replicas > 1:
+        return _replicated_batch(session, batch)
     with model_session(session) as s:
         report = run_batch_inference(session, batch, s.handle, s.tunnel)
         for _ in range(batch.max_recoveries):
@@ -94,6 +98,60 @@ def batch_inference(
         tokps.output_tok_per_s,
         tokps.summary_path,
     )
+    return _finish(report, tokps)
+
+
+def _replicated_batch(session: SessionConfig, batch: BatchConfig) -> BatchResult:
+    """The batch spread over ``session.replicas`` servers, lost ones replaced as it runs."""
+    logger = get_run_logger()
+    started = datetime.now(UTC)
+    with replica_set(session) as replicas:
+        report = run_batch_inference(session, batch, replicas=replicas)
+    report = report.model_copy(update={"endpoints": replicas.figures(report.endpoints)})
+    served = [r for r in replicas.replicas.values() if r.ready is not None]
+    node_hours, gpu_hours = replicas.hours()
+    allocation = Allocation(  # the session as a whole, for the summary row
+        placement=session.placement.kind,
+        run_id=replicas.set_id,
+        node=",".join(sorted({e.node for e in report.endpoints if e.node})),
+        run_dir=session.runs_dir,
+        job_id=",".join(e.job_id for e in report.endpoints if e.job_id) or None,
+        started_at=started,
+    )
+    teardown = Teardown(
+        run_id=replicas.set_id,
+        node_hours=round(node_hours, 6),
+        gpu_hours=round(gpu_hours, 6),
+        released_at=datetime.now(UTC),
+    )
+    ready = Ready(
+        seconds_to_ready=min((r.ready.seconds_to_ready for r in served), default=0.0),
+        polls=sum(r.ready.polls for r in served),
+        models=served[0].ready.models if served else [],
+    )
+    tokps = record_tok_s(report, allocation, ready)
+    publish_batch_report(report, tokps, allocation, teardown, session)
+    for e in report.endpoints:
+        logger.info(
+            "replica %s (%s, job %s, %s): %d answered, %d moved away",
+            e.name, e.node, e.job_id, e.state, e.answered, e.moved_away,
+        )  # fmt: skip
+    logger.info(
+        "%d requests at %.2f req/s over %d replicas (%d replacements, %d requests moved); summary %s",
+        tokps.requests,
+        tokps.requests_per_s,
+        len(report.endpoints),
+        replicas.replacements,
+        report.moved,
+        tokps.summary_path,
+    )
+    if replicas.gave_up and (report.unfinished or report.stopped_early):
+        raise ServerDied(f"{replicas.gave_up}; {report.unfinished} requests did not finish, a rerun sends only those")
+    return _finish(report, tokps)
+
+
+def _finish(report: BatchReport, tokps: TokPS) -> BatchResult:
+    """The flow's result, or ``UnfinishedRequests`` (a rerun resumes) when some did not finish."""
     if report.unfinished or report.stopped_early:
         raise UnfinishedRequests(
             f"{report.unfinished} requests did not finish"

@@ -326,6 +326,24 @@ class SessionConfig(_Strict):
         default=PROJECT_ROOT / "runs",
         description="Parent folder of per-run folders (server log, endpoint record, API key).",
     )
+    replicas: int = Field(
+        default=1,
+        ge=1,
+        le=256,
+        description=(
+            "Servers of the same model (on Slurm: one job each, on a node each); a batch is spread over "
+            "every ready one and a lost one is replaced."
+        ),
+    )
+    max_replacements: int = Field(
+        default=2, ge=0, description="With replicas > 1: new servers started in place of lost ones, at most."
+    )
+
+    @model_validator(mode="after")
+    def _replicas_need_servers(self) -> SessionConfig:
+        if self.replicas > 1 and self.placement.kind == "endpoint":
+            raise ValueError("replicas: an endpoint placement is one server someone else runs; use replicas = 1")
+        return self
 
 
 class BatchConfig(_Strict):

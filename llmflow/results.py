@@ -80,6 +80,24 @@ class LineError(BaseModel):
     reason: str
 
 
+class EndpointFigures(BaseModel):
+    """What one replica did in a batch pass (and, filled in by the flow, where it ran)."""
+
+    name: str = Field(description="The replica's run id.")
+    answered: int = Field(description="Requests it gave a final answer to (any status).")
+    succeeded: int
+    prompt_tokens: int
+    completion_tokens: int
+    moved_away: int = Field(description="Requests that could not reach it and were sent to another replica.")
+    busy_s: float | None = Field(default=None, description="From its first request sent to its last answer.")
+    output_tok_per_s: float | None = None
+    node: str | None = None
+    job_id: str | None = None
+    seconds_to_ready: float | None = None
+    state: str | None = Field(default=None, description="ready, lost (replaced), or released.")
+    replaces: str | None = Field(default=None, description="The lost replica it was started in place of.")
+
+
 class BatchReport(BaseModel):
     """What one pass over the input did."""
 
@@ -97,6 +115,10 @@ class BatchReport(BaseModel):
     completion_tokens: int
     wall_s: float
     retries: int
+    moved: int = Field(default=0, description="Requests sent to another replica after theirs could not be reached.")
+    endpoints: list[EndpointFigures] = Field(
+        default_factory=list, description="Per replica, when the session has several (replicas > 1)."
+    )
     stopped_early: bool = Field(
         default=False, description="The endpoint stopped answering, so the pass stopped sending; a rerun resumes."
     )

@@ -10,7 +10,7 @@ from prefect.cache_policies import NO_CACHE
 
 from llmflow import engines
 from llmflow.batch import progress
-from llmflow.batch.client import run_batch_sync
+from llmflow.batch.client import ReplicaSource, run_batch_sync
 from llmflow.config import BatchConfig, SessionConfig
 from llmflow.engines.figures import SERVER_COUNTERS, counter_delta, read_counters
 from llmflow.results import BatchReport, ServerHandle, Tunnel
@@ -32,9 +32,16 @@ def server_counters(
     cache_policy=NO_CACHE,
 )
 def run_batch_inference(
-    session: SessionConfig, batch: BatchConfig, handle: ServerHandle, tunnel: Tunnel
+    session: SessionConfig,
+    batch: BatchConfig,
+    handle: ServerHandle | None = None,
+    tunnel: Tunnel | None = None,
+    replicas: ReplicaSource | None = None,
 ) -> BatchReport:
-    """One resumable pass over the input; progress goes to a Prefect artifact and listeners."""
+    """One resumable pass over the input; progress goes to a Prefect artifact and listeners.
+
+    Sends to one server (``handle``, ``tunnel``) or spreads over the ready ``replicas``.
+    """
     logger = get_run_logger()
     artifact_id = create_progress_artifact(progress=0.0, description=f"batch {batch.input_path.name}")
     last_update = 0.0
@@ -52,19 +59,24 @@ def run_batch_inference(
         if batch.fixed_output_tokens
         else None
     )
-    before = server_counters(session, tunnel, handle)
-    result = run_batch_sync(batch, tunnel.base_url, handle.api_key(), body_overrides=overrides, progress=report)
-    result = result.model_copy(
-        update={"server_counters": counter_delta(before, server_counters(session, tunnel, handle))}
-    )
+    if replicas is not None:  # the servers' own counters are per replica; the client's sums cover them all
+        result = run_batch_sync(batch, replicas=replicas, body_overrides=overrides, progress=report)
+    else:
+        assert handle is not None and tunnel is not None
+        before = server_counters(session, tunnel, handle)
+        result = run_batch_sync(batch, tunnel.base_url, handle.api_key(), body_overrides=overrides, progress=report)
+        result = result.model_copy(
+            update={"server_counters": counter_delta(before, server_counters(session, tunnel, handle))}
+        )
     logger.info(
-        "batch pass: %d sent, %d ok, %d non-2xx, %d unfinished, %d invalid lines, %d already done; output %s",
+        "batch pass: %d sent, %d ok, %d non-2xx, %d unfinished, %d invalid lines, %d already done, %d moved; output %s",
         result.sent,
         result.succeeded,
         result.failed_http,
         result.unfinished,
         result.invalid_lines,
         result.already_done,
+        result.moved,
         result.output_path,
     )
     if result.invalid_lines or result.unfinished:

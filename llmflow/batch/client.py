@@ -31,16 +31,26 @@ from llmflow.batch.jsonl import (
     output_line,
     parse_lines,
 )
+from llmflow.batch.pool import Endpoint, EndpointPool, NoReplicaLeft, Watcher
 from llmflow.config import BatchConfig, Timeouts
 from llmflow.engines.figures import add_timings, timings_summary
-from llmflow.results import BatchReport
+from llmflow.results import BatchReport, EndpointFigures
 
 Transport = Literal["aiohttp", "httpx"]
+MAX_MOVES = 8  # times one request may move to another replica after failing to reach one
 ProgressFn = Callable[[int, int], None]
 
 
 class RetryableError(Exception):
-    """A failure worth another attempt: timeout, connection error, 5xx."""
+    """A failure worth another attempt: timeout, connection error, 5xx.
+
+    ``connection``: the server could not be reached or went away mid-answer (refused, reset,
+    disconnected); with replicas, such a request moves to another one at once.
+    """
+
+    def __init__(self, message: str, *, connection: bool = False) -> None:
+        super().__init__(message)
+        self.connection = connection
 
 
 @dataclass
@@ -92,8 +102,10 @@ class AiohttpSender:
                 raw = await resp.read()
                 status = resp.status
                 request_id = resp.headers.get("x-request-id", "")
-        except (TimeoutError, aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
+        except TimeoutError as exc:
             raise RetryableError(f"{type(exc).__name__}: {exc}") from exc
+        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
+            raise RetryableError(f"{type(exc).__name__}: {exc}", connection=True) from exc
         return HttpResult(status, request_id, _decode(raw), raw)
 
     async def aclose(self) -> None:
@@ -116,8 +128,10 @@ class HttpxSender:
     async def post(self, path: str, payload: bytes) -> HttpResult:
         try:
             resp = await self._client.post(path, content=payload)
-        except (httpx.TimeoutException, httpx.TransportError) as exc:
+        except httpx.TimeoutException as exc:
             raise RetryableError(f"{type(exc).__name__}: {exc}") from exc
+        except httpx.TransportError as exc:
+            raise RetryableError(f"{type(exc).__name__}: {exc}", connection=True) from exc
         raw = resp.content
         return HttpResult(resp.status_code, resp.headers.get("x-request-id", ""), _decode(raw), raw)
 
@@ -144,6 +158,7 @@ class _Tally:
     unfinished: int = 0
     invalid: int = 0
     retries: int = 0
+    moved: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
     server_timings: dict[str, float] = field(default_factory=dict)
@@ -160,13 +175,13 @@ class _BatchPass:
     def __init__(
         self,
         config: BatchConfig,
-        sender: Sender,
+        pool: EndpointPool,
         overrides: dict[str, Any],
         progress: ProgressFn | None,
         progress_every_s: float,
     ) -> None:
         self.config = config
-        self.sender = sender
+        self.pool = pool
         self.overrides = overrides
         self.progress = progress
         self.progress_every_s = progress_every_s
@@ -188,43 +203,61 @@ class _BatchPass:
             self.last_report = now
             self.progress(self.tally.done, self.total)
 
-    async def post(self, path: str, payload: bytes) -> HttpResult:
-        """One request with retries: timeouts, connection errors and 5xx, backing off between."""
+    async def post(self, path: str, payload: bytes) -> tuple[HttpResult, Endpoint]:
+        """One request with retries: timeouts, connection errors and 5xx, backing off between.
+
+        With replicas, a request that could not reach its replica moves to another at once
+        (``EndpointPool.connection_failed``), up to ``MAX_MOVES`` times, without using an attempt.
+        """
         config = self.config
-        for attempt_no in range(1, config.max_attempts + 1):
+        attempt_no, moves = 1, 0
+        while True:
+            ep = await self.pool.acquire()
             try:
-                result = await self.sender.post(path, payload)
+                result = await ep.sender.post(path, payload)
                 if result.status >= 500:
                     raise RetryableError(f"HTTP {result.status}: {str(result.body)[:200]}")
-                return result
-            except RetryableError:
+                return result, ep
+            except RetryableError as exc:
+                if exc.connection and moves < MAX_MOVES and self.pool.connection_failed(ep):
+                    self.tally.moved += moves == 0  # requests moved, not moves
+                    moves += 1
+                    continue
                 if attempt_no == config.max_attempts:
                     raise
                 self.tally.retries += 1
                 await asyncio.sleep(backoff_delay(attempt_no, config.backoff_s, config.backoff_max_s))
-        raise AssertionError("unreachable")
+                attempt_no += 1
+            finally:
+                self.pool.release(ep)
 
     async def one(self, line: int, custom_id: str, path: str, payload: bytes) -> None:
         """Send one request and append its record (or, having given up, its error line)."""
         tally = self.tally
         try:
-            result = await self.post(path, payload)
-        except RetryableError as exc:
+            result, ep = await self.post(path, payload)
+        except (RetryableError, NoReplicaLeft) as exc:
             tally.unfinished += 1
             tally.failing_streak += 1
-            if tally.failing_streak >= self.config.stop_after_failures:
+            if isinstance(exc, NoReplicaLeft) or tally.failing_streak >= self.config.stop_after_failures:
                 tally.stopped_early = True  # the endpoint is down: stop sending, let the caller recover
-            reason = f"gave up after {self.config.max_attempts} attempts: {exc}"
+            reason = (
+                f"no replica left: {exc}"
+                if isinstance(exc, NoReplicaLeft)
+                else f"gave up after {self.config.max_attempts} attempts: {exc}"
+            )
             self.errors.write({"line": line, "custom_id": custom_id, "reason": reason})
         else:
             tally.failing_streak = 0
-            self.record(custom_id, result)
+            prompt, completion = self.record(custom_id, result)
+            self.pool.answered(ep, result.status < 300, prompt, completion)
         finally:
             self.gate.release()
             self.tick()
 
-    def record(self, custom_id: str, result: HttpResult) -> None:
-        """Append the answer in the batch output shape; count its status, usage and timings."""
+    def record(self, custom_id: str, result: HttpResult) -> tuple[int, int]:
+        """Append the answer in the batch output shape; count its status, usage and timings.
+        Returns its (prompt, completion) tokens."""
         tally = self.tally
         tally.records += 1
         record_id = f"batch_req_{self.id_prefix}{tally.records:08x}"
@@ -232,14 +265,18 @@ class _BatchPass:
         self.out.write_line(output_line(record_id, custom_id, result.status, request_id, result.body, result.raw))
         if result.status >= 300:
             tally.failed_http += 1
-            return
+            return 0, 0
         tally.succeeded += 1
         body = result.body if isinstance(result.body, dict) else {}
+        prompt = completion = 0
         if usage := body.get("usage"):
-            tally.prompt_tokens += usage.get("prompt_tokens") or 0
-            tally.completion_tokens += usage.get("completion_tokens") or 0
+            prompt = usage.get("prompt_tokens") or 0
+            completion = usage.get("completion_tokens") or 0
+            tally.prompt_tokens += prompt
+            tally.completion_tokens += completion
         if timings := body.get("timings"):  # llama-server's own per-request figures
             add_timings(tally.server_timings, timings)
+        return prompt, completion
 
     async def send_all(self) -> None:
         """Stream the input: skip what is finished, note invalid lines, keep ``concurrency`` in
@@ -281,7 +318,7 @@ class _BatchPass:
             finally:
                 for task in list(self.tally.pending):
                     task.cancel()
-                await self.sender.aclose()
+                await self.pool.aclose()
         wall = time.perf_counter() - started
         if self.progress:
             self.progress(self.tally.done, self.total)
@@ -304,16 +341,27 @@ class _BatchPass:
             completion_tokens=tally.completion_tokens,
             wall_s=wall_s,
             retries=tally.retries,
+            moved=tally.moved,
+            endpoints=[EndpointFigures(**f) for f in self.pool.figures()] if self.pool.replicated else [],
             stopped_early=tally.stopped_early,
             server_timings=timings_summary(tally.server_timings),
         )
 
 
+class ReplicaSource(Watcher, Protocol):
+    """Replicas that come and go while the batch runs (``flows.replicas.ReplicaSet``)."""
+
+    def attach(self, pool: EndpointPool, loop: asyncio.AbstractEventLoop) -> None: ...
+
+    def detach(self, pool: EndpointPool) -> None: ...
+
+
 async def run_batch(
     config: BatchConfig,
-    base_url: str,
+    base_url: str | None = None,
     api_key: str | None = None,
     *,
+    replicas: ReplicaSource | None = None,
     body_overrides: dict[str, Any] | None = None,
     transport: Transport = "aiohttp",
     progress: ProgressFn | None = None,
@@ -323,18 +371,37 @@ async def run_batch(
 
     Args:
         config: input/output paths, concurrency, retries, timeouts.
-        base_url: where the OpenAI-style API is, e.g. ``http://127.0.0.1:PORT``.
+        base_url: where the OpenAI-style API is, e.g. ``http://127.0.0.1:PORT`` (one server).
         api_key: bearer key, or None when the server has none.
+        replicas: instead of ``base_url``: the replicas of a session, spread over (least
+            outstanding requests first) as they become ready.
         body_overrides: fields merged into every request body (e.g. ``min_tokens``).
         transport: ``aiohttp`` (default) or ``httpx``.
         progress: called with (finished, total) at most every ``progress_every_s`` and at the end.
     """
-    sender = make_sender(transport, base_url, api_key, config.timeouts, config.concurrency)
-    return await _BatchPass(config, sender, body_overrides or {}, progress, progress_every_s).run()
+    if (base_url is None) == (replicas is None):
+        raise ValueError("run_batch takes a base_url or replicas, one of the two")
+    pool = EndpointPool(
+        lambda url, key: make_sender(transport, url, key, config.timeouts, config.concurrency), watcher=replicas
+    )
+    if replicas is not None:
+        replicas.attach(pool, asyncio.get_running_loop())
+    else:
+        pool.add("server", base_url, api_key)
+    try:
+        return await _BatchPass(config, pool, body_overrides or {}, progress, progress_every_s).run()
+    finally:
+        if replicas is not None:
+            replicas.detach(pool)
 
 
 def run_batch_sync(
-    config: BatchConfig, base_url: str, api_key: str | None = None, *, progress: ProgressFn | None = None, **kwargs: Any
+    config: BatchConfig,
+    base_url: str | None = None,
+    api_key: str | None = None,
+    *,
+    progress: ProgressFn | None = None,
+    **kwargs: Any,
 ) -> BatchReport:
     """``run_batch`` for synchronous callers (Prefect tasks, the CLI).
 

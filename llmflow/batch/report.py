@@ -71,6 +71,21 @@ def batch_markdown(summary: dict[str, Any], report: BatchReport) -> str:
         f"{summary['total_tok_per_s']} total tok/s |",
         f"| output | `{summary['output']}` |",
     ]
+    if report.endpoints:
+        lines += [
+            "",
+            f"## Replicas ({report.moved} requests moved to another replica after theirs could not be reached)",
+            "",
+            "| replica | node | job | state | replaces | ready after s | answered | moved away | output tok/s |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        lines += [
+            f"| {e.name} | {e.node or ''} | {e.job_id or ''} | {e.state or ''} | {e.replaces or ''} | "
+            f"{'' if e.seconds_to_ready is None else round(e.seconds_to_ready, 1)} | {e.answered} | {e.moved_away} | "
+            f"{'' if e.output_tok_per_s is None else e.output_tok_per_s} |"
+            for e in report.endpoints
+        ]
+        lines.append("")
     if report.server_counters:
         counted = ", ".join(f"{k} {v:g}" for k, v in sorted(report.server_counters.items()))
         lines.append(f"| server counters | {counted} |")

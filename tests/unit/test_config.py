@@ -25,6 +25,8 @@ def test_kind_may_be_left_out_in_dicts():
         ({"placement": {"kind": "cloud"}}, "placement"),
         ({"gate": {"deadline_s": 0}}, "deadline_s"),
         ({"engine": {"ctx": 4096}}, "ctx"),  # typo: unknown keys are errors
+        ({"replicas": 0}, "replicas"),
+        ({"replicas": 2, "placement": {"kind": "endpoint", "base_url": "http://h:1"}}, "replicas"),
     ],
 )
 def test_invalid_session_values_name_the_field(data, field):
