@@ -1,5 +1,5 @@
 # Two commands: `make demo` (set up, then run the demo) and `make test` (set up, then the tests).
-.PHONY: setup cluster demo test test-unit lint format bench bench-tunnel
+.PHONY: setup cluster demo test test-unit lint format bench bench-tunnel bench-replicas
 
 setup:
 	./scripts/setup.sh
@@ -33,3 +33,6 @@ bench: setup
 # the SSH data path against the test cluster's sshd (needs root, like `make test`)
 bench-tunnel: setup cluster
 	.venv/bin/python benchmarks/tunnel_throughput.py
+
+bench-replicas: setup
+	.venv/bin/python benchmarks/replica_scaling.py

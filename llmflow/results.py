@@ -114,6 +114,10 @@ class BatchReport(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     wall_s: float
+    waited_s: float = Field(
+        default=0.0,
+        description="Of wall_s, the wait before the first request went out (for the first replica to be ready).",
+    )
     retries: int
     moved: int = Field(default=0, description="Requests sent to another replica after theirs could not be reached.")
     endpoints: list[EndpointFigures] = Field(

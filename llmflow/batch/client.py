@@ -322,9 +322,10 @@ class _BatchPass:
         wall = time.perf_counter() - started
         if self.progress:
             self.progress(self.tally.done, self.total)
-        return self.report(wall)
+        first = min((ep.first_sent for ep in self.pool.endpoints.values() if ep.first_sent), default=None)
+        return self.report(wall, waited_s=(first - started) if first is not None else 0.0)
 
-    def report(self, wall_s: float) -> BatchReport:
+    def report(self, wall_s: float, waited_s: float = 0.0) -> BatchReport:
         tally = self.tally
         return BatchReport(
             input_path=self.config.input_path,
@@ -340,6 +341,7 @@ class _BatchPass:
             prompt_tokens=tally.prompt_tokens,
             completion_tokens=tally.completion_tokens,
             wall_s=wall_s,
+            waited_s=round(waited_s, 3),
             retries=tally.retries,
             moved=tally.moved,
             endpoints=[EndpointFigures(**f) for f in self.pool.figures()] if self.pool.replicated else [],
