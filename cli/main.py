@@ -254,6 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("hold", help="serve the model for some hours and print how to reach it (interactive use)")
     p.add_argument("--hours", type=float, default=1.0, help="how long to hold the session (default 1)")
     p.add_argument("--check-every", type=float, default=30.0, help="seconds between health checks (default 30)")
+    p.add_argument(
+        "--replicas", type=int, help="servers of the model behind one nginx URL (default 1; on Slurm a job each)"
+    )
     _add_session_options(p)
 
     p = sub.add_parser("bench", help="run a stress-test campaign (context sizes x concurrency) from a TOML/YAML file")

@@ -9,8 +9,11 @@ endpoint record per replica. All replicas share the session's SSH connections to
 (``remote.connections.share_connections``).
 
 The batch pool (``llmflow.batch.pool``) learns of a replica once it passed its gate and tells
-the set when one stops answering; the set then asks the placement whether it is gone and, if so,
-releases it and starts a replacement (up to ``max_replacements``) while the others keep working.
+the set when one stops answering (a hold's ``watch`` thread does the same by probing); the set
+then asks the placement whether it is gone and, if so, releases it and starts a replacement (up
+to ``max_replacements``) while the others keep working. ``on_change`` listeners (the nginx
+gateway) hear the ready replicas' addresses whenever they change. The replicas share one API
+key (``SessionConfig.api_key_file``), so one URL in front of them takes one key.
 """
 
 from __future__ import annotations
@@ -18,12 +21,14 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
+import secrets
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from prefect import get_run_logger
@@ -34,6 +39,7 @@ from llmflow.batch.pool import EndpointPool
 from llmflow.config import SessionConfig
 from llmflow.errors import ServerDied
 from llmflow.placements import driver_for, release, release_leftovers
+from llmflow.placements.base import make_run_dir, write_secret
 from llmflow.remote.connections import close_run, share_connections
 from llmflow.remote.leases import read_lease
 from llmflow.results import Allocation, EndpointFigures, Ready, ServerHandle, Teardown, Tunnel
@@ -73,6 +79,7 @@ class ReplicaSet:
     ever_ready: bool = False
     gave_up: str | None = None
     _pools: list[tuple[EndpointPool, asyncio.AbstractEventLoop]] = field(default_factory=list)
+    _listeners: list[Callable[[list[str]], None]] = field(default_factory=list)
     _lock: threading.RLock = field(default_factory=threading.RLock)
     _closing: threading.Event = field(default_factory=threading.Event)
     _context: contextvars.Context = field(default_factory=contextvars.copy_context)
@@ -84,11 +91,24 @@ class ReplicaSet:
         self.replica_config = self._replica_config()
 
     def _replica_config(self) -> SessionConfig:
-        """Each replica's session: its run folder in the set's, on the cluster as here."""
+        """Each replica's session: its run folder in the set's on the cluster, and the set's key."""
         placement = self.config.placement
         if hasattr(placement, "remote_runs_dir"):
             placement = placement.model_copy(update={"remote_runs_dir": f"{placement.remote_runs_dir}/{self.set_id}"})
-        return self.config.model_copy(update={"placement": placement})
+        key_file = self.config.api_key_file
+        if key_file is None:
+            key_file = make_run_dir(self.config.runs_dir, self.set_id) / "api_key"
+            write_secret(key_file, secrets.token_urlsafe(32))
+        return self.config.model_copy(update={"placement": placement, "api_key_file": key_file})
+
+    @property
+    def run_dir(self) -> Path:
+        """The set's own folder here (its key, the gateway's files); each replica has its own beside it."""
+        return self.config.runs_dir / self.set_id
+
+    def api_key(self) -> str | None:
+        key_file = self.replica_config.api_key_file
+        return key_file.read_text().strip() if key_file else None
 
     def _submit(self, fn: Any, *args: Any) -> None:
         """Run ``fn`` in a worker thread inside the flow's context (its tasks join the flow run)."""
@@ -137,6 +157,40 @@ class ReplicaSet:
         )
         for pool, loop in pools:
             loop.call_soon_threadsafe(pool.add, name, replica.tunnel.base_url, replica.handle.api_key())
+        self._changed()
+
+    # -- who is ready ----------------------------------------------------------------------------
+    def on_change(self, fn: Callable[[list[str]], None]) -> None:
+        """Call ``fn`` with the ready replicas' host:port (as this machine reaches them) now and on each change."""
+        with self._lock:
+            self._listeners.append(fn)
+        self._changed()
+
+    def upstreams(self) -> list[str]:
+        return [r.tunnel.base_url.split("://", 1)[1] for r in self.ready() if r.tunnel]
+
+    def _changed(self) -> None:
+        with self._lock:
+            listeners, upstreams = list(self._listeners), self.upstreams()
+        for fn in listeners:
+            try:
+                fn(upstreams)
+            except Exception as exc:  # noqa: BLE001 - a listener's failure must not stop the replicas
+                self.log.warning("could not tell a listener about the replicas: %s", exc)
+
+    def watch(self, interval_s: float) -> None:
+        """Probe every ready replica each ``interval_s`` (a hold, where no batch traffic tells), until closed."""
+
+        def loop() -> None:
+            while not self._closing.wait(interval_s):
+                for r in self.ready():
+                    assert r.tunnel and r.handle
+                    if not readiness.answers(r.tunnel.base_url, r.handle, self.config.engine, timeout_s=5.0):
+                        self.suspect(r.name)
+
+        threading.Thread(
+            target=self._context.copy().run, args=(loop,), name="llmflow-replica-watch", daemon=True
+        ).start()
 
     def ready(self) -> list[Replica]:
         with self._lock:
@@ -161,6 +215,7 @@ class ReplicaSet:
             if replica.state != "ready" or self._closing.is_set():
                 return
             replica.state = "checking"
+        self._changed()  # out of the gateway while it is looked at
         assert replica.handle and replica.tunnel
         try:
             driver_for(self.replica_config).check_alive(replica.handle)
@@ -175,6 +230,7 @@ class ReplicaSet:
                 pools = list(self._pools)
             for pool, loop in pools:
                 loop.call_soon_threadsafe(pool.restore, name)
+            self._changed()
             return
         self.log.warning("replica %s is lost (%s)", name, replica.error or "not answering")
         replica.state = "lost"
@@ -186,6 +242,7 @@ class ReplicaSet:
             pools = list(self._pools)
         for pool, loop in pools:
             loop.call_soon_threadsafe(pool.remove, replica.name)
+        self._changed()
         self._release(replica)
         with self._lock:
             if self._closing.is_set():

@@ -326,6 +326,13 @@ class SessionConfig(_Strict):
         default=PROJECT_ROOT / "runs",
         description="Parent folder of per-run folders (server log, endpoint record, API key).",
     )
+    api_key_file: Path | None = Field(
+        default=None,
+        description=(
+            "A file (owner-only) holding the API key the server must require; None: a fresh key per run. "
+            "The replicas of a session share one key this way, so one URL in front of them takes one key."
+        ),
+    )
     replicas: int = Field(
         default=1,
         ge=1,

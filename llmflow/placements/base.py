@@ -169,10 +169,11 @@ def write_secret(path: Path, value: str) -> None:
 
 
 def mint_api_key(config: SessionConfig, run_dir: Path) -> tuple[str | None, Path | None]:
-    """A fresh per-run key in ``run_dir/api_key`` (mode 0600) when the engine takes one."""
+    """A fresh per-run key (or the session's ``api_key_file``) in ``run_dir/api_key`` (mode 0600)
+    when the engine takes one."""
     if engines.spec_for(config.engine).api_key_env is None:
         return None, None
-    key = secrets.token_urlsafe(32)
+    key = config.api_key_file.read_text().strip() if config.api_key_file else secrets.token_urlsafe(32)
     key_file = run_dir / "api_key"
     write_secret(key_file, key)
     return key, key_file

@@ -26,6 +26,7 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.states import Cancelling
 
 from llmflow.config import PROJECT_ROOT, SAMPLE_INPUT
+from llmflow.remote.leases import read_lease
 from tests.conftest import llama_processes
 
 pytestmark = pytest.mark.integration
@@ -279,14 +280,15 @@ def _deploy_trigger_and_check(prefect_server: dict[str, str], tmp_path: Path) ->
     assert llama_processes(str(tmp_path)) == []
 
 
-def test_cancel_from_the_api_mid_batch_tears_the_server_down(prefect_server, server_env, tmp_path: Path):
+@pytest.mark.parametrize("replicas", [1, 2])
+def test_cancel_from_the_api_mid_batch_tears_the_server_down(prefect_server, server_env, tmp_path: Path, replicas):
+    params = _parameters(tmp_path, 5000, concurrency=1)
+    params["session"]["replicas"] = replicas
     with _client(prefect_server) as client:
         if not client.read_deployments():
             assert _deploy(prefect_server).returncode == 0
         deployment = client.read_deployment_by_name("batch-inference/batch")
-        run = client.create_flow_run_from_deployment(
-            deployment.id, parameters=_parameters(tmp_path, 5000, concurrency=1)
-        )
+        run = client.create_flow_run_from_deployment(deployment.id, parameters=params)
         out = tmp_path / "out.jsonl"
         deadline = time.monotonic() + 300
         while not (out.exists() and len(out.read_text().splitlines()) >= 20):
@@ -300,6 +302,7 @@ def test_cancel_from_the_api_mid_batch_tears_the_server_down(prefect_server, ser
         time.sleep(0.5)
     assert llama_processes(str(tmp_path)) == [], "the server outlived the cancellation by 30 s"
     assert len(out.read_text().splitlines()) < 5000
+    assert all(read_lease(d) is None for d in (tmp_path / "runs").iterdir())
 
 
 def test_node_limit_lets_one_session_at_a_time_hold_a_node(prefect_server, server_env, tmp_path: Path):

@@ -5,17 +5,22 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections import Counter
 from pathlib import Path
 
+import httpx
 import pytest
 
 from flows.batch import batch_inference
+from flows.hold import Reach, _announcers, hold_session, on_ready
 from llmflow.config import BatchConfig, LlamaCppEngine, ModelConfig, SessionConfig, SlurmOptions
+from llmflow.gateway import Gateway
 from llmflow.remote.leases import read_lease
 from tests.integration.test_slurm import _jobs_of, slurm_session  # noqa: F401 - the fixture
 
@@ -187,3 +192,223 @@ def test_local_replicas_replace_a_killed_server(server_env, prefect_api_url, tmp
     (replacement,) = [e for e in result.report.endpoints if e.replaces]
     assert replacement.replaces == killed[0] and replacement.answered > 0
     assert all(read_lease(d) is None for d in runs.iterdir()), "every replica released"
+
+
+def _upstreams(conf: Path) -> list[str]:
+    return re.findall(r"^\s+server (127\.0\.0\.1:\d+) max_fails", conf.read_text(), flags=re.M)
+
+
+def _upstreams_if(conf: Path, count: int) -> list[str] | None:
+    upstreams = _upstreams(conf)
+    return upstreams if len(upstreams) == count else None
+
+
+def _until(cond, timeout_s: float, every_s: float = 0.1):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if value := cond():
+            return value
+        time.sleep(every_s)
+    return None
+
+
+def _nginx_running(conf: Path) -> bool:
+    return subprocess.run(["pgrep", "-f", f"nginx.*{conf}"], capture_output=True).returncode == 0
+
+
+def test_gateway_spreads_over_its_upstreams_and_follows_updates(tmp_path: Path):
+    """nginx in front of two real HTTP servers: both get requests, a dropped one gets none, nothing left after."""
+    servers = []
+    for name in ("a", "b"):
+        root = tmp_path / name
+        root.mkdir()
+        (root / "who").write_text(name)
+        port = _free_port()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "http.server", "--bind", "127.0.0.1", str(port)],
+            cwd=root,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        servers.append((proc, f"127.0.0.1:{port}"))
+    try:
+        for _, addr in servers:
+            assert _until(lambda addr=addr: _answers(f"http://{addr}/who"), 10)
+        gateway = Gateway(tmp_path / "gw", "gw-test").start([addr for _, addr in servers])
+        with gateway, httpx.Client(base_url=gateway.base_url) as client:
+            seen = Counter(client.get("/who").text for _ in range(40))
+            assert set(seen) == {"a", "b"}, seen
+            gateway.update([servers[1][1]])
+            assert Counter(client.get("/who").text for _ in range(20)) == {"b": 20}
+            assert gateway.reloads == 1 and read_lease(tmp_path / "gw") is not None
+        assert not _nginx_running(gateway.conf) and read_lease(tmp_path / "gw") is None
+    finally:
+        for proc, _ in servers:
+            proc.kill()
+            proc.wait()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _answers(url: str, headers: dict | None = None) -> bool:
+    try:
+        return httpx.get(url, headers=headers, timeout=5).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def test_hold_with_two_replicas_keeps_one_url_through_a_lost_replica(
+    slurm_session: SessionConfig,  # noqa: F811
+    test_cluster,
+    tmp_path: Path,
+):
+    session = _whole_node(slurm_session, 2, max_replacements=1)
+    reached: list[Reach] = []
+    on_ready(reached.append)
+    outcome: dict = {}
+
+    def hold() -> None:
+        try:
+            outcome["hours"] = hold_session(session=session, hours=0.025, check_every_s=1.0)
+        except BaseException as exc:  # noqa: BLE001 - reported by the assertions below
+            outcome["error"] = exc
+
+    holder = threading.Thread(target=hold, daemon=True)
+    holder.start()
+    try:
+        reach = _until(lambda: reached[0] if reached else None, 180, 0.2)
+        assert reach is not None, outcome
+        (set_dir,) = (tmp_path / "runs").glob("*-r0")
+        set_id = set_dir.name[: -len("-r0")]
+        conf = tmp_path / "runs" / set_id / "nginx.conf"
+        first = _until(lambda: _upstreams_if(conf, 2), 120)
+        assert first, "both replicas in nginx's upstream"
+        headers = {"Authorization": f"Bearer {reach.api_key}"}
+        body = {"model": session.model.served_name, "prompt": "hi", "max_tokens": 2}
+        with httpx.Client(base_url=reach.base_url, headers=headers, timeout=30) as client:
+            statuses = Counter(client.post("/v1/completions", json=body).status_code for _ in range(200))
+        assert statuses == {200: 200}
+        logs = {p.name: p.read_text().count('"POST /v1/completions HTTP/1.1" 200') for p in
+                (tmp_path / "cluster-runs" / set_id).glob("*-r*/slurm-*.out")}  # fmt: skip
+        assert len(logs) == 2 and all(n > 0 for n in logs.values()) and sum(logs.values()) >= 200, logs
+
+        # lose one: cancel its job while requests keep going through the URL
+        failures, sent, stop = [], [0], threading.Event()
+
+        def keep_sending() -> None:
+            with httpx.Client(base_url=reach.base_url, headers=headers, timeout=30) as client:
+                while not stop.is_set():
+                    sent[0] += 1
+                    try:
+                        if (code := client.post("/v1/completions", json=body).status_code) != 200:
+                            failures.append(code)
+                    except httpx.HTTPError as exc:
+                        failures.append(repr(exc))
+                    time.sleep(0.05)
+
+        sender = threading.Thread(target=keep_sending, daemon=True)
+        sender.start()
+        registry = tmp_path / "cluster-runs" / set_id / "registry"
+        job = json.loads(sorted(registry.glob("*.json"))[0].read_text())["job_id"]
+        subprocess.run(["scancel", job], check=True)
+        cancelled_at = time.monotonic()
+
+        def record_of(job_id: str) -> dict:
+            return next(
+                r for r in (json.loads(p.read_text()) for p in registry.glob("*.json")) if r["job_id"] == job_id
+            )
+
+        assert _until(lambda: record_of(job)["state"] != "started", 10), "the registry drops the dead replica"
+        assert _until(lambda: len(_upstreams(conf)) == 1, 10 - (time.monotonic() - cancelled_at)), "nginx drops it"
+        again = _until(lambda: _upstreams_if(conf, 2), 120)
+        stop.set()
+        sender.join(35)
+        assert again and len(set(again) - set(first)) == 1, "the replacement joins once it passed its gate"
+        assert len(list(registry.glob("*.json"))) == 3
+        assert sent[0] > 20 and failures == [], failures
+    finally:
+        _announcers.remove(reached.append)
+        holder.join(300)
+    assert "error" not in outcome, outcome
+    assert _jobs_of(tmp_path) == []
+    assert not _nginx_running(conf)
+    assert all(read_lease(d) is None for d in (tmp_path / "runs").iterdir())
+
+
+def _ssh_masters(port: str) -> list[str]:
+    out = subprocess.run(["pgrep", "-f", f"ssh .*-p {port} .*-M -tt"], capture_output=True, text=True).stdout
+    return out.split()
+
+
+def _nothing_left(tmp_path: Path, ssh_port: str) -> None:
+    """No job, no nginx, no SSH forward, no lease: what every way a replicated session ends must leave."""
+    assert _until(lambda: _jobs_of(tmp_path) == [], 30), _jobs_of(tmp_path)
+    confs = list((tmp_path / "runs").glob("*/nginx.conf"))
+    assert confs and not any(_nginx_running(c) for c in confs)
+    assert _ssh_masters(ssh_port) == []
+    assert all(read_lease(d) is None for d in (tmp_path / "runs").iterdir())
+
+
+def test_ctrl_c_during_a_replicated_hold_leaves_nothing(
+    slurm_session: SessionConfig,  # noqa: F811
+    test_cluster,
+    prefect_api_url,
+    tmp_path: Path,
+):
+    config = tmp_path / "hold.json"
+    session = _whole_node(slurm_session, 2)
+    config.write_text(json.dumps({"session": session.model_dump(mode="json")}))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cli.main", "hold", "--config", str(config), "--hours", "1", "--check-every", "2"],
+        env={**os.environ, "PREFECT_API_URL": prefect_api_url},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if line.startswith("base URL:"):
+            break
+    assert "nginx in front of 2 replicas" in "".join(seen), "".join(seen[-20:])
+    assert len(_jobs_of(tmp_path)) == 2
+    proc.send_signal(signal.SIGINT)
+    rest, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, rest[-2000:]
+    _nothing_left(tmp_path, test_cluster["LLMFLOW_TEST_SSH_PORT"])
+
+
+def test_a_hold_whose_replicas_are_all_lost_fails_and_leaves_nothing(
+    slurm_session: SessionConfig,  # noqa: F811
+    test_cluster,
+    tmp_path: Path,
+):
+    session = _whole_node(slurm_session, 2, max_replacements=0)
+    reached: list[Reach] = []
+    on_ready(reached.append)
+    outcome: dict = {}
+
+    def hold() -> None:
+        try:
+            hold_session(session=session, hours=1, check_every_s=1.0)
+        except BaseException as exc:  # noqa: BLE001
+            outcome["error"] = exc
+
+    holder = threading.Thread(target=hold, daemon=True)
+    holder.start()
+    try:
+        assert _until(lambda: reached, 180, 0.2), outcome
+        assert _until(lambda: len(_jobs_of(tmp_path)) == 2, 60)
+        subprocess.run(["scancel", *[line.split("|")[0] for line in _jobs_of(tmp_path)]], check=True)
+        holder.join(120)
+    finally:
+        _announcers.remove(reached.append)
+    assert "every replica was lost" in str(outcome.get("error")), outcome
+    _nothing_left(tmp_path, test_cluster["LLMFLOW_TEST_SSH_PORT"])
