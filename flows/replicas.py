@@ -11,7 +11,10 @@ endpoint record per replica. All replicas share the session's SSH connections to
 The batch pool (``llmflow.batch.pool``) learns of a replica once it passed its gate and tells
 the set when one stops answering (a hold's ``watch`` thread does the same by probing); the set
 then asks the placement whether it is gone and, if so, releases it and starts a replacement (up
-to ``max_replacements``) while the others keep working. ``on_change`` listeners (the nginx
+to ``max_replacements``) while the others keep working. A replica whose Slurm job nears its
+time limit (``successor_lead_s``) gets a successor job; once that is ready the old one is
+drained (no new requests, those in flight finish) and cancelled, so no request meets the limit.
+``on_change`` listeners (the nginx
 gateway) hear the ready replicas' addresses whenever they change. The replicas share one API
 key (``SessionConfig.api_key_file``), so one URL in front of them takes one key.
 """
@@ -23,6 +26,7 @@ import contextvars
 import logging
 import secrets
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -58,8 +62,10 @@ class Replica:
     """One server of the set, and where it is in its life."""
 
     name: str
-    state: str = "starting"  # starting → ready ⇄ checking → lost | failed | released
-    replaces: str | None = None
+    state: str = "starting"  # starting → ready ⇄ checking → lost | failed | draining → retired | released
+    replaces: str | None = None  # the replica it was started in place of (lost, or near its time limit)
+    successor: str | None = None  # the replica started ahead of this one's time limit
+    takes_over: bool = False  # a successor: drain and retire ``replaces`` once this one is ready
     allocation: Allocation | None = None
     handle: ServerHandle | None = None
     tunnel: Tunnel | None = None
@@ -119,9 +125,9 @@ class ReplicaSet:
         for i in range(self.config.replicas):
             self._launch(f"{self.set_id}-r{i}")
 
-    def _launch(self, name: str, replaces: str | None = None) -> None:
+    def _launch(self, name: str, replaces: str | None = None, takes_over: bool = False) -> None:
         with self._lock:
-            self.replicas[name] = Replica(name, replaces=replaces)
+            self.replicas[name] = Replica(name, replaces=replaces, takes_over=takes_over)
         share_connections(name, self.set_id)
         self._submit(self._bring_up, name)
 
@@ -158,6 +164,8 @@ class ReplicaSet:
         for pool, loop in pools:
             loop.call_soon_threadsafe(pool.add, name, replica.tunnel.base_url, replica.handle.api_key())
         self._changed()
+        if replica.takes_over and replica.replaces:
+            self._retire(replica.replaces)
 
     # -- who is ready ----------------------------------------------------------------------------
     def on_change(self, fn: Callable[[list[str]], None]) -> None:
@@ -204,6 +212,55 @@ class ReplicaSet:
             self._closing.wait(0.2)
         return ready
 
+    # -- time limits ---------------------------------------------------------------------------------
+    def watch_time_limits(self) -> None:
+        """Start a successor for each ready replica whose job nears its time limit, until closed."""
+        driver = driver_for(self.replica_config)
+        interval_s = max(2.0, min(30.0, self.config.successor_lead_s / 4))
+
+        def loop() -> None:
+            while not self._closing.wait(interval_s):
+                for r in self.ready():
+                    if r.successor is not None or r.handle is None:
+                        continue
+                    try:
+                        left = driver.time_left_s(r.handle)
+                    except Exception as exc:  # noqa: BLE001 - asked again next round
+                        self.log.warning("could not read the time left of %s: %s", r.name, exc)
+                        continue
+                    if left is not None and left < self.config.successor_lead_s:
+                        with self._lock:
+                            if self._closing.is_set():
+                                return
+                            r.successor = f"{self.set_id}-r{len(self.replicas)}"
+                            self.log.warning(
+                                "replica %s (job %s) has %.0fs left before its time limit; starting %s to take over",
+                                r.name, r.handle.job_id, left, r.successor,
+                            )  # fmt: skip
+                            self._launch(r.successor, replaces=r.name, takes_over=True)
+
+        threading.Thread(target=self._context.copy().run, args=(loop,), name="llmflow-time-limits", daemon=True).start()
+
+    def _retire(self, name: str) -> None:
+        """Drain a replica (no new requests; those in flight finish), then release it."""
+        old = self.replicas[name]
+        with self._lock:
+            if old.state not in ("ready", "checking"):
+                return
+            old.state = "draining"
+            pools = list(self._pools)
+        for pool, loop in pools:
+            loop.call_soon_threadsafe(pool.remove, name)
+        self._changed()
+        deadline = time.monotonic() + 120.0
+        while time.monotonic() < deadline and any(
+            (ep := pool.endpoints.get(name)) is not None and ep.outstanding > 0 for pool, _ in pools
+        ):
+            time.sleep(0.2)
+        self.log.info("replica %s drained; releasing it (%s took over)", name, old.successor)
+        old.state = "retired"
+        self._release(old)
+
     # -- losing one ----------------------------------------------------------------------------
     def suspect(self, name: str) -> None:
         """From the batch pool (on its loop): this replica stopped answering; look at it."""
@@ -247,6 +304,11 @@ class ReplicaSet:
         with self._lock:
             if self._closing.is_set():
                 return
+            if replica.takes_over and replica.replaces:  # a successor that failed: the watch tries again
+                self.replicas[replica.replaces].successor = None
+            successor = self.replicas.get(replica.successor or "")
+            if successor is not None and successor.state in ("starting", "ready"):
+                return  # hit its time limit before the successor took over: that one replaces it
             # a replica that failed to start before any ever served says the setup is wrong: replacing
             # it would fail the same way, so only replicas lost after one served are replaced
             replaceable = self.ever_ready or replica.state == "lost"
@@ -282,7 +344,7 @@ class ReplicaSet:
             self.log.warning("could not release replica %s: %s", replica.name, exc)
         finally:
             close_run(replica.name)
-            if replica.state not in ("lost", "failed"):
+            if replica.state not in ("lost", "failed", "retired"):
                 replica.state = "released"
 
     # -- the batch's side ----------------------------------------------------------------------
@@ -340,7 +402,7 @@ class ReplicaSet:
         replicas = list(self.replicas.values())
         with ThreadPoolExecutor(max_workers=max(1, len(replicas))) as releasing:
             for r in replicas:
-                if r.state not in ("lost", "failed"):
+                if r.state not in ("lost", "failed", "retired"):
                     releasing.submit(self._context.copy().run, self._release, r)
         self._pool.shutdown(wait=True, cancel_futures=True)
         for r in replicas:  # a bring-up that was between steps when the set closed
@@ -363,6 +425,7 @@ def replica_set(config: SessionConfig) -> Iterator[ReplicaSet]:
         replicas = ReplicaSet(config, new_run_id(), log=logger)
         logger.info("starting %d replicas (%s-r0…)", config.replicas, replicas.set_id)
         replicas.start()
+        replicas.watch_time_limits()
         started = datetime.now(UTC)
         try:
             yield replicas

@@ -345,6 +345,14 @@ class SessionConfig(_Strict):
     max_replacements: int = Field(
         default=2, ge=0, description="With replicas > 1: new servers started in place of lost ones, at most."
     )
+    successor_lead_s: PositiveFloat = Field(
+        default=600.0,
+        description=(
+            "With replicas > 1 on Slurm: a replica whose job has less than this many seconds left before its time "
+            "limit gets a successor job; once that is ready the old one is drained (in-flight requests finish) "
+            "and cancelled. Leave room for the queue wait and the model's load time."
+        ),
+    )
 
     @model_validator(mode="after")
     def _replicas_need_servers(self) -> SessionConfig:

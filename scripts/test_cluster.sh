@@ -23,16 +23,18 @@ node_names() { seq -f 'node%g' 1 "$NODES"; }
 
 need_packages() {
   local missing=()
-  for cmd in slurmctld slurmd sbatch munged sshd; do
+  for cmd in slurmctld slurmd sbatch munged sshd nginx; do
     command -v "$cmd" >/dev/null 2>&1 || [ -x "/usr/sbin/$cmd" ] || missing+=("$cmd")
   done
   # PostgreSQL's server, for the test that runs a Prefect server on PostgreSQL (its fixture starts
   # and stops a private instance; nothing is started here)
   compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || missing+=(postgresql)
   if [ ${#missing[@]} -gt 0 ]; then
-    echo "[cluster] installing slurmctld slurmd slurm-client munge openssh-server postgresql (missing: ${missing[*]})"
+    echo "[cluster] installing slurmctld slurmd slurm-client munge openssh-server postgresql nginx-light (missing: ${missing[*]})"
     apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurmctld slurmd slurm-client munge openssh-server postgresql >/dev/null
+    # nginx-light: the stable URL in front of replicas (the tests start their own; none is left running)
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurmctld slurmd slurm-client munge openssh-server postgresql nginx-light >/dev/null
+    pkill -f "nginx: master process /usr/sbin/nginx" 2>/dev/null || true  # the package's own site, if it started it
   fi
 }
 

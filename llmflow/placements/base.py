@@ -70,6 +70,10 @@ class Driver:
         """Release everything the allocation holds; idempotent."""
         raise NotImplementedError
 
+    def time_left_s(self, handle: ServerHandle) -> float | None:
+        """Seconds before the scheduler ends the server's allocation (its time limit); None: no limit known."""
+        return None
+
     def memory_group(self, handle: ServerHandle) -> int | None:
         """The server's process group, where this machine can sample its memory; else None."""
         return None

@@ -229,6 +229,11 @@ class SlurmDriver(RemoteDriver):
                 f"job {handle.job_id} ended {info.state} ({info.reason}); log tail:\n{remote_tail(shell, str(handle.log_path))}"
             )
 
+    def time_left_s(self, handle: ServerHandle) -> float | None:
+        assert handle.job_id
+        out = self.shell(handle.run_id).run(f"squeue -h -j {shlex.quote(handle.job_id)} -o %L 2>/dev/null").stdout
+        return slurm.parse_time_left(out)
+
     def recover(self, alloc: Allocation, handle: ServerHandle) -> tuple[ServerHandle, Tunnel] | None:
         """After failures: if the job was requeued, wait for it and follow its new endpoint."""
         assert handle.job_id and alloc.remote_dir

@@ -134,6 +134,20 @@ def parse_sbatch(stdout: str) -> str:
 SQUEUE_FORMAT = "%i|%T|%r|%N"
 
 
+def parse_time_left(text: str) -> float | None:
+    """``squeue -o %L`` (time left before the job's limit) in seconds: ``[D-][HH:]MM:SS``;
+    None for UNLIMITED, NOT_SET, INVALID or nothing."""
+    text = text.strip()
+    days, _, clock = text.rpartition("-")
+    parts = clock.split(":")
+    if not all(p.isdigit() for p in parts) or not 1 <= len(parts) <= 3 or (days and not days.isdigit()):
+        return None
+    seconds = 0
+    for part in parts:
+        seconds = seconds * 60 + int(part)
+    return float(seconds + int(days or 0) * 86400)
+
+
 def parse_squeue(job_id: str, stdout: str) -> JobInfo | None:
     """One line of ``squeue -h -j ID -o '%i|%T|%r|%N'``; None when the job is not listed."""
     for line in stdout.splitlines():

@@ -412,3 +412,32 @@ def test_a_hold_whose_replicas_are_all_lost_fails_and_leaves_nothing(
         _announcers.remove(reached.append)
     assert "every replica was lost" in str(outcome.get("error")), outcome
     _nothing_left(tmp_path, test_cluster["LLMFLOW_TEST_SSH_PORT"])
+
+
+def test_replicas_near_their_time_limit_hand_over_to_successors(
+    slurm_session: SessionConfig,  # noqa: F811
+    tmp_path: Path,
+):
+    """Jobs with a one-minute limit and a batch that outlasts it: each replica gets a successor
+    ahead of its limit, is drained and cancelled; no job meets its limit, no request fails."""
+    n = 3600
+    out = tmp_path / "out.jsonl"
+    session = _whole_node(slurm_session, 2, successor_lead_s=45)
+    session.placement.slurm = SlurmOptions(cpus_per_task=os.cpu_count() or 1, time="00:01:00")
+    result = batch_inference(
+        session=session,
+        batch=BatchConfig(input_path=_input(tmp_path, n, max_tokens=400), output_path=out, concurrency=8),
+    )
+    ids = _custom_ids(out)
+    assert len(ids) == n and set(ids.values()) == {1}
+    report = result.report
+    assert report.wall_s > 70, "the batch must outlast the one-minute limit for this test to mean anything"
+    assert report.unfinished == 0 and report.moved == 0, report
+    retired = {e.name for e in report.endpoints if e.state == "retired"}
+    successors = [e for e in report.endpoints if e.replaces in retired]
+    assert len(retired) >= 2 and len(successors) == len(retired), report.endpoints
+    assert all(e.answered > 0 for e in report.endpoints if e.state == "retired" or e in successors)
+    logs = list((tmp_path / "cluster-runs").glob("*/*-r*/slurm-*.out"))
+    assert len(logs) == len(report.endpoints)
+    assert not [p for p in logs if "DUE TO TIME LIMIT" in p.read_text()], "no job may reach its time limit"
+    assert _jobs_of(tmp_path) == []

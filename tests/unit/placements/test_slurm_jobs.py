@@ -134,3 +134,13 @@ def test_registry_file_sits_beside_the_run_folders():
 
     assert registry_file("/home/u/llmflow-runs/set-1/set-1-r0") == "/home/u/llmflow-runs/set-1/registry/set-1-r0.json"
     assert registry_file("/home/u/llmflow-runs/run-1/") == "/home/u/llmflow-runs/registry/run-1.json"
+
+
+def test_time_left_is_read_in_every_squeue_form():
+    from llmflow.placements.slurm_jobs import parse_time_left
+
+    assert parse_time_left("45") == 45
+    assert parse_time_left("1:05") == 65
+    assert parse_time_left("2:00:01") == 7201
+    assert parse_time_left("1-00:00:10\n") == 86410
+    assert parse_time_left("UNLIMITED") is None and parse_time_left("INVALID") is None and parse_time_left("") is None
