@@ -58,4 +58,10 @@ DEPLOYMENTS = [
         description="A stress-test campaign started by hand from the UI: fill in the campaign form (or name a campaign file) and the session.",
         tags=["llmflow", "benchmark"],
     ),
+    DeploymentSpec(
+        name="hold",
+        entrypoint="flows/hold.py:hold_session",
+        description="Serve the model for some hours for interactive use (with replicas: behind one nginx URL); the run's log says where. Cancel ends it early.",
+        tags=["llmflow", "hold"],
+    ),
 ]

@@ -23,7 +23,7 @@ from flows.replicas import replica_set
 from flows.session import model_session, release_session
 from llmflow.config import SessionConfig
 from llmflow.errors import ServerDied
-from llmflow.gateway import Gateway
+from llmflow.gateway import Gateway, find_nginx
 from llmflow.placements import driver_for
 from llmflow.readiness import answers
 from tasks import recover_session
@@ -109,6 +109,7 @@ def _hold_replicas(session: SessionConfig, hours: float, check_every_s: float) -
     """Replicas behind nginx for ``hours``: announce the URL once one replica is ready."""
     logger = get_run_logger()
     started = time.monotonic()
+    find_nginx()  # before any replica is started
     with replica_set(session) as replicas:
         with Gateway(replicas.run_dir, f"{replicas.set_id}-gateway", current_flow_run.get_id()).start() as gateway:
             replicas.on_change(gateway.update)

@@ -62,6 +62,7 @@ class Replica:
     """One server of the set, and where it is in its life."""
 
     name: str
+    config: SessionConfig
     state: str = "starting"  # starting → ready ⇄ checking → lost | failed | draining → retired | released
     replaces: str | None = None  # the replica it was started in place of (lost, or near its time limit)
     successor: str | None = None  # the replica started ahead of this one's time limit
@@ -121,18 +122,28 @@ class ReplicaSet:
         self._pool.submit(self._context.copy().run, fn, *args)
 
     # -- bringing replicas up ------------------------------------------------------------------
+    def _config_of(self, index: int) -> SessionConfig:
+        """Replica ``index``'s session: on the ssh placement with ``hosts``, on its own host."""
+        hosts = getattr(self.replica_config.placement, "hosts", None)
+        if not hosts:
+            return self.replica_config
+        placement = self.replica_config.placement.model_copy(update={"login": hosts[index % len(hosts)]})
+        return self.replica_config.model_copy(update={"placement": placement})
+
     def start(self) -> None:
         for i in range(self.config.replicas):
-            self._launch(f"{self.set_id}-r{i}")
+            self._launch(f"{self.set_id}-r{i}", self._config_of(i))
 
-    def _launch(self, name: str, replaces: str | None = None, takes_over: bool = False) -> None:
+    def _launch(self, name: str, config: SessionConfig, replaces: str | None = None, takes_over: bool = False) -> None:
         with self._lock:
-            self.replicas[name] = Replica(name, replaces=replaces, takes_over=takes_over)
-        share_connections(name, self.set_id)
+            self.replicas[name] = Replica(name, config, replaces=replaces, takes_over=takes_over)
+        if config.placement == self.replica_config.placement:  # one login host: one set of connections
+            share_connections(name, self.set_id)
         self._submit(self._bring_up, name)
 
     def _bring_up(self, name: str) -> None:
-        replica, cfg = self.replicas[name], self.replica_config
+        replica = self.replicas[name]
+        cfg = replica.config
         try:
             replica.allocation = _allocate(cfg, name)
             if self._closing.is_set():
@@ -215,7 +226,6 @@ class ReplicaSet:
     # -- time limits ---------------------------------------------------------------------------------
     def watch_time_limits(self) -> None:
         """Start a successor for each ready replica whose job nears its time limit, until closed."""
-        driver = driver_for(self.replica_config)
         interval_s = max(2.0, min(30.0, self.config.successor_lead_s / 4))
 
         def loop() -> None:
@@ -224,7 +234,7 @@ class ReplicaSet:
                     if r.successor is not None or r.handle is None:
                         continue
                     try:
-                        left = driver.time_left_s(r.handle)
+                        left = driver_for(r.config).time_left_s(r.handle)
                     except Exception as exc:  # noqa: BLE001 - asked again next round
                         self.log.warning("could not read the time left of %s: %s", r.name, exc)
                         continue
@@ -237,7 +247,7 @@ class ReplicaSet:
                                 "replica %s (job %s) has %.0fs left before its time limit; starting %s to take over",
                                 r.name, r.handle.job_id, left, r.successor,
                             )  # fmt: skip
-                            self._launch(r.successor, replaces=r.name, takes_over=True)
+                            self._launch(r.successor, r.config, replaces=r.name, takes_over=True)
 
         threading.Thread(target=self._context.copy().run, args=(loop,), name="llmflow-time-limits", daemon=True).start()
 
@@ -275,7 +285,7 @@ class ReplicaSet:
         self._changed()  # out of the gateway while it is looked at
         assert replica.handle and replica.tunnel
         try:
-            driver_for(self.replica_config).check_alive(replica.handle)
+            driver_for(replica.config).check_alive(replica.handle)
             alive = readiness.answers(replica.tunnel.base_url, replica.handle, self.config.engine, timeout_s=5.0)
         except Exception as exc:  # noqa: BLE001 - ServerDied, or the placement cannot be asked: treat as lost
             replica.error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
@@ -316,7 +326,7 @@ class ReplicaSet:
                 self.replacements += 1
                 name = f"{self.set_id}-r{len(self.replicas)}"
                 self.log.warning("starting replica %s in place of %s", name, replica.name)
-                self._launch(name, replaces=replica.name)
+                self._launch(name, replica.config, replaces=replica.name)
                 return
             if any(r.state in ("starting", "ready", "checking") for r in self.replicas.values()):
                 return
@@ -335,7 +345,7 @@ class ReplicaSet:
         """Stop what the replica holds (its job or process, its forward); idempotent."""
         try:
             if replica.allocation is not None:
-                replica.teardown = _tear_down(self.replica_config, replica.allocation)
+                replica.teardown = _tear_down(replica.config, replica.allocation)
             else:  # still queued or starting: what it holds is in its lease
                 run_dir = self.config.runs_dir / replica.name
                 if (lease := read_lease(run_dir)) is not None:
@@ -379,6 +389,7 @@ class ReplicaSet:
                         "node": r.handle.node if r.handle else (r.allocation.node if r.allocation else None),
                         "job_id": r.allocation.job_id if r.allocation else None,
                         "seconds_to_ready": r.ready.seconds_to_ready if r.ready else None,
+                        "restarts": r.handle.restarts if r.handle else 0,
                         "state": r.state,
                         "replaces": r.replaces,
                     }

@@ -136,6 +136,13 @@ class SSHPlacement(_Strict):
     start_timeout_s: PositiveFloat = Field(
         default=60.0, description="Seconds to wait for the supervisor's endpoint record (port, pids) after start."
     )
+    hosts: list[SSHLogin] = Field(
+        default_factory=list,
+        description=(
+            "With replicas > 1: the hosts to run them on, one replica each in this order (a replacement goes to "
+            "the host of the one it replaces). Empty: every replica on login."
+        ),
+    )
     poll_interval_s: PositiveFloat = Field(default=1.0, description="Seconds between checks on the remote server.")
 
 
@@ -358,6 +365,9 @@ class SessionConfig(_Strict):
     def _replicas_need_servers(self) -> SessionConfig:
         if self.replicas > 1 and self.placement.kind == "endpoint":
             raise ValueError("replicas: an endpoint placement is one server someone else runs; use replicas = 1")
+        hosts = getattr(self.placement, "hosts", None)
+        if hosts and self.replicas > len(hosts):
+            raise ValueError(f"replicas: {self.replicas} replicas but placement.hosts names {len(hosts)} hosts")
         return self
 
 

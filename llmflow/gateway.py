@@ -79,14 +79,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def find_nginx(name: str = "nginx") -> str:
+    """The nginx binary (PATH, then /usr/sbin, where Debian puts it); a clear error when missing."""
+    binary = shutil.which(name) or (f"/usr/sbin/{name}" if Path(f"/usr/sbin/{name}").exists() else None)
+    if binary is None:
+        raise ConfigError("a stable URL for replicas needs nginx (Debian: apt-get install nginx-light)")
+    return binary
+
+
 class Gateway:
     """nginx in front of the replicas; ``update`` with the ready replicas' URLs, ``close`` at the end."""
 
     def __init__(self, run_dir: Path, run_id: str, flow_run_id: str | None = None, nginx: str = "nginx") -> None:
-        binary = shutil.which(nginx) or (f"/usr/sbin/{nginx}" if Path(f"/usr/sbin/{nginx}").exists() else None)
-        if binary is None:
-            raise ConfigError("a stable URL for replicas needs nginx (Debian: apt-get install nginx-light)")
-        self.nginx = binary
+        self.nginx = find_nginx(nginx)
         self.dir = run_dir
         self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         (self.dir / "tmp").mkdir(exist_ok=True)

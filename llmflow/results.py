@@ -94,7 +94,10 @@ class EndpointFigures(BaseModel):
     node: str | None = None
     job_id: str | None = None
     seconds_to_ready: float | None = None
-    state: str | None = Field(default=None, description="ready, lost (replaced), or released.")
+    restarts: int = Field(default=0, description="Times Slurm restarted its job (a requeue) before it was ready.")
+    state: str | None = Field(
+        default=None, description="released (at the end), lost (replaced), retired (handed over near its time limit)."
+    )
     replaces: str | None = Field(default=None, description="The lost replica it was started in place of.")
 
 

@@ -76,11 +76,11 @@ def batch_markdown(summary: dict[str, Any], report: BatchReport) -> str:
             "",
             f"## Replicas ({report.moved} requests moved to another replica after theirs could not be reached)",
             "",
-            "| replica | node | job | state | replaces | ready after s | answered | moved away | output tok/s |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+            "| replica | node | job | restarts | state | replaces | ready after s | answered | moved away | output tok/s |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
         lines += [
-            f"| {e.name} | {e.node or ''} | {e.job_id or ''} | {e.state or ''} | {e.replaces or ''} | "
+            f"| {e.name} | {e.node or ''} | {e.job_id or ''} | {e.restarts} | {e.state or ''} | {e.replaces or ''} | "
             f"{'' if e.seconds_to_ready is None else round(e.seconds_to_ready, 1)} | {e.answered} | {e.moved_away} | "
             f"{'' if e.output_tok_per_s is None else e.output_tok_per_s} |"
             for e in report.endpoints
@@ -98,7 +98,16 @@ def merge_reports(first: BatchReport, later: BatchReport) -> BatchReport:
     """Two passes over the same input (a recovery in between) as one report."""
     summed = {
         key: getattr(first, key) + getattr(later, key)
-        for key in ("sent", "succeeded", "failed_http", "prompt_tokens", "completion_tokens", "wall_s", "retries")
+        for key in (
+            "sent",
+            "succeeded",
+            "failed_http",
+            "prompt_tokens",
+            "completion_tokens",
+            "wall_s",
+            "retries",
+            "moved",
+        )
     }
     server = first.server_counters
     if server is not None and later.server_counters is not None:

@@ -404,3 +404,41 @@ def test_campaign_deployment_run_from_the_api_writes_its_table_and_report(prefec
         assert statuses == ["ok", "ok", "ok", "rejected"] * 2
     assert (tmp_path / "campaign" / "plot.png").exists() and (tmp_path / "campaign" / "requests.parquet").exists()
     assert llama_processes(str(tmp_path)) == []
+
+
+def test_cancel_a_replicated_hold_on_slurm_from_the_api_leaves_nothing(
+    prefect_server, test_cluster, server_env, tmp_path: Path
+):
+    """The hold deployment with two Slurm replicas behind nginx, cancelled from the API once both
+    serve: no job, no nginx, no SSH forward, no lease left."""
+    from tests.integration.test_replicas import _nothing_left, _until, _upstreams_if
+    from tests.integration.test_slurm import _login
+
+    venv, model = server_env
+    session = {
+        "placement": {
+            "kind": "slurm",
+            "login": _login(test_cluster).model_dump(mode="json"),
+            "remote_runs_dir": str(tmp_path / "cluster-runs"),
+            "bind_host": "@node",
+            "poll_interval_s": 0.5,
+            "queue_deadline_s": 120,
+            "slurm": {"cpus_per_task": os.cpu_count() or 1},
+        },
+        "engine": {"kind": "llama_cpp", "venv": str(venv)},
+        "model": {"path": str(model)},
+        "runs_dir": str(tmp_path / "runs"),
+        "replicas": 2,
+    }
+    with _client(prefect_server) as client:
+        if not client.read_deployments():
+            assert _deploy(prefect_server).returncode == 0
+        deployment = client.read_deployment_by_name("hold-session/hold")
+        run = client.create_flow_run_from_deployment(
+            deployment.id, parameters={"session": session, "hours": 1, "check_every_s": 2}
+        )
+        serving = _until(lambda: any(_upstreams_if(c, 2) for c in (tmp_path / "runs").glob("*/nginx.conf")), 300, 0.5)
+        assert serving, "both replicas behind nginx"
+        client.set_flow_run_state(run.id, Cancelling(), force=True)
+        assert _wait_state(client, run.id, {"CANCELLED", "COMPLETED", "FAILED", "CRASHED"}, 120) == "CANCELLED"
+    _nothing_left(tmp_path, test_cluster["LLMFLOW_TEST_SSH_PORT"])

@@ -19,10 +19,10 @@ import pytest
 
 from flows.batch import batch_inference
 from flows.hold import Reach, _announcers, hold_session, on_ready
-from llmflow.config import BatchConfig, LlamaCppEngine, ModelConfig, SessionConfig, SlurmOptions
+from llmflow.config import BatchConfig, LlamaCppEngine, ModelConfig, SessionConfig, SlurmOptions, SSHPlacement
 from llmflow.gateway import Gateway
 from llmflow.remote.leases import read_lease
-from tests.integration.test_slurm import _jobs_of, slurm_session  # noqa: F401 - the fixture
+from tests.integration.test_slurm import _jobs_of, _login, slurm_session  # noqa: F401 - the fixture
 
 pytestmark = pytest.mark.integration
 
@@ -55,6 +55,7 @@ class _Watch:
         self.tmp_path, self.ssh_port = str(tmp_path), ssh_port
         self.nodes: dict[str, str] = {}  # job id -> node, while RUNNING
         self.most_ssh_masters = 0
+        self.ssh_master_hosts: set[str] = set()  # the host each master connected to (its last argument but one)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
         self._thread.start()
@@ -72,8 +73,11 @@ class _Watch:
     def _loop(self) -> None:
         while not self._stop.wait(0.3):
             self.running_jobs()
-            masters = subprocess.run(["pgrep", "-f", f"ssh .*-p {self.ssh_port} .*-M -tt"], capture_output=True)
-            self.most_ssh_masters = max(self.most_ssh_masters, len(masters.stdout.split()))
+            masters = subprocess.run(
+                ["pgrep", "-af", f"ssh .*-p {self.ssh_port} .*-M -tt"], capture_output=True, text=True
+            ).stdout.splitlines()
+            self.most_ssh_masters = max(self.most_ssh_masters, len(masters))
+            self.ssh_master_hosts |= {line.split()[-3] for line in masters if len(line.split()) > 3}
 
     def stop(self) -> None:
         self._stop.set()
@@ -174,7 +178,7 @@ def test_local_replicas_replace_a_killed_server(server_env, prefect_api_url, tmp
         deadline = time.monotonic() + 300
         while _lines(out) < n // 3 and time.monotonic() < deadline:
             time.sleep(0.02)
-        run_dir = sorted(runs.iterdir())[0]
+        run_dir = sorted(runs.glob("*-r[0-9]*"))[0]  # a replica (the set has a folder of its own)
         lease = read_lease(run_dir)
         os.killpg(lease.pgid, signal.SIGKILL)
         killed.append(run_dir.name)
@@ -350,8 +354,8 @@ def _nothing_left(tmp_path: Path, ssh_port: str) -> None:
     """No job, no nginx, no SSH forward, no lease: what every way a replicated session ends must leave."""
     assert _until(lambda: _jobs_of(tmp_path) == [], 30), _jobs_of(tmp_path)
     confs = list((tmp_path / "runs").glob("*/nginx.conf"))
-    assert confs and not any(_nginx_running(c) for c in confs)
-    assert _ssh_masters(ssh_port) == []
+    assert confs and _until(lambda: not any(_nginx_running(c) for c in confs), 30)
+    assert _until(lambda: _ssh_masters(ssh_port) == [], 30), _ssh_masters(ssh_port)
     assert all(read_lease(d) is None for d in (tmp_path / "runs").iterdir())
 
 
@@ -441,3 +445,38 @@ def test_replicas_near_their_time_limit_hand_over_to_successors(
     assert len(logs) == len(report.endpoints)
     assert not [p for p in logs if "DUE TO TIME LIMIT" in p.read_text()], "no job may reach its time limit"
     assert _jobs_of(tmp_path) == []
+
+
+def test_ssh_placement_runs_one_replica_on_each_listed_host(test_cluster, server_env, prefect_api_url, tmp_path: Path):
+    """``placement.hosts``: replica i on host i. The test has one sshd, so its two "hosts" are two
+    logins to it (by address and by name); each replica has its own connection and server."""
+    venv, model = server_env
+    by_address = _login(test_cluster)
+    by_name = by_address.model_copy(update={"host": "localhost", "known_hosts": tmp_path / "known_hosts"})
+    (tmp_path / "known_hosts").write_text(
+        Path(test_cluster["LLMFLOW_TEST_KNOWN_HOSTS"]).read_text().replace("[127.0.0.1]", "[localhost]")
+    )
+    session = SessionConfig(
+        placement=SSHPlacement(
+            login=by_address,
+            hosts=[by_address, by_name],
+            remote_runs_dir=str(tmp_path / "host-runs"),
+            poll_interval_s=0.5,
+        ),
+        engine=LlamaCppEngine(venv=venv),
+        model=ModelConfig(path=model),
+        runs_dir=tmp_path / "runs",
+        replicas=2,
+    )
+    out = tmp_path / "out.jsonl"
+    watch = _Watch(tmp_path, test_cluster["LLMFLOW_TEST_SSH_PORT"])
+    try:
+        result = batch_inference(session=session, batch=BatchConfig(input_path=_input(tmp_path, 400), output_path=out))
+    finally:
+        watch.stop()
+    ids = _custom_ids(out)
+    assert len(ids) == 400 and set(ids.values()) == {1}
+    assert all(e.answered > 0 for e in result.report.endpoints) and len(result.report.endpoints) == 2
+    assert watch.ssh_master_hosts == {"127.0.0.1", "localhost"}, "a forward to each host"
+    assert _ssh_masters(test_cluster["LLMFLOW_TEST_SSH_PORT"]) == []
+    assert all(read_lease(d) is None for d in (tmp_path / "runs").iterdir())
