@@ -28,7 +28,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -52,9 +52,18 @@ from tasks import allocate_node, health_gate, open_tunnel, tear_down, warm_model
 # The same tasks, run in the set's worker threads, where Prefect cannot enforce a timeout (it
 # warns at each call); the placements' own deadlines (queue, gate) bound each step instead.
 # (0: no timeout; with_options reads None as "keep the task's own".)
-_allocate, _warm, _tunnel, _gate, _tear_down = (
-    t.with_options(timeout_seconds=0) for t in (allocate_node, warm_model, open_tunnel, health_gate, tear_down)
+_warm, _tunnel, _gate, _tear_down = (
+    t.with_options(timeout_seconds=0) for t in (warm_model, open_tunnel, health_gate, tear_down)
 )
+# No retries: a replica that cannot be allocated is replaced by the set, and a retry after the set
+# released a half-made replica (its lease gone) would submit a second job.
+_allocate = allocate_node.with_options(timeout_seconds=0, retries=0)
+HOLD_DRAIN_S = 30.0  # a retiring replica behind the gateway of a hold finishes its requests in this time
+CHECK_GRACE_S = 20.0  # a replica whose job is alive gets this long to answer again (an SSH reconnect)
+
+
+class _Closing(Exception):
+    """The set is closing: a bring-up stops between steps."""
 
 
 @dataclass
@@ -87,6 +96,8 @@ class ReplicaSet:
     gave_up: str | None = None
     _pools: list[tuple[EndpointPool, asyncio.AbstractEventLoop]] = field(default_factory=list)
     _listeners: list[Callable[[list[str]], None]] = field(default_factory=list)
+    _notify_lock: threading.Lock = field(default_factory=threading.Lock)  # listeners hear changes in order
+    _futures: list[Future] = field(default_factory=list)
     _lock: threading.RLock = field(default_factory=threading.RLock)
     _closing: threading.Event = field(default_factory=threading.Event)
     _context: contextvars.Context = field(default_factory=contextvars.copy_context)
@@ -119,7 +130,7 @@ class ReplicaSet:
 
     def _submit(self, fn: Any, *args: Any) -> None:
         """Run ``fn`` in a worker thread inside the flow's context (its tasks join the flow run)."""
-        self._pool.submit(self._context.copy().run, fn, *args)
+        self._futures.append(self._pool.submit(self._context.copy().run, fn, *args))
 
     # -- bringing replicas up ------------------------------------------------------------------
     def _config_of(self, index: int) -> SessionConfig:
@@ -141,16 +152,28 @@ class ReplicaSet:
             share_connections(name, self.set_id)
         self._submit(self._bring_up, name)
 
+    def _stop_if_closing(self) -> None:
+        if self._closing.is_set():
+            raise _Closing
+
+    def _post(self, loop: asyncio.AbstractEventLoop, fn: Callable[..., None], *args: Any) -> None:
+        """Run ``fn`` on a batch's loop; a loop already closed (its pass ended) needs nothing."""
+        try:
+            loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:
+            pass
+
     def _bring_up(self, name: str) -> None:
         replica = self.replicas[name]
         cfg = replica.config
         try:
             replica.allocation = _allocate(cfg, name)
-            if self._closing.is_set():
-                return
+            self._stop_if_closing()
             self.log.info("replica %s allocated on %s", name, replica.allocation.node)
             replica.handle = _warm(cfg, replica.allocation)
+            self._stop_if_closing()
             replica.tunnel = _tunnel(cfg, replica.handle)
+            self._stop_if_closing()
             replica.ready = _gate(cfg, replica.handle, replica.tunnel)
         except BaseException as exc:  # noqa: BLE001 - a replica that cannot start is replaced, not fatal
             if self._closing.is_set():
@@ -173,7 +196,7 @@ class ReplicaSet:
             replica.ready.seconds_to_ready,
         )
         for pool, loop in pools:
-            loop.call_soon_threadsafe(pool.add, name, replica.tunnel.base_url, replica.handle.api_key())
+            self._post(loop, pool.add, name, replica.tunnel.base_url, replica.handle.api_key())
         self._changed()
         if replica.takes_over and replica.replaces:
             self._retire(replica.replaces)
@@ -189,13 +212,14 @@ class ReplicaSet:
         return [r.tunnel.base_url.split("://", 1)[1] for r in self.ready() if r.tunnel]
 
     def _changed(self) -> None:
-        with self._lock:
-            listeners, upstreams = list(self._listeners), self.upstreams()
-        for fn in listeners:
-            try:
-                fn(upstreams)
-            except Exception as exc:  # noqa: BLE001 - a listener's failure must not stop the replicas
-                self.log.warning("could not tell a listener about the replicas: %s", exc)
+        with self._notify_lock:  # snapshot and delivery together: a later change is never overtaken
+            with self._lock:
+                listeners, upstreams = list(self._listeners), self.upstreams()
+            for fn in listeners:
+                try:
+                    fn(upstreams)
+                except Exception as exc:  # noqa: BLE001 - a listener's failure must not stop the replicas
+                    self.log.warning("could not tell a listener about the replicas: %s", exc)
 
     def watch(self, interval_s: float) -> None:
         """Probe every ready replica each ``interval_s`` (a hold, where no batch traffic tells), until closed."""
@@ -255,18 +279,21 @@ class ReplicaSet:
         """Drain a replica (no new requests; those in flight finish), then release it."""
         old = self.replicas[name]
         with self._lock:
-            if old.state not in ("ready", "checking"):
-                return
+            if old.state != "ready":
+                return  # lost meanwhile (its successor then simply stays), or being checked: the check decides
             old.state = "draining"
             pools = list(self._pools)
         for pool, loop in pools:
-            loop.call_soon_threadsafe(pool.remove, name)
+            self._post(loop, pool.remove, name)
         self._changed()
-        deadline = time.monotonic() + 120.0
-        while time.monotonic() < deadline and any(
-            (ep := pool.endpoints.get(name)) is not None and ep.outstanding > 0 for pool, _ in pools
-        ):
-            time.sleep(0.2)
+        if pools:  # a batch: until its requests on this replica are answered
+            deadline = time.monotonic() + 120.0
+            while time.monotonic() < deadline and any(
+                (ep := pool.endpoints.get(name)) is not None and ep.outstanding > 0 for pool, _ in pools
+            ):
+                time.sleep(0.2)
+        else:  # a hold: nginx sends it nothing new; give what it serves (a long stream) time to end
+            self._closing.wait(HOLD_DRAIN_S)
         self.log.info("replica %s drained; releasing it (%s took over)", name, old.successor)
         old.state = "retired"
         self._release(old)
@@ -284,23 +311,34 @@ class ReplicaSet:
             replica.state = "checking"
         self._changed()  # out of the gateway while it is looked at
         assert replica.handle and replica.tunnel
+        alive = False
+        deadline = time.monotonic() + CHECK_GRACE_S
         try:
-            driver_for(replica.config).check_alive(replica.handle)
-            alive = readiness.answers(replica.tunnel.base_url, replica.handle, self.config.engine, timeout_s=5.0)
+            # its job or process is there: give it a while to answer (a dropped SSH connection to
+            # the login node is being restarted, and every replica's forward goes through it)
+            while not alive and time.monotonic() < deadline and not self._closing.is_set():
+                driver_for(replica.config).check_alive(replica.handle)
+                alive = readiness.answers(replica.tunnel.base_url, replica.handle, self.config.engine, timeout_s=5.0)
+                if not alive:
+                    time.sleep(1.0)
         except Exception as exc:  # noqa: BLE001 - ServerDied, or the placement cannot be asked: treat as lost
             replica.error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-            alive = False
         if alive:
-            self.log.info("replica %s answers again; back in rotation", name)
             with self._lock:
+                if replica.state != "checking":
+                    return  # retired or released meanwhile
                 replica.state = "ready"
                 pools = list(self._pools)
+            self.log.info("replica %s answers again; back in rotation", name)
             for pool, loop in pools:
-                loop.call_soon_threadsafe(pool.restore, name)
+                self._post(loop, pool.restore, name)
             self._changed()
             return
+        with self._lock:
+            if replica.state != "checking":
+                return
+            replica.state = "lost"
         self.log.warning("replica %s is lost (%s)", name, replica.error or "not answering")
-        replica.state = "lost"
         self._lost(replica)
 
     def _lost(self, replica: Replica) -> None:
@@ -308,14 +346,17 @@ class ReplicaSet:
         with self._lock:
             pools = list(self._pools)
         for pool, loop in pools:
-            loop.call_soon_threadsafe(pool.remove, replica.name)
+            self._post(loop, pool.remove, replica.name)
         self._changed()
         self._release(replica)
         with self._lock:
             if self._closing.is_set():
                 return
             if replica.takes_over and replica.replaces:  # a successor that failed: the watch tries again
-                self.replicas[replica.replaces].successor = None
+                old = self.replicas[replica.replaces]
+                old.successor = None
+                if old.state in ("ready", "checking", "draining"):
+                    return  # the replica it was to take over from still serves
             successor = self.replicas.get(replica.successor or "")
             if successor is not None and successor.state in ("starting", "ready"):
                 return  # hit its time limit before the successor took over: that one replaces it
@@ -337,9 +378,10 @@ class ReplicaSet:
                 if replaceable
                 else f"no replica could start (first to fail: {replica.name}: {cause}; its log tail is in the flow's log)"
             )
+            pools = list(self._pools)  # a batch may have attached while this one was being released
         self.log.error("%s", self.gave_up)
         for pool, loop in pools:
-            loop.call_soon_threadsafe(pool.close, self.gave_up)
+            self._post(loop, pool.close, self.gave_up)
 
     def _release(self, replica: Replica) -> None:
         """Stop what the replica holds (its job or process, its forward); idempotent."""
@@ -409,16 +451,24 @@ class ReplicaSet:
             pools = list(self._pools)
             self._pools.clear()
         for pool, loop in pools:
-            loop.call_soon_threadsafe(pool.close, "the session is ending")
+            self._post(loop, pool.close, "the session is ending")
         replicas = list(self.replicas.values())
         with ThreadPoolExecutor(max_workers=max(1, len(replicas))) as releasing:
             for r in replicas:
                 if r.state not in ("lost", "failed", "retired"):
                     releasing.submit(self._context.copy().run, self._release, r)
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        # Bring-ups still running stop at their next step, or when their job or process is gone;
+        # one that wrote its lease only now (sbatch was under way) is released here, so none
+        # waits out its queue deadline.
+        while wait(list(self._futures), timeout=1.0).not_done:
+            for r in replicas:
+                if read_lease(self.config.runs_dir / r.name) is not None:
+                    self._release(r)
+        self._pool.shutdown(wait=True)
         for r in replicas:  # a bring-up that was between steps when the set closed
             if read_lease(self.config.runs_dir / r.name) is not None:
                 self._release(r)
+            close_run(r.name)  # and any connection a late bring-up opened of its own
         close_run(self.set_id)
 
 
@@ -435,10 +485,10 @@ def replica_set(config: SessionConfig) -> Iterator[ReplicaSet]:
             logger.warning("released a server left by a dead run: %s (%s placement)", lease.run_id, lease.placement)
         replicas = ReplicaSet(config, new_run_id(), log=logger)
         logger.info("starting %d replicas (%s-r0…)", config.replicas, replicas.set_id)
-        replicas.start()
-        replicas.watch_time_limits()
         started = datetime.now(UTC)
         try:
+            replicas.start()
+            replicas.watch_time_limits()
             yield replicas
         finally:
             replicas.close()

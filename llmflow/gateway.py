@@ -60,8 +60,9 @@ def render_nginx_conf(prefix: Path, listen_port: int, upstreams: list[str], run_
             "            proxy_pass http://replicas;",
             "            proxy_http_version 1.1;",
             '            proxy_set_header Connection "";',
-            "            proxy_buffering off;",
-            "            proxy_request_buffering off;",
+            "            proxy_buffering off;",  # streams pass through as they come
+            # request bodies stay buffered (they are small): nginx passes a request to the next
+            # upstream only if it can send the body again
             "            proxy_read_timeout 3600s;",
             "            proxy_next_upstream error timeout http_502 http_503 non_idempotent;",
             "            proxy_next_upstream_tries 3;",
@@ -136,6 +137,7 @@ class Gateway:
             if self._wait_listening():
                 return self
             self._stop_proc()  # the port was taken in between: try another
+        remove_lease(self.dir)
         raise CommandFailed(f"nginx did not start; see {self.dir / 'error.log'}")
 
     def _wait_listening(self, timeout_s: float = 10.0) -> bool:
@@ -155,11 +157,12 @@ class Gateway:
         with self._lock:
             if sorted(upstreams) == sorted(self.upstreams) or self._proc is None:
                 return
-            self.upstreams = list(upstreams)
+            before, self.upstreams = self.upstreams, list(upstreams)
             self._write()
             old_workers = self._workers()
             res = self._nginx("-s", "reload")
             if res.returncode != 0:
+                self.upstreams = before  # so the same update is tried again, not skipped as unchanged
                 raise CommandFailed(f"nginx -s reload failed: {res.stderr.strip()}")
             self.reloads += 1
             # the reload is done when the old workers are gone (they finish what they serve and

@@ -226,10 +226,11 @@ class _BatchPass:
                 if attempt_no == config.max_attempts:
                     raise
                 self.tally.retries += 1
-                await asyncio.sleep(backoff_delay(attempt_no, config.backoff_s, config.backoff_max_s))
-                attempt_no += 1
             finally:
                 self.pool.release(ep)
+            # not counted against any replica while it waits
+            await asyncio.sleep(backoff_delay(attempt_no, config.backoff_s, config.backoff_max_s))
+            attempt_no += 1
 
     async def one(self, line: int, custom_id: str, path: str, payload: bytes) -> None:
         """Send one request and append its record (or, having given up, its error line)."""

@@ -288,6 +288,8 @@ class OpenSSHForward:
         with self._lock:
             for _ in range(3):
                 local_port = _free_port()
+                if local_port == self.local_port or local_port in self._extra:
+                    continue  # the first forward's port, free again after it was removed
                 if not self._running():  # restarting: the new master opens it with the others
                     self._extra[local_port] = (node, port)
                     return local_port
@@ -295,7 +297,7 @@ class OpenSSHForward:
                 if res.returncode == 0:
                     self._extra[local_port] = (node, port)
                     return local_port
-            raise CommandFailed(f"ssh could not add a forward to {node}:{port}: {res.stderr.strip()}")
+            raise CommandFailed(f"ssh could not add a forward to {node}:{port} (tried 3 local ports)")
 
     def move(self, local_port: int, node: str, port: int) -> None:
         """Point the forward on ``local_port`` at a new node:port; the local port stays."""

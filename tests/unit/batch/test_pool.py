@@ -106,14 +106,14 @@ def test_waits_for_the_first_replica_and_takes_later_ones(tmp_path: Path):
         replicas = Replicas({})
         loop = asyncio.get_running_loop()
         loop.call_later(0.3, lambda: replicas.pool.add("a", a.url, None))
-        loop.call_later(0.4, lambda: replicas.pool.add("b", b.url, None))
-        report = await run_batch(_config(tmp_path, 300), replicas=replicas)
+        loop.call_later(0.35, lambda: replicas.pool.add("b", b.url, None))
+        report = await run_batch(_config(tmp_path, 1000), replicas=replicas)
         await a.stop()
         await b.stop()
         return report, a, b
 
     report, a, b = asyncio.run(main())
-    assert report.succeeded == 300 and report.unfinished == 0
+    assert report.succeeded == 1000 and report.unfinished == 0 and report.waited_s >= 0.25
     assert a.answered > 0 and b.answered > 0
 
 
