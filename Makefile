@@ -4,7 +4,7 @@
 setup:
 	./scripts/setup.sh
 
-# A real one-node Slurm cluster and a loopback sshd for the integration tests (needs root).
+# A real three-node Slurm cluster (on loopback addresses) and a loopback sshd for the integration tests (needs root).
 cluster:
 	./scripts/test_cluster.sh up
 
