@@ -486,3 +486,54 @@ def test_ssh_placement_runs_one_replica_on_each_listed_host(test_cluster, server
     assert watch.ssh_master_hosts == {"127.0.0.1", "localhost"}, "a forward to each host"
     assert _ssh_masters(test_cluster["LLMFLOW_TEST_SSH_PORT"]) == []
     assert all(read_lease(d) is None for d in (tmp_path / "runs").iterdir())
+
+
+STREAMER = """
+import asyncio, sys
+from aiohttp import web
+
+async def stream(request):
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await resp.prepare(request)
+    for i in range(5):
+        await resp.write(f"data: {i}\\n\\n".encode())
+        await asyncio.sleep(0.3)
+    await resp.write(b"data: [DONE]\\n\\n")
+    return resp
+
+app = web.Application()
+app.router.add_post("/v1/completions", stream)
+web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), print=None)
+"""
+
+
+def test_gateway_passes_streams_through_as_they_come(tmp_path: Path):
+    """A server that sends an event every 0.3 s: through nginx the first event arrives long before the last."""
+    port = _free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-c", STREAMER, str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        assert _until(lambda: _port_open(port), 15)
+        with Gateway(tmp_path / "gw", "gw-stream").start([f"127.0.0.1:{port}"]) as gateway:
+            started = time.perf_counter()
+            arrivals = []
+            with httpx.stream("POST", gateway.base_url + "/v1/completions", json={}, timeout=30) as resp:
+                for line in resp.iter_lines():
+                    if line.startswith("data:"):
+                        arrivals.append(time.perf_counter() - started)
+        assert len(arrivals) == 6
+        assert arrivals[0] < 0.25 and arrivals[-1] > 1.4, arrivals  # not held back until the end
+    finally:
+        server.kill()
+        server.wait()
+
+
+def _port_open(port: int) -> bool:
+    import socket
+
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
