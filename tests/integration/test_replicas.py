@@ -273,24 +273,31 @@ def _answers(url: str, headers: dict | None = None) -> bool:
         return False
 
 
-def test_hold_with_two_replicas_keeps_one_url_through_a_lost_replica(
-    slurm_session: SessionConfig,  # noqa: F811
-    test_cluster,
-    tmp_path: Path,
-):
-    session = _whole_node(slurm_session, 2, max_replacements=1)
+def _hold_in_background(session: SessionConfig, hours: float) -> tuple[threading.Thread, list[Reach], dict]:
+    """``hold_session`` in a thread: what it announced (``reached``) and how it ended (``outcome``).
+    The caller unregisters the announcer with ``_announcers.remove(reached.append)``."""
     reached: list[Reach] = []
     on_ready(reached.append)
     outcome: dict = {}
 
     def hold() -> None:
         try:
-            outcome["hours"] = hold_session(session=session, hours=0.05, check_every_s=1.0)  # 3 min: ends by itself
-        except BaseException as exc:  # noqa: BLE001 - reported by the assertions below
+            outcome["hours"] = hold_session(session=session, hours=hours, check_every_s=1.0)
+        except BaseException as exc:  # noqa: BLE001 - reported by the caller's assertions
             outcome["error"] = exc
 
     holder = threading.Thread(target=hold, daemon=True)
     holder.start()
+    return holder, reached, outcome
+
+
+def test_hold_with_two_replicas_keeps_one_url_through_a_lost_replica(
+    slurm_session: SessionConfig,  # noqa: F811
+    test_cluster,
+    tmp_path: Path,
+):
+    session = _whole_node(slurm_session, 2, max_replacements=1)
+    holder, reached, outcome = _hold_in_background(session, hours=0.05)  # 3 min: ends by itself
     try:
         reach = _until(lambda: reached[0] if reached else None, 180, 0.2)
         assert reach is not None, outcome
@@ -401,18 +408,7 @@ def test_a_hold_whose_replicas_are_all_lost_fails_and_leaves_nothing(
     tmp_path: Path,
 ):
     session = _whole_node(slurm_session, 2, max_replacements=0)
-    reached: list[Reach] = []
-    on_ready(reached.append)
-    outcome: dict = {}
-
-    def hold() -> None:
-        try:
-            hold_session(session=session, hours=1, check_every_s=1.0)
-        except BaseException as exc:  # noqa: BLE001
-            outcome["error"] = exc
-
-    holder = threading.Thread(target=hold, daemon=True)
-    holder.start()
+    holder, reached, outcome = _hold_in_background(session, hours=1)
     try:
         assert _until(lambda: reached, 180, 0.2), outcome
         assert _until(lambda: len(_jobs_of(tmp_path)) == 2, 60)
