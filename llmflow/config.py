@@ -361,6 +361,16 @@ class SessionConfig(_Strict):
         ),
     )
 
+    lease_ttl_s: float = Field(
+        default=600.0,
+        ge=5,
+        description=(
+            "Slurm and ssh placements: the dead-man switch. While the session lives the flow rewrites a heartbeat "
+            "file in the run folder on the host; the supervisor beside the server stops it (ending the Slurm job) "
+            "once that file has not changed for this many seconds, whatever ended the flow."
+        ),
+    )
+
     @model_validator(mode="after")
     def _replicas_need_servers(self) -> SessionConfig:
         if self.replicas > 1 and self.placement.kind == "endpoint":

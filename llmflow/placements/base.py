@@ -24,6 +24,7 @@ from typing import Any, ClassVar
 from llmflow import engines
 from llmflow.config import SessionConfig
 from llmflow.registry import Registry
+from llmflow.remote import heartbeat
 from llmflow.remote.connections import shell_for
 from llmflow.remote.leases import Lease
 from llmflow.remote.shell import Shell, check_key_file, open_shell
@@ -105,6 +106,10 @@ class RemoteDriver(Driver):
     def preflight(self) -> None:
         check_key_file(self.placement.login)
 
+    def keep_alive(self, run_id: str, remote_dir: str) -> None:
+        """Start renewing the run's heartbeat on the host (the dead-man switch's flow side)."""
+        heartbeat.start(run_id, self.placement.login, remote_dir, self.config.lease_ttl_s)
+
     def start_args(self, remote_dir: str) -> dict[str, Any]:
         """What the remote start script needs (``remote.start_script.server_start_lines``): the
         engine's setup lines and command, the supervisor's Python and source, the key variable,
@@ -122,6 +127,7 @@ class RemoteDriver(Driver):
             "launcher_source": launcher_source(),
             "api_key_env": spec.api_key_env,
             "registry_file": registry_file(remote_dir),
+            "lease_ttl_s": self.config.lease_ttl_s,
         }
 
     @classmethod

@@ -24,6 +24,7 @@ from llmflow.config import SlurmPlacement
 from llmflow.errors import CommandFailed, JobRejected, QueueTimeout, ServerDied
 from llmflow.placements import slurm_jobs as slurm
 from llmflow.placements.base import PLACEMENTS, RemoteDriver, make_run_dir, mint_api_key, wait_for_endpoint
+from llmflow.remote import heartbeat
 from llmflow.remote.connections import close_run, forward_for
 from llmflow.remote.leases import Lease, read_lease, remove_lease, write_lease
 from llmflow.remote.shell import Shell, make_remote_run_dir, remote_tail
@@ -102,9 +103,14 @@ class SlurmDriver(RemoteDriver):
         lease = read_lease(local_dir)
         if lease is not None and lease.job_id:  # a retried task: never submit twice for one run
             job_id, remote_dir = lease.job_id, lease.remote_dir or ""
+            self.keep_alive(run_id, remote_dir)
         else:
             job_id, remote_dir = self._submit(shell, run_id, local_dir, flow_run_id)
-        info = self._wait_running(shell, job_id, remote_dir)
+        try:
+            info = self._wait_running(shell, job_id, remote_dir)
+        except BaseException:
+            heartbeat.stop(run_id)  # a retry of the task starts it again; nothing else will run here
+            raise
         return Allocation(
             placement=self.kind,
             run_id=run_id,
@@ -117,6 +123,7 @@ class SlurmDriver(RemoteDriver):
 
     def _submit(self, shell: Shell, run_id: str, local_dir: Path, flow_run_id: str | None) -> tuple[str, str]:
         remote_dir = make_remote_run_dir(shell, self.placement.remote_runs_dir, run_id, "cluster")
+        self.keep_alive(run_id, remote_dir)  # from before the job can start: its server watches the file
         api_key, _ = mint_api_key(self.config, local_dir)
         if api_key:
             shell.write_file(f"{remote_dir}/api_key", api_key, 0o600)
@@ -261,6 +268,7 @@ class SlurmDriver(RemoteDriver):
                 result = self._cancel(run_id, job_id, result, alloc.started_at)
             remove_lease(alloc.run_dir)
         finally:
+            heartbeat.stop(run_id)
             close_run(run_id)
         return result
 

@@ -101,6 +101,7 @@ def render_job_script(
     launcher_source: str,
     api_key_env: str | None = "API_KEY",
     registry_file: str | None = None,
+    lease_ttl_s: float | None = None,
 ) -> str:
     """The batch script: resources, the user's setup lines, then the supervisor and server.
 
@@ -118,6 +119,7 @@ def render_job_script(
         launcher_source=launcher_source,
         api_key_env=api_key_env,
         registry_file=registry_file,
+        lease_ttl_s=lease_ttl_s,
     )
     return "\n".join(["#!/bin/bash", *sbatch_lines(opts, job_name, log_path), *body, ""])
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from llmflow.config import SSHPlacement
 from llmflow.errors import CommandFailed, ServerDied
 from llmflow.placements.base import PLACEMENTS, RemoteDriver, make_run_dir, mint_api_key, wait_for_endpoint
+from llmflow.remote import heartbeat
 from llmflow.remote.connections import close_run, forward_for
 from llmflow.remote.leases import Lease, read_lease, remove_lease, write_lease
 from llmflow.remote.shell import Shell, make_remote_run_dir, remote_tail
@@ -95,6 +96,7 @@ class SSHDriver(RemoteDriver):
         remote_dir = make_remote_run_dir(shell, self.placement.remote_runs_dir, run_id, "host")
         node = shell.run("hostname").stdout.strip() or self.placement.login.host
         self._lease(local_dir, run_id, flow_run_id, remote_dir)
+        self.keep_alive(run_id, remote_dir)
         return Allocation(
             placement=self.kind,
             run_id=run_id,
@@ -215,6 +217,7 @@ class SSHDriver(RemoteDriver):
             stopped = self._stop(alloc)
             remove_lease(alloc.run_dir)
         finally:
+            heartbeat.stop(alloc.run_id)
             close_run(alloc.run_id)
         return Teardown(
             run_id=alloc.run_id, stopped_pids=stopped, already_gone=not stopped, released_at=datetime.now(UTC)

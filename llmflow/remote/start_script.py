@@ -13,6 +13,7 @@ import shlex
 from pathlib import Path
 
 LAUNCHER_DELIMITER = "LLMFLOW_NODE_LAUNCHER"
+HEARTBEAT_FILE = "heartbeat"  # in the run folder; the flow rewrites it, the supervisor watches it
 SUPERVISOR = Path(__file__).resolve().parent / "supervisor.py"  # runs on the node: standard library only
 
 
@@ -30,9 +31,12 @@ def server_start_lines(
     launcher_source: str,
     api_key_env: str | None,
     registry_file: str | None = None,
+    lease_ttl_s: float | None = None,
 ) -> list[str]:
     """Body lines of the start script; the supervisor writes ``endpoint.json`` in ``run_dir``
-    and, given ``registry_file``, keeps the replica's record with its state there too."""
+    and, given ``registry_file``, keeps the replica's record with its state there too. Given
+    ``lease_ttl_s``, it stops the server once ``run_dir/heartbeat`` stops changing for that long
+    (``remote.heartbeat`` renews it)."""
     q = shlex.quote
     launcher = f"{run_dir}/supervisor.py"
     exec_line = shlex.join(
@@ -42,6 +46,11 @@ def server_start_lines(
             "--endpoint-file",
             f"{run_dir}/endpoint.json",
             *(["--registry-file", registry_file] if registry_file else []),
+            *(
+                ["--heartbeat-file", f"{run_dir}/{HEARTBEAT_FILE}", "--lease-ttl", f"{lease_ttl_s:g}"]
+                if lease_ttl_s
+                else []
+            ),
             "--host",
             bind_host,
             "--",

@@ -10,14 +10,21 @@ stays as the server's parent so that:
 
 * SIGTERM/SIGINT to the supervisor stops the server (SIGTERM, then SIGKILL after a grace);
 * with ``--watch-parent``, if the process that started it dies (even by SIGKILL), the server
-  is stopped too, so a killed flow never leaves a server behind.
+  is stopped too, so a killed flow never leaves a server behind;
+* with ``--heartbeat-file F --lease-ttl S`` (a dead-man switch for servers the flow started
+  over SSH: a Slurm job, an ssh host), the server is stopped and the supervisor exits, which
+  ends the job, once F's content has not changed for S seconds. The flow rewrites F while its
+  session lives; whatever ended the flow (a SIGKILL, a closed laptop, a network that went away),
+  the renewals stop. Only changes are compared, on this node's own clock, so a skewed clock
+  or a shared filesystem's timestamps cannot fire it early.
 
 The node is Slurm's name for it (``SLURMD_NODENAME``) inside a job, else the host name;
 ``--host @node`` binds the address that name resolves to (a node with several interfaces, or the
 test cluster's nodes on their own loopback addresses); ``{bind_host}`` in the server command
 becomes that address.
 
-Usage: python supervisor.py --endpoint-file F [--registry-file R] [--host H|@node] [--watch-parent] -- CMD ... {port} ...
+Usage: python supervisor.py --endpoint-file F [--registry-file R] [--host H|@node] [--watch-parent]
+       [--heartbeat-file F --lease-ttl S] -- CMD ... {port} ...
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ import sys
 import time
 
 GRACE_S = 10.0
+EXIT_LEASE_EXPIRED = 0  # the server did its job until nobody needed it: the Slurm job ends COMPLETED
 
 
 def free_port(host: str) -> int:
@@ -52,6 +60,29 @@ def node_name() -> str:
     return os.environ.get("SLURMD_NODENAME") or socket.gethostname()
 
 
+class Heartbeat:
+    """When the heartbeat file last changed, by this node's monotonic clock."""
+
+    def __init__(self, path: str, ttl_s: float) -> None:
+        self.path = path
+        self.ttl_s = ttl_s
+        self.last: bytes | None = self.read()
+        self.changed_at = time.monotonic()  # the lease starts with the server, renewed or not
+
+    def read(self) -> bytes | None:
+        try:
+            with open(self.path, "rb") as f:
+                return f.read(256)
+        except OSError:
+            return None
+
+    def expired(self) -> bool:
+        now, content = time.monotonic(), self.read()
+        if content != self.last:
+            self.last, self.changed_at = content, now
+        return now - self.changed_at > self.ttl_s
+
+
 def stop(proc: subprocess.Popen, grace: float = GRACE_S) -> None:
     """SIGTERM, wait up to ``grace`` seconds, then SIGKILL."""
     if proc.poll() is not None:
@@ -70,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--registry-file", help="also keep this replica's record, with its state, here")
     parser.add_argument("--host", default="127.0.0.1", help="interface the server binds; @node: the node's address")
     parser.add_argument("--watch-parent", action="store_true")
+    parser.add_argument("--heartbeat-file", help="stop the server once this file stops changing (needs --lease-ttl)")
+    parser.add_argument("--lease-ttl", type=float, default=600.0, help="seconds without a heartbeat before stopping")
     parser.add_argument("cmd", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
@@ -81,6 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     port = free_port(host)
     cmd = [part.replace("{port}", str(port)).replace("{bind_host}", host) for part in cmd]
     parent = os.getppid()
+    heartbeat = Heartbeat(args.heartbeat_file, args.lease_ttl) if args.heartbeat_file else None
+    check_every = min(10.0, max(0.5, args.lease_ttl / 10))
+    next_check = time.monotonic() + check_every
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
 
     record = {
@@ -122,6 +158,17 @@ def main(argv: list[str] | None = None) -> int:
             stop(proc)
             registry("stopped")
             return 1
+        if heartbeat is not None and time.monotonic() >= next_check:
+            next_check = time.monotonic() + check_every
+            if heartbeat.expired():
+                print(
+                    f"[launcher] no heartbeat from the flow for {args.lease_ttl:.0f}s "
+                    "(the flow that started the server is gone); stopping the server",
+                    flush=True,
+                )
+                stop(proc)
+                registry("expired")
+                return EXIT_LEASE_EXPIRED
         time.sleep(0.5)
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import paramiko
 
+from llmflow import orphans
 from llmflow.config import SSHLogin
 from llmflow.errors import CommandFailed, HostKeyRejected
 from llmflow.remote.shell import resolve
@@ -221,10 +222,14 @@ class OpenSSHForward:
             cmd += ["-L", spec]
         cmd.append(self._resolved.hostname)
         cmd.append(f"sleep {2**31 - 1}")
+        if self._proc is not None:
+            orphans.forget(self._proc.pid)  # ended: its pid may be someone else's soon
         with (self._dir / "ssh.log").open("ab") as out:
             self._proc = subprocess.Popen(
                 cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=self._env(), start_new_session=True
             )
+        # its own session keeps a terminal's Ctrl-C off it until teardown; the guard ends it if we are killed
+        orphans.stop_with_this_process(self._proc.pid)
         deadline = time.monotonic() + (timeout_s or self.login.connect_timeout_s + 10)
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
@@ -354,6 +359,8 @@ class OpenSSHForward:
                 with contextlib.suppress(subprocess.SubprocessError, OSError):
                     self._ctl("exit")
             self._stop_proc()
+            if self._proc is not None:
+                orphans.forget(self._proc.pid)
         self._cleanup_dir()
 
 

@@ -18,7 +18,7 @@ from llmflow.remote import start_script as remote_script
 NASTY = 'it\'s a "quoted" $HOME `x` value'
 
 
-def _render(tmp_path: Path, **opts) -> str:
+def _render(tmp_path: Path, lease_ttl_s: float | None = None, **opts) -> str:
     engine = LlamaCppEngine(
         venv=Path("/scratch/my venvs/llama"),
         setup=[
@@ -38,6 +38,7 @@ def _render(tmp_path: Path, **opts) -> str:
         server_argv=spec.argv,
         bind_host="0.0.0.0",
         launcher_source=remote_script.launcher_source(),
+        lease_ttl_s=lease_ttl_s,
     )
 
 
@@ -77,6 +78,16 @@ def test_unset_options_are_left_out_and_key_never_in_script(tmp_path: Path):
     flat = [o[0].split("=")[0] for o in _sbatch_options(script)]
     assert "--partition" not in flat and "--gres" not in flat and "--time" in flat
     assert 'API_KEY="$(cat api_key)"' in script  # read from the 0600 file at run time
+
+
+def test_the_supervisor_watches_the_run_folders_heartbeat_for_the_lease_ttl(tmp_path: Path):
+    exec_line = next(line for line in _render(tmp_path, lease_ttl_s=90).splitlines() if line.startswith("exec "))
+    argv = shlex.split(exec_line)
+    at = argv.index("--heartbeat-file")
+    assert argv[at : at + 4] == ["--heartbeat-file", "/home/u/llmflow runs/r1/heartbeat", "--lease-ttl", "90"]
+    assert argv.index("--") > at  # the supervisor's options, not the server's
+    no_switch = next(line for line in _render(tmp_path).splitlines() if line.startswith("exec "))
+    assert "--heartbeat-file" not in no_switch
 
 
 def test_embedded_launcher_is_the_real_one(tmp_path: Path):

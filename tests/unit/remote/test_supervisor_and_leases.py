@@ -163,3 +163,42 @@ def _answers_at(host: str, port: int) -> bool:
         return httpx.get(f"http://{host}:{port}/", timeout=1).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def test_dead_man_switch_stops_the_server_once_its_heartbeat_stops(tmp_path: Path):
+    """Renewed, the server outlives several ttl periods; unrenewed, the supervisor stops it
+    within the ttl plus one check, and says why in its registry record."""
+    beat, registry = tmp_path / "heartbeat", tmp_path / "registry.json"
+    ttl = 1.5
+    proc, ep = _launch(
+        tmp_path, ["--heartbeat-file", str(beat), "--lease-ttl", str(ttl), "--registry-file", str(registry)]
+    )
+    try:
+        renewed_until = time.monotonic() + 3 * ttl
+        n = 0
+        while time.monotonic() < renewed_until:
+            n += 1
+            beat.write_text(str(n))  # only a change counts, never the file's time
+            assert proc.poll() is None, "stopped although the heartbeat was renewed"
+            time.sleep(ttl / 5)
+        stopped_renewing = time.monotonic()
+        proc.wait(timeout=ttl + 5)
+        waited = time.monotonic() - stopped_renewing
+        assert proc.returncode == 0
+        assert ttl - 0.5 < waited < ttl + 1.5  # ttl, plus at most one check (ttl / 10 here)
+        assert not process_alive(ep["server_pid"], None)
+        assert json.loads(registry.read_text())["state"] == "expired"
+    finally:
+        if proc.poll() is None:
+            stop_group(proc.pid)
+
+
+def test_dead_man_switch_counts_from_the_start_when_no_heartbeat_ever_came(tmp_path: Path):
+    """A flow that died before its first renewal (or while the job was queued) still lets the server go."""
+    proc, ep = _launch(tmp_path, ["--heartbeat-file", str(tmp_path / "never-written"), "--lease-ttl", "1"])
+    try:
+        proc.wait(timeout=6)
+        assert not process_alive(ep["server_pid"], None)
+    finally:
+        if proc.poll() is None:
+            stop_group(proc.pid)

@@ -1,0 +1,164 @@
+"""The dead-man switch: a flow SIGKILLed mid-batch, and nothing run afterwards, leaves nothing
+burning. Its Slurm job (or ssh-host server) ends by itself within ``lease_ttl_s`` plus one
+check, and its OpenSSH forward ends with it; a live hold keeps its server past several ttls."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from llmflow.config import SessionConfig
+from tests.conftest import llama_processes
+from tests.integration.test_engines_ssh import ssh_session  # noqa: F401 - fixture
+from tests.integration.test_slurm import _jobs_of, slurm_session  # noqa: F401 - fixture
+
+pytestmark = pytest.mark.integration
+
+TTL_S = 10.0
+
+
+def _until(cond, timeout: float, every: float = 0.2) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(every)
+    return bool(cond())
+
+
+def _ssh_masters_of(pid: int) -> list[int]:
+    """The OpenSSH forward masters a process started (its children named ssh)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            comm = stat.read_text().split("(", 1)[1].rsplit(")", 1)[0]
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == pid and comm == "ssh":
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except OSError:
+        return False
+
+
+def _input(tmp_path: Path, n: int = 3000) -> Path:
+    src = tmp_path / "in.jsonl"
+    with src.open("w") as f:
+        for i in range(n):
+            body = {"model": "tiny-llama", "prompt": f"request {i}", "max_tokens": 32}
+            f.write(json.dumps({"custom_id": f"r{i}", "method": "POST", "url": "/v1/completions", "body": body}) + "\n")
+    return src
+
+
+def _kill_mid_batch(session: SessionConfig, tmp_path: Path, prefect_api_url: str) -> tuple[list[int], float]:
+    """Start ``llmflow batch`` on ``session``, SIGKILL it once answers are coming back; its ssh
+    masters and the time of the kill."""
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"session": session.model_dump(mode="json")}))
+    out = tmp_path / "out.jsonl"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cli.main", "batch", str(_input(tmp_path)), "-o", str(out), "--config", str(config)],
+        env={**os.environ, "PREFECT_API_URL": prefect_api_url},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        assert _until(lambda: out.exists() and out.read_text().count("\n") >= 10, 240), "the batch never got going"
+        masters = _ssh_masters_of(proc.pid)
+        assert masters, "no OpenSSH forward master found"
+    finally:
+        proc.send_signal(signal.SIGKILL)  # no finally, no hook, no teardown
+        proc.wait()
+    return masters, time.monotonic()
+
+
+def test_slurm_job_ends_by_itself_when_its_flow_is_sigkilled(
+    slurm_session: SessionConfig,  # noqa: F811
+    tmp_path: Path,
+    prefect_api_url,
+):
+    slurm_session.lease_ttl_s = TTL_S
+    masters, killed_at = _kill_mid_batch(slurm_session, tmp_path, prefect_api_url)
+    assert _until(lambda: not any(_alive(p) for p in masters), 10), "the ssh forward outlived its flow"
+    assert _jobs_of(tmp_path), "the job should still be running right after the kill"
+    assert _until(lambda: _jobs_of(tmp_path) == [], TTL_S + 20), _jobs_of(tmp_path)
+    ended_after = time.monotonic() - killed_at
+    print(f"job ended {ended_after:.1f}s after the flow was killed (lease_ttl_s {TTL_S:g})")
+    assert ended_after < TTL_S + 1 + 10  # the ttl, one check (1 s here), and Slurm's own bookkeeping
+    assert llama_processes(str(tmp_path / "cluster-runs")) == []
+    (log,) = (tmp_path / "cluster-runs").glob("*/slurm-*.out")
+    assert "no heartbeat from the flow" in log.read_text()
+    (record,) = (tmp_path / "cluster-runs" / "registry").glob("*.json")
+    assert json.loads(record.read_text())["state"] == "expired"
+
+
+def test_ssh_host_server_stops_by_itself_when_its_flow_is_sigkilled(
+    ssh_session: SessionConfig,  # noqa: F811
+    tmp_path: Path,
+    prefect_api_url,
+):
+    ssh_session.lease_ttl_s = TTL_S
+    masters, killed_at = _kill_mid_batch(ssh_session, tmp_path, prefect_api_url)
+    assert _until(lambda: not any(_alive(p) for p in masters), 10), "the ssh forward outlived its flow"
+    assert llama_processes(str(tmp_path / "host-runs")), "the server should still run right after the kill"
+    assert _until(lambda: llama_processes(str(tmp_path / "host-runs")) == [], TTL_S + 15)
+    ended_after = time.monotonic() - killed_at
+    print(f"server ended {ended_after:.1f}s after the flow was killed (lease_ttl_s {TTL_S:g})")
+    assert ended_after < TTL_S + 1 + 5
+    (log,) = (tmp_path / "host-runs").glob("*/server.log")
+    assert "no heartbeat from the flow" in log.read_text()
+
+
+def test_a_hold_keeps_its_job_past_several_ttls(
+    slurm_session: SessionConfig,  # noqa: F811
+    tmp_path: Path,
+    prefect_api_url,
+):
+    slurm_session.lease_ttl_s = 5
+    config = tmp_path / "cluster.json"
+    config.write_text(json.dumps({"session": slurm_session.model_dump(mode="json")}))
+    proc = subprocess.Popen(  # 0.007 h = 25 s: five ttls
+        [sys.executable, "-m", "cli.main", "hold", "--hours", "0.007", "--check-every", "2", "--config", str(config)],
+        env={**os.environ, "PREFECT_API_URL": prefect_api_url},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    seen = ""
+    while "held for" not in seen:
+        line = proc.stdout.readline()
+        assert line, seen
+        seen += line
+    base = re.search(r"base URL:\s+(\S+)", seen).group(1)
+    key = re.search(r"API key:\s+(\S+)", seen).group(1)
+    time.sleep(20)  # four ttls into the hold
+    resp = httpx.post(
+        base + "/completions",
+        headers={"Authorization": f"Bearer {key}"},
+        json={"model": "tiny-llama", "prompt": "hi", "max_tokens": 4},
+        timeout=30,
+    )
+    assert resp.status_code == 200
+    rest, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, seen + rest
+    # the job was still running when the hold ended: teardown cancelled it, nothing else had
+    assert "tear down: stopped job" in rest, rest
+    (log,) = (tmp_path / "cluster-runs").glob("*/slurm-*.out")
+    assert "no heartbeat" not in log.read_text()
+    assert _jobs_of(tmp_path) == []
