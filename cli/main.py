@@ -1,9 +1,10 @@
 """Command line: run the batch flow on a file, the demo, a benchmark campaign, write the tiny
 model, clean up leftovers.
 
-Exit codes: 0 every valid request finished (bench: the campaign ran; rejected or crashed cells
-are measurements, not failures); 3 finished, but some input lines were invalid (see the errors
-file); 4 (bench --fail-on-regression) a cell regressed against the baseline; 1 the run failed
+Exit codes: 0 every request answered 2xx (bench: the campaign ran; rejected or crashed cells
+are measurements, not failures); 3 finished with failures: every line got a final answer, but
+some were answered with an error (a 4xx, or a 5xx on every attempt) or were invalid (see the
+errors file; ``--retry-errors`` sends the answered-with-error lines again); 4 (bench --fail-on-regression) a cell regressed against the baseline; 1 the run failed
 (the message says why; rerun to resume); 2 invalid configuration; 130 interrupted (Ctrl-C or
 SIGTERM), after tearing the server down.
 """
@@ -24,7 +25,7 @@ from llmflow.batch import progress
 from llmflow.config import DEFAULT_MODEL, PROJECT_ROOT, SAMPLE_INPUT, BatchConfig, SessionConfig
 from llmflow.errors import ConfigError
 
-EXIT_INVALID_LINES = 3
+EXIT_FINISHED_WITH_FAILURES = 3
 EXIT_INTERRUPTED = 130
 
 
@@ -83,6 +84,8 @@ def _batch_config(args: argparse.Namespace, input_path: Path, output_path: Path)
         data["concurrency"] = args.concurrency
     if args.fixed_output_tokens:
         data["fixed_output_tokens"] = args.fixed_output_tokens
+    if getattr(args, "retry_errors", False):
+        data["retry_errors"] = True
     return BatchConfig.model_validate(data)
 
 
@@ -93,6 +96,7 @@ def _run_batch(session: SessionConfig, batch: BatchConfig) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from flows.batch import batch_inference  # imports Prefect: keep `--help` fast
+    from llmflow.batch.report import failure_warning
 
     console = Console(stderr=True)
     with Progress(
@@ -121,9 +125,14 @@ def _run_batch(session: SessionConfig, batch: BatchConfig) -> int:
         f"output:   {r.output_path}  ({r.already_done} already done, {r.succeeded} ok, {r.failed_http} non-2xx this run)"
     )
     print(f"summary:  {t.summary_path}  ({t.requests_per_s:.2f} req/s, {t.output_tok_per_s:.1f} output tok/s)")
-    if r.invalid_lines:
-        print(f"errors:   {r.errors_path}  ({r.invalid_lines} invalid input lines, listed by line number)")
-        return EXIT_INVALID_LINES
+    if r.with_failures:
+        what = [f"{r.failed_http} answered with an error"] if r.failed_http else []
+        what += [f"{r.invalid_lines} invalid input lines"] if r.invalid_lines else []
+        print(f"errors:   {r.errors_path}  ({', '.join(what)}; listed by line number)")
+        if warning := failure_warning(r):
+            console.print(f"[yellow]warning:[/yellow] {warning}")
+        print("finished with failures")
+        return EXIT_FINISHED_WITH_FAILURES
     return 0
 
 
@@ -245,6 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("batch", help="run an OpenAI batch JSONL file through a model session")
     p.add_argument("input", type=Path, help="OpenAI batch input JSONL")
     p.add_argument("-o", "--output", type=Path, required=True, help="output JSONL (resumed if it exists)")
+    p.add_argument(
+        "--retry-errors", action="store_true", help="send again the lines the output has as answered with an error"
+    )
     _add_run_options(p)
 
     p = sub.add_parser("demo", help="tiny model, local placement, llama.cpp, the bundled 240-request sample")

@@ -8,15 +8,19 @@ from datetime import UTC, datetime
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.events import emit_event
+from prefect.states import Completed, State
 from pydantic import BaseModel
 
 from flows.replicas import replica_set
 from flows.session import model_session, release_session, with_blocks
-from llmflow.batch.report import batch_markdown, batch_summary, merge_reports
+from llmflow.batch.jsonl import drop_error_records
+from llmflow.batch.report import batch_markdown, batch_summary, failure_warning, merge_reports
 from llmflow.config import BatchConfig, SessionConfig
 from llmflow.errors import ServerDied, UnfinishedRequests
 from llmflow.results import Allocation, BatchReport, Ready, Teardown, TokPS
 from tasks import record_tok_s, recover_session, run_batch_inference
+
+FINISHED_WITH_FAILURES_STATE = "Finished with failures"  # a Completed state's name, shown in the UI
 
 
 class BatchResult(BaseModel):
@@ -56,7 +60,7 @@ def batch_inference(
     batch: BatchConfig = BatchConfig(),
     cluster_block: str | None = None,
     model_server_block: str | None = None,
-) -> BatchResult:
+) -> BatchResult | State:
     """Serve the model, run every request of ``batch.input_path`` once, record tok/s, tear down.
 
     Finished records are appended to ``batch.output_path`` as they come back, so a rerun after
@@ -70,6 +74,10 @@ def batch_inference(
     """
     logger = get_run_logger()
     session = with_blocks(session, cluster_block, model_server_block)
+    if batch.retry_errors and (dropped := drop_error_records(batch.output_path)):
+        logger.info(
+            "retry errors: %d error records taken out of %s; sending those lines again", dropped, batch.output_path
+        )
     if session.replicas > 1:
         return _replicated_batch(session, batch)
     with model_session(session) as s:
@@ -101,7 +109,7 @@ def batch_inference(
     return _finish(report, tokps)
 
 
-def _replicated_batch(session: SessionConfig, batch: BatchConfig) -> BatchResult:
+def _replicated_batch(session: SessionConfig, batch: BatchConfig) -> BatchResult | State:
     """The batch spread over ``session.replicas`` servers, lost ones replaced as it runs."""
     logger = get_run_logger()
     started = datetime.now(UTC)
@@ -150,12 +158,21 @@ def _replicated_batch(session: SessionConfig, batch: BatchConfig) -> BatchResult
     return _finish(report, tokps)
 
 
-def _finish(report: BatchReport, tokps: TokPS) -> BatchResult:
-    """The flow's result, or ``UnfinishedRequests`` (a rerun resumes) when some did not finish."""
-    if report.unfinished or report.stopped_early:
+def _finish(report: BatchReport, tokps: TokPS) -> BatchResult | State:
+    """The flow's result, ``UnfinishedRequests`` (a rerun resumes) when some lines got no answer,
+    or, when every line got one but some were errors or invalid, a Completed state named
+    "Finished with failures" (the UI shows the name) that carries the same result."""
+    if not report.finished:
         raise UnfinishedRequests(
             f"{report.unfinished} requests did not finish"
             + (" and the endpoint stopped answering, so the rest were not sent" if report.stopped_early else "")
             + f" (see {report.errors_path}); run the same command again to send only what is missing"
         )
-    return BatchResult(report=report, tokps=tokps)
+    result = BatchResult(report=report, tokps=tokps)
+    if report.with_failures:
+        warning = failure_warning(report)
+        if warning:
+            get_run_logger().warning(warning)
+        message = f"{report.failed_http} requests answered with an error, {report.invalid_lines} invalid lines"
+        return Completed(name=FINISHED_WITH_FAILURES_STATE, message=f"{message}; see {report.errors_path}", data=result)
+    return result

@@ -409,6 +409,13 @@ class BatchConfig(_Strict):
         ge=1,
         description="Force every completion to exactly this many tokens (engine's min_tokens/ignore_eos).",
     )
+    retry_errors: bool = Field(
+        default=False,
+        description=(
+            "Send again the lines the output has as answered with an error (a 4xx, or a 5xx that lasted through "
+            "every attempt): their records are taken out of the output first. Without it they count as finished."
+        ),
+    )
 
     @model_validator(mode="after")
     def _distinct_paths(self) -> BatchConfig:

@@ -111,8 +111,13 @@ class BatchReport(BaseModel):
     already_done: int = Field(description="custom_ids found finished in the output before this pass.")
     sent: int
     succeeded: int = Field(description="Requests answered with a 2xx status this pass.")
-    failed_http: int = Field(description="Requests answered with a final non-2xx status (4xx).")
-    unfinished: int = Field(description="Requests that exhausted retries; a rerun sends them again.")
+    failed_http: int = Field(
+        description="Requests answered with a final non-2xx status: a 4xx, or a 5xx (not 502-504) on every attempt."
+    )
+    failed_statuses: dict[int, int] = Field(default_factory=dict, description="failed_http by HTTP status.")
+    unfinished: int = Field(
+        description="Requests that got no answer (timeouts, connection errors, 502-504 to the end); a rerun sends them again."
+    )
     invalid_lines: int = Field(description="Malformed lines and duplicate custom_ids.")
     prompt_tokens: int
     completion_tokens: int
@@ -137,6 +142,16 @@ class BatchReport(BaseModel):
         default=None,
         description="Sums of the per-response `timings` (llama-server): prompt/predicted tokens and ms, and the rates.",
     )
+
+    @property
+    def finished(self) -> bool:
+        """Every line got a final answer (or was invalid): nothing a rerun would send again."""
+        return not (self.unfinished or self.stopped_early)
+
+    @property
+    def with_failures(self) -> bool:
+        """Finished, but some lines were invalid or answered with an error."""
+        return self.finished and bool(self.failed_http or self.invalid_lines)
 
 
 class TokPS(BaseModel):

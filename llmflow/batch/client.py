@@ -2,7 +2,9 @@
 
 Hot path per request: one POST, one JSON parse (for ``usage``), one JSON line appended.
 Retries (exponential backoff with jitter) on timeouts, connection errors and 5xx; a 4xx is
-final and is written as it came. The retry loop is a few lines here rather than tenacity:
+final and is written as it came, and so is a 5xx still given on the last attempt (the server's
+answer to that line, such as a 500 for a parameter it cannot handle), except 502/503/504: a
+gateway or a server that is not ready cannot answer for the line, which stays unfinished. The retry loop is a few lines here rather than tenacity:
 tenacity's per-call set-up cost a third of the client's throughput against a fast server. Two transports behind one small interface: ``aiohttp``
 (the default, chosen by measurement: see benchmarks/client_throughput.py) and ``httpx``.
 """
@@ -38,6 +40,7 @@ from llmflow.results import BatchReport, EndpointFigures
 
 Transport = Literal["aiohttp", "httpx"]
 MAX_MOVES = 8  # times one request may move to another replica after failing to reach one
+UNAVAILABLE = frozenset({502, 503, 504})  # "not now", never the line's answer: a rerun sends it again
 ProgressFn = Callable[[int, int], None]
 
 
@@ -65,6 +68,15 @@ class Sender(Protocol):
     async def post(self, path: str, payload: bytes) -> HttpResult: ...
 
     async def aclose(self) -> None: ...
+
+
+def _message(body: Any, limit: int = 200) -> str:
+    """The error's message from an OpenAI-style error body (or the body itself), shortened."""
+    if isinstance(body, dict):
+        err = body.get("error", body)
+        body = err.get("message", err) if isinstance(err, dict) else err
+    text = body if isinstance(body, str) else json.dumps(body)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _decode(raw: bytes) -> Any:
@@ -155,6 +167,7 @@ class _Tally:
     sent: int = 0
     succeeded: int = 0
     failed_http: int = 0
+    failed_statuses: dict[int, int] = field(default_factory=dict)
     unfinished: int = 0
     invalid: int = 0
     retries: int = 0
@@ -215,9 +228,9 @@ class _BatchPass:
             ep = await self.pool.acquire()
             try:
                 result = await ep.sender.post(path, payload)
-                if result.status >= 500:
+                if result.status >= 500 and (attempt_no < config.max_attempts or result.status in UNAVAILABLE):
                     raise RetryableError(f"HTTP {result.status}: {str(result.body)[:200]}")
-                return result, ep
+                return result, ep  # a 5xx on the last attempt is the server's final answer to the line
             except RetryableError as exc:
                 if exc.connection and moves < MAX_MOVES and self.pool.connection_failed(ep):
                     self.tally.moved += moves == 0  # requests moved, not moves
@@ -250,15 +263,15 @@ class _BatchPass:
             self.errors.write({"line": line, "custom_id": custom_id, "reason": reason})
         else:
             tally.failing_streak = 0
-            prompt, completion = self.record(custom_id, result)
+            prompt, completion = self.record(line, custom_id, result)
             self.pool.answered(ep, result.status < 300, prompt, completion)
         finally:
             self.gate.release()
             self.tick()
 
-    def record(self, custom_id: str, result: HttpResult) -> tuple[int, int]:
-        """Append the answer in the batch output shape; count its status, usage and timings.
-        Returns its (prompt, completion) tokens."""
+    def record(self, line: int, custom_id: str, result: HttpResult) -> tuple[int, int]:
+        """Append the answer in the batch output shape; count its status, usage and timings
+        (an error answer also goes to the errors file). Returns its (prompt, completion) tokens."""
         tally = self.tally
         tally.records += 1
         record_id = f"batch_req_{self.id_prefix}{tally.records:08x}"
@@ -266,6 +279,14 @@ class _BatchPass:
         self.out.write_line(output_line(record_id, custom_id, result.status, request_id, result.body, result.raw))
         if result.status >= 300:
             tally.failed_http += 1
+            tally.failed_statuses[result.status] = tally.failed_statuses.get(result.status, 0) + 1
+            self.errors.write(
+                {
+                    "line": line,
+                    "custom_id": custom_id,
+                    "reason": f"answered HTTP {result.status}: {_message(result.body)}",
+                }
+            )
             return 0, 0
         tally.succeeded += 1
         body = result.body if isinstance(result.body, dict) else {}
@@ -337,6 +358,7 @@ class _BatchPass:
             sent=tally.sent,
             succeeded=tally.succeeded,
             failed_http=tally.failed_http,
+            failed_statuses=dict(sorted(tally.failed_statuses.items())),
             unfinished=tally.unfinished,
             invalid_lines=tally.invalid,
             prompt_tokens=tally.prompt_tokens,

@@ -118,6 +118,29 @@ def load_finished(output_path: Path) -> set[str]:
     return done
 
 
+def drop_error_records(output_path: Path) -> int:
+    """Rewrite the output without its error records (status >= 300), so a rerun sends those lines
+    again; how many were dropped. Streamed to a temporary file beside it, then swapped in at once:
+    a crash midway leaves the old file whole."""
+    if not output_path.exists():
+        return 0
+    dropped = 0
+    tmp = output_path.with_name(output_path.name + ".retry-errors.tmp")
+    with output_path.open("rb") as src, tmp.open("wb") as dst:
+        for raw in src:
+            try:
+                status = json.loads(raw)["response"]["status_code"]
+            except (ValueError, KeyError, TypeError):
+                status = None  # a torn or foreign line: keep it; ``load_finished`` deals with it
+            if isinstance(status, int) and status >= 300:
+                dropped += 1
+                continue
+            dst.write(raw)
+    os.chmod(tmp, output_path.stat().st_mode & 0o777)
+    tmp.replace(output_path)
+    return dropped
+
+
 def output_record(
     custom_id: str, status: int, request_id: str, body: Any, record_id: str | None = None
 ) -> dict[str, Any]:

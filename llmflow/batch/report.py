@@ -11,6 +11,32 @@ from typing import Any
 from llmflow.engines.figures import TIMING_FIELDS, timings_summary
 from llmflow.results import Allocation, BatchReport, Teardown, TokPS
 
+FINISHED = "finished"
+FINISHED_WITH_FAILURES = "finished with failures"
+UNFINISHED = "unfinished"
+
+
+def outcome(report: BatchReport) -> str:
+    """``finished``: every line answered 2xx; ``finished with failures``: every line got a final
+    answer, but some were errors (or invalid lines); ``unfinished``: a rerun has lines to send."""
+    if not report.finished:
+        return UNFINISHED
+    return FINISHED_WITH_FAILURES if report.with_failures else FINISHED
+
+
+def failure_warning(report: BatchReport) -> str | None:
+    """One sentence when requests were answered with errors: how many, and by which statuses;
+    "most" when they were at least half of the answers (a wrong model name, a wrong key)."""
+    if not report.failed_http:
+        return None
+    answered = report.succeeded + report.failed_http
+    statuses = ", ".join(f"HTTP {status} x{n}" for status, n in report.failed_statuses.items())
+    most = "most requests failed: " if report.failed_http * 2 >= answered else ""
+    return (
+        f"{most}{report.failed_http} of {answered} answered requests were errors ({statuses}); "
+        f"see {report.errors_path}, and rerun with --retry-errors to send them again"
+    )
+
 
 def batch_summary(
     report: BatchReport, tokps: TokPS, allocation: Allocation, teardown: Teardown | None, engine: str, model: str
@@ -27,11 +53,14 @@ def batch_summary(
         "model": model,
         "input": str(report.input_path),
         "output": str(report.output_path),
+        "outcome": outcome(report),
+        "warning": failure_warning(report),
         "input_lines": report.input_lines,
         "already_done": report.already_done,
         "sent": report.sent,
         "succeeded": report.succeeded,
         "failed_http": report.failed_http,
+        "failed_statuses": ", ".join(f"{k}: {v}" for k, v in report.failed_statuses.items()) or None,
         "unfinished": report.unfinished,
         "invalid_lines": report.invalid_lines,
         "prompt_tokens": report.prompt_tokens,
@@ -59,6 +88,8 @@ def batch_markdown(summary: dict[str, Any], report: BatchReport) -> str:
         "",
         "| | |",
         "| --- | --- |",
+        f"| outcome | **{summary['outcome']}** |",
+        *([f"| warning | {summary['warning']} |"] if summary.get("warning") else []),
         f"| where | {where} |",
         f"| engine, model | {summary['engine']}, `{summary['model']}` |",
         f"| session | {summary['session_s']} s from allocation to release; batch pass {summary['wall_s']} s |",
@@ -120,9 +151,18 @@ def merge_reports(first: BatchReport, later: BatchReport) -> BatchReport:
                 for k in TIMING_FIELDS
             }
         )
+    statuses = dict(first.failed_statuses)
+    for status, n in later.failed_statuses.items():
+        statuses[status] = statuses.get(status, 0) + n
     # unfinished and invalid lines are whatever the last pass still could not do
     return later.model_copy(
-        update={**summed, "already_done": first.already_done, "server_counters": server, "server_timings": timings}
+        update={
+            **summed,
+            "failed_statuses": dict(sorted(statuses.items())),
+            "already_done": first.already_done,
+            "server_counters": server,
+            "server_timings": timings,
+        }
     )
 
 

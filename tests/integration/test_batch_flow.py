@@ -141,6 +141,59 @@ def test_invalid_lines_are_reported_and_valid_ones_complete(session_config, tmp_
     assert "2 invalid input lines" in stdout
 
 
+def _flow_run_states(output: Path) -> list[tuple[str, str]]:
+    """(state type, state name) of the batch flow runs that wrote ``output``, oldest first."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(sort=FlowRunSort.START_TIME_ASC, limit=200)
+    return [
+        (r.state.type.value, r.state.name)
+        for r in runs
+        if (r.parameters.get("batch") or {}).get("output_path") == str(output)
+    ]
+
+
+def test_a_line_the_server_always_refuses_ends_finished_with_failures(session_config, tmp_path: Path, cli_env):
+    """llama-cpp-python answers 500 to ``max_tokens: -1`` on every attempt: that is the line's
+    answer, so the run finishes (exit 3, "Finished with failures"), every other line done once;
+    ``--retry-errors`` sends only that line again."""
+    src = tmp_path / "in.jsonl"
+    lines = [
+        {"custom_id": f"g{i}", "method": "POST", "url": "/v1/completions",
+         "body": {"model": "tiny-llama", "prompt": f"hi {i}", "max_tokens": 4}}
+        for i in range(12)
+    ]  # fmt: skip
+    lines.insert(5, {**lines[0], "custom_id": "refused", "body": {"prompt": "x", "max_tokens": -1}})
+    src.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    out = tmp_path / "out.jsonl"
+    args = ["batch", str(src), "-o", str(out), "--runs-dir", str(session_config.runs_dir)]
+    args += ["--model", str(session_config.model.path)]
+    proc = _cli(args, cli_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    stdout, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 3, stdout
+    assert "finished with failures" in stdout and "1 answered with an error" in stdout
+    records = _records(out)
+    assert Counter(r["custom_id"] for r in records) == Counter(line["custom_id"] for line in lines)
+    assert {r["custom_id"]: r["response"]["status_code"] for r in records}["refused"] == 500
+    assert all(r["response"]["status_code"] == 200 for r in records if r["custom_id"] != "refused")
+    (error,) = _records(tmp_path / "out.errors.jsonl")
+    assert error["line"] == 6 and error["reason"].startswith("answered HTTP 500")
+    summary = json.loads(out.with_name("out.summary.json").read_text())
+    assert summary["batch"]["failed_statuses"] == {"500": 1}
+    assert _flow_run_states(out) == [("COMPLETED", "Finished with failures")]
+
+    again = _cli([*args, "--retry-errors"], cli_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    stdout, _ = again.communicate(timeout=300)
+    assert again.returncode == 3, stdout
+    assert "retry errors: 1 error records taken out" in stdout
+    records = _records(out)
+    assert Counter(r["custom_id"] for r in records) == Counter(line["custom_id"] for line in lines)  # still once each
+    summary = json.loads(out.with_name("out.summary.json").read_text())
+    assert (summary["batch"]["sent"], summary["batch"]["already_done"]) == (1, 12)
+
+
 def test_sigkill_mid_batch_then_rerun_finishes_each_id_once(session_config, tmp_path: Path, cli_env):
     n = 600
     src = tmp_path / "big.jsonl"

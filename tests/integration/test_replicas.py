@@ -191,8 +191,11 @@ def test_local_replicas_replace_a_killed_server(server_env, prefect_api_url, tmp
 
     killer = threading.Thread(target=kill_one_at_a_third, daemon=True)
     killer.start()
+    # 32 tokens each: the two thirds after the kill take several seconds, so the replacement
+    # (ready about a second after the kill) gets its share; at 4 tokens the batch could end first
     result = batch_inference(
-        session=session, batch=BatchConfig(input_path=_input(tmp_path, n), output_path=out, concurrency=8)
+        session=session,
+        batch=BatchConfig(input_path=_input(tmp_path, n, max_tokens=32), output_path=out, concurrency=8),
     )
     killer.join(5)
     ids = _custom_ids(out)
@@ -426,7 +429,7 @@ def test_replicas_near_their_time_limit_hand_over_to_successors(
 ):
     """Jobs with a one-minute limit and a batch that outlasts it: each replica gets a successor
     ahead of its limit, is drained and cancelled; no job meets its limit, no request fails."""
-    n = 3600
+    n = 4800  # 3600 took 70-80 s on this machine: too close to the 70 s the test needs
     out = tmp_path / "out.jsonl"
     session = _whole_node(slurm_session, 2, successor_lead_s=45)
     session.placement.slurm = SlurmOptions(cpus_per_task=os.cpu_count() or 1, time="00:01:00")

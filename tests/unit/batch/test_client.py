@@ -20,7 +20,8 @@ from tests.conftest import serve_aiohttp as _serve
 
 
 class FaultyServer:
-    """Answers completions; ``flaky-*`` ids fail with 500 once, ``bad-*`` get 400, ``dead-*`` always 503."""
+    """Answers completions; ``flaky-*`` ids fail with 500 once, ``bad-*`` get 400, ``dead-*`` always
+    503, ``refused-*`` always 500 (as llama-cpp-python answers ``max_tokens: -1``)."""
 
     def __init__(self) -> None:
         self.hits: Counter[str] = Counter()
@@ -35,6 +36,8 @@ class FaultyServer:
             return web.json_response({"error": {"message": "context too long"}}, status=400)
         if cid.startswith("dead-"):
             return web.json_response({"error": "overloaded"}, status=503)
+        if cid.startswith("refused-"):
+            return web.json_response({"error": {"message": "max_tokens must be positive"}}, status=500)
         if cid.startswith("flaky-") and self.hits[cid] == 1:
             return web.json_response({"error": "boom"}, status=500)
         if cid.startswith("slow-") and self.hits[cid] == 1:
@@ -65,7 +68,7 @@ def _output_ids(path: Path) -> list[str]:
 
 @pytest.mark.parametrize("transport", ["aiohttp", "httpx"])
 def test_retries_5xx_not_4xx_and_gives_up(tmp_path: Path, transport: str):
-    ids = [f"ok-{i}" for i in range(20)] + ["flaky-1", "flaky-2", "bad-1", "dead-1", "slow-1"]
+    ids = [f"ok-{i}" for i in range(20)] + ["flaky-1", "flaky-2", "bad-1", "dead-1", "slow-1", "refused-1"]
     _write_input(tmp_path / "in.jsonl", ids)
     cfg = BatchConfig(
         input_path=tmp_path / "in.jsonl",
@@ -88,14 +91,22 @@ def test_retries_5xx_not_4xx_and_gives_up(tmp_path: Path, transport: str):
     report = asyncio.run(scenario())
     assert fake.hits["flaky-1"] == 2 and fake.hits["bad-1"] == 1 and fake.hits["dead-1"] == 3
     assert fake.hits["slow-1"] == 2  # read timeout, then retried
-    assert report.succeeded == 23 and report.failed_http == 1 and report.unfinished == 1
+    assert fake.hits["refused-1"] == 3  # a 500 is retried, and on the last attempt it is the answer
+    assert report.succeeded == 23 and report.failed_http == 2 and report.unfinished == 1
+    assert report.failed_statuses == {400: 1, 500: 1}
     assert report.completion_tokens == 23 * 7  # body_overrides reached the server
     assert set(fake.auth) == {"Bearer k"}
-    out = _output_ids(cfg.output_path)
-    assert sorted(out) == sorted(i for i in ids if i != "dead-1")  # 400 is final and recorded
-    errors = [json.loads(x) for x in (tmp_path / "out.errors.jsonl").read_text().splitlines()]
-    assert [(e["line"], e["custom_id"]) for e in errors] == [(24, "dead-1")]
-    assert "gave up after 3 attempts" in errors[0]["reason"]
+    out = [json.loads(line) for line in cfg.output_path.read_text().splitlines()]
+    # 400 and the lasting 500 are final and recorded; the 503 (not ready) is left for a rerun
+    assert sorted(r["custom_id"] for r in out) == sorted(i for i in ids if i != "dead-1")
+    (refused,) = [r for r in out if r["custom_id"] == "refused-1"]
+    assert refused["response"]["status_code"] == 500 and refused["error"]["code"] == "500"
+    errors = {e["custom_id"]: e for e in map(json.loads, (tmp_path / "out.errors.jsonl").read_text().splitlines())}
+    assert {cid: e["line"] for cid, e in errors.items()} == {"bad-1": 23, "dead-1": 24, "refused-1": 26}
+    assert "gave up after 3 attempts" in errors["dead-1"]["reason"]
+    assert errors["bad-1"]["reason"] == "answered HTTP 400: context too long"
+    assert errors["refused-1"]["reason"] == "answered HTTP 500: max_tokens must be positive"
+    assert not report.finished and not report.with_failures  # dead-1 is unfinished
 
 
 def test_rerun_sends_only_what_is_missing(tmp_path: Path):

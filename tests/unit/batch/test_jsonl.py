@@ -92,3 +92,23 @@ def test_output_line_splices_raw_body_and_stays_valid_json():
     assert json.loads(output_line("x", "c", 200, "r", body, pretty))["response"]["body"] == body
     err = json.loads(output_line("x", "c", 400, "r", {"error": "no"}, b'{"error": "no"}'))
     assert err["error"] == {"code": "400", "message": "no"}
+
+
+def test_drop_error_records_keeps_answers_and_foreign_lines(tmp_path: Path):
+    from llmflow.batch.jsonl import drop_error_records
+
+    out = tmp_path / "out.jsonl"
+    lines = [
+        output_record("a", 200, "r1", {"ok": True}),
+        output_record("b", 404, "r2", {"error": {"message": "no such model"}}),
+        output_record("c", 500, "r3", {"error": "boom"}),
+        output_record("d", 201, "r4", {}),
+    ]
+    out.write_text("".join(json.dumps(r) + "\n" for r in lines) + "not json\n")
+    out.chmod(0o640)
+    assert drop_error_records(out) == 2
+    kept = out.read_text().splitlines()
+    assert [json.loads(x)["custom_id"] for x in kept[:-1]] == ["a", "d"] and kept[-1] == "not json"
+    assert load_finished(out) == {"a", "d"}  # b and c are sent again
+    assert out.stat().st_mode & 0o777 == 0o640 and not list(tmp_path.glob("*.tmp"))
+    assert drop_error_records(tmp_path / "missing.jsonl") == 0

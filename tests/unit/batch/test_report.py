@@ -3,7 +3,7 @@
 from pathlib import Path
 
 from llmflow.batch.jsonl import summary_path_for
-from llmflow.batch.report import merge_reports, tok_per_s
+from llmflow.batch.report import failure_warning, merge_reports, outcome, tok_per_s
 from llmflow.results import BatchReport
 
 
@@ -60,3 +60,46 @@ def test_merge_reports_sums_the_passes(tmp_path: Path):
     m = merge_reports(a, b)
     assert (m.already_done, m.sent, m.succeeded, m.unfinished, m.stopped_early) == (10, 100, 90, 0, False)
     assert (m.prompt_tokens, m.completion_tokens, m.wall_s, m.retries) == (900, 180, 9, 30)
+
+
+def _report(tmp_path: Path, **counts) -> BatchReport:
+    base = dict(
+        input_path=tmp_path / "i",
+        output_path=tmp_path / "o.jsonl",
+        errors_path=tmp_path / "o.errors.jsonl",
+        input_lines=10,
+        already_done=0,
+        sent=10,
+        succeeded=10,
+        failed_http=0,
+        unfinished=0,
+        invalid_lines=0,
+        prompt_tokens=0,
+        completion_tokens=0,
+        wall_s=1.0,
+        retries=0,
+    )
+    return BatchReport(**{**base, **counts})
+
+
+def test_outcome_tells_finished_from_finished_with_failures_from_unfinished(tmp_path: Path):
+    assert outcome(_report(tmp_path)) == "finished"
+    assert outcome(_report(tmp_path, succeeded=9, failed_http=1, failed_statuses={500: 1})) == "finished with failures"
+    assert outcome(_report(tmp_path, succeeded=9, sent=9, invalid_lines=1)) == "finished with failures"
+    assert outcome(_report(tmp_path, succeeded=8, failed_http=1, unfinished=1)) == "unfinished"
+    assert outcome(_report(tmp_path, stopped_early=True)) == "unfinished"
+
+
+def test_failure_warning_says_most_failed_and_by_which_status(tmp_path: Path):
+    assert failure_warning(_report(tmp_path)) is None
+    few = failure_warning(_report(tmp_path, succeeded=9, failed_http=1, failed_statuses={500: 1}))
+    assert few.startswith("1 of 10 answered requests were errors (HTTP 500 x1)")
+    most = failure_warning(_report(tmp_path, succeeded=0, failed_http=10, failed_statuses={404: 10}))
+    assert most.startswith("most requests failed: 10 of 10 answered requests were errors (HTTP 404 x10)")
+    assert "--retry-errors" in most and "o.errors.jsonl" in most
+
+
+def test_merge_reports_sums_failed_statuses(tmp_path: Path):
+    a = _report(tmp_path, succeeded=8, failed_http=2, failed_statuses={404: 1, 500: 1})
+    b = _report(tmp_path, succeeded=9, failed_http=1, failed_statuses={404: 1})
+    assert merge_reports(a, b).failed_statuses == {404: 2, 500: 1}
