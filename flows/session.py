@@ -21,11 +21,22 @@ from prefect.concurrency._asyncio import ConcurrencySlotAcquisitionError  # not 
 from prefect.concurrency.sync import concurrency
 from prefect.runtime import flow_run as current_flow_run
 
+from llmflow import secret_env
 from llmflow.config import SessionConfig
 from llmflow.errors import NoSuchNodeLimit
 from llmflow.placements import driver_for, release_leftovers
 from llmflow.results import Allocation, Ready, ServerHandle, Tunnel
 from tasks import allocate_node, health_gate, open_tunnel, tear_down, warm_model
+
+
+def read_secret_block(name: str) -> str:
+    """``engine.secret_env``'s ``prefect_secret`` source: the value of a Prefect Secret block."""
+    from prefect.blocks.system import Secret
+
+    return str(Secret.load(name).get())
+
+
+secret_env.use_block_loader(read_secret_block)
 
 
 @dataclass(frozen=True)

@@ -6,10 +6,21 @@ fails with pydantic's message naming the field (``engine.n_ctx``, ``run.concurre
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, PositiveFloat, SecretStr, Tag, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    PositiveFloat,
+    SecretStr,
+    Tag,
+    field_validator,
+    model_validator,
+)
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_SERVER_VENV = PROJECT_ROOT / ".venvs" / "llama_cpp"
@@ -31,9 +42,10 @@ def kind_of(default: str):
 
 
 class _Strict(BaseModel):
-    """Base for config models: unknown keys are errors, so typos do not pass silently."""
+    """Base for config models: unknown keys are errors, so typos do not pass silently. Errors
+    name the field but do not echo its value (a setup line with a token in it, say)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
 
 
 class LocalPlacement(_Strict):
@@ -167,7 +179,77 @@ Placement = Annotated[
 ]
 
 
-class LlamaCppEngine(_Strict):
+ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
+SECRET_WORDS = ("TOKEN", "KEY", "SECRET", "PASSWORD")
+# NAME=value at the start of a line or after a separator, with or without `export`
+_ASSIGNMENT = re.compile(r"""(?:^|[\s;&|(])(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)=("[^"]*"|'[^']*'|[^\s;&|)]*)""")
+
+
+def literal_secret(line: str) -> str | None:
+    """The name a shell line assigns a literal value to, when the name looks like a secret's
+    (``export HF_TOKEN=hf_...``); None when the value is computed (``"$(cat ~/.hf_token)"``,
+    ``$VAR``) or empty."""
+    for name, value in _ASSIGNMENT.findall(line):
+        if not any(word in name.upper() for word in SECRET_WORDS):
+            continue
+        computed = "$" in value and not value.startswith("'")
+        literal = value.strip("'\"")
+        if (
+            literal and not computed and not literal.startswith(("/", "~/"))
+        ):  # a path (SSL_KEYFILE=/etc/...) is no secret
+            return name
+    return None
+
+
+class SecretSource(_Strict):
+    """Where a secret the server needs comes from; resolved when the server starts, never stored."""
+
+    prefect_secret: str | None = Field(default=None, min_length=1, description="Name of a Prefect Secret block.")
+    env: str | None = Field(
+        default=None, pattern=ENV_NAME, description="A variable of the flow process's own environment."
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> SecretSource:
+        if (self.prefect_secret is None) == (self.env is None):
+            raise ValueError("give exactly one of prefect_secret or env")
+        return self
+
+
+class _ServerEngine(_Strict):
+    """What every engine takes besides its own options: setup lines and secrets for the server."""
+
+    secret_env: dict[str, SecretSource] = Field(
+        default_factory=dict,
+        description=(
+            "Environment variables the server gets whose values are secrets (a token, a password): name -> "
+            "source. Values are read when the server starts and reach it through an owner-only file in the run "
+            "folder (removed at teardown), never through flow parameters, results, logs or the job script."
+        ),
+    )
+
+    @field_validator("secret_env")
+    @classmethod
+    def _names(cls, value: dict[str, SecretSource]) -> dict[str, SecretSource]:
+        for name in value:
+            if not re.match(ENV_NAME, name):
+                raise ValueError(f"{name!r} is not an environment variable name")
+        return value
+
+    @field_validator("setup", check_fields=False)
+    @classmethod
+    def _no_literal_secrets(cls, lines: list[str]) -> list[str]:
+        for i, line in enumerate(lines):
+            if name := literal_secret(line):
+                raise ValueError(
+                    f"setup[{i}] assigns a literal value to {name}, which looks like a secret: setup lines end up in "
+                    f"flow parameters, job scripts and logs. Put it in secret_env instead "
+                    f'("secret_env": {{"{name}": {{"prefect_secret": "<block name>"}}}} or {{"env": "{name}"}})'
+                )
+        return lines
+
+
+class LlamaCppEngine(_ServerEngine):
     """llama-cpp-python's OpenAI-compatible server (`python -m llama_cpp.server`)."""
 
     kind: Literal["llama_cpp"] = Field(default="llama_cpp", description="Engine type.")
@@ -186,7 +268,7 @@ class LlamaCppEngine(_Strict):
     )
 
 
-class VllmEngine(_Strict):
+class VllmEngine(_ServerEngine):
     """vLLM's OpenAI-compatible server (`python -m vllm.entrypoints.openai.api_server`)."""
 
     kind: Literal["vllm"] = Field(default="vllm", description="Engine type.")
@@ -210,7 +292,7 @@ class VllmEngine(_Strict):
     )
 
 
-class LlamaServerEngine(_Strict):
+class LlamaServerEngine(_ServerEngine):
     """llama.cpp's native HTTP server binary (`llama-server`)."""
 
     kind: Literal["llama_server"] = Field(default="llama_server", description="Engine type.")
@@ -236,7 +318,7 @@ class LlamaServerEngine(_Strict):
     )
 
 
-class CommandEngine(_Strict):
+class CommandEngine(_ServerEngine):
     """Any server with an OpenAI-compatible API, started by a command you give (seed 000's FastAPI app)."""
 
     kind: Literal["command"] = Field(default="command", description="Engine type.")

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import os
 import secrets
+import shlex
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, ClassVar
 
-from llmflow import engines
+from llmflow import engines, secret_env
 from llmflow.config import SessionConfig
 from llmflow.registry import Registry
 from llmflow.remote import heartbeat
@@ -44,7 +45,9 @@ class Driver:
         self.placement: Any = config.placement
 
     def preflight(self) -> None:
-        """Checks that need the machine, not just the config: fail before anything starts."""
+        """Checks that need the machine, not just the config: fail before anything starts
+        (here: every ``engine.secret_env`` value can be read; the values are not kept)."""
+        secret_env.resolve(self.config.engine.secret_env)
 
     def allocate(self, run_id: str, flow_run_id: str | None = None) -> Allocation:
         """Reserve where the server runs; a retry with the same ``run_id`` reuses what it made."""
@@ -104,7 +107,20 @@ class RemoteDriver(Driver):
         return shell_for(run_id, self.placement.login)
 
     def preflight(self) -> None:
+        super().preflight()
         check_key_file(self.placement.login)
+
+    def write_secrets(self, shell: Shell, remote_dir: str) -> None:
+        """``engine.secret_env``'s values, read now, into the run folder's 0600 ``secret_env`` file."""
+        values = secret_env.resolve(self.config.engine.secret_env)
+        if values:
+            shell.write_file(f"{remote_dir}/{secret_env.SECRET_ENV_FILE}", secret_env.env_file(values), 0o600)
+
+    @staticmethod
+    def forget_secrets(shell: Shell, remote_dir: str | None) -> None:
+        """Remove the run's secrets from the host (teardown and cleanup; the server has them)."""
+        if remote_dir:
+            shell.run(f"rm -f {shlex.quote(remote_dir)}/{secret_env.SECRET_ENV_FILE}")
 
     def keep_alive(self, run_id: str, remote_dir: str) -> None:
         """Start renewing the run's heartbeat on the host (the dead-man switch's flow side)."""

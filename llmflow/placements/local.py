@@ -10,7 +10,7 @@ import subprocess
 from datetime import UTC, datetime
 from pathlib import Path
 
-from llmflow import engines
+from llmflow import engines, secret_env
 from llmflow.errors import ConfigError, ServerDied
 from llmflow.placements.base import PLACEMENTS, Driver, make_run_dir, mint_api_key, wait_for_endpoint
 from llmflow.remote.leases import Lease, read_lease, remove_lease, write_lease
@@ -45,6 +45,7 @@ class LocalDriver(Driver):
     kind = "local"
 
     def preflight(self) -> None:
+        super().preflight()
         engines.spec_for(self.config.engine).check_installed()
         if not self.config.model.path.exists():
             raise ConfigError(
@@ -79,7 +80,7 @@ class LocalDriver(Driver):
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                env={**os.environ, **launch.env},
+                env={**os.environ, **launch.env, **secret_env.resolve(cfg.engine.secret_env)},  # never on disk
                 cwd=run_dir,
             )
         write_lease(run_dir, alloc.run_id, self.kind, pgid=proc.pid, flow_run_id=flow_run_id)

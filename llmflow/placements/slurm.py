@@ -127,6 +127,7 @@ class SlurmDriver(RemoteDriver):
         api_key, _ = mint_api_key(self.config, local_dir)
         if api_key:
             shell.write_file(f"{remote_dir}/api_key", api_key, 0o600)
+        self.write_secrets(shell, remote_dir)
         script = slurm.render_job_script(
             opts=self.placement.slurm, job_name=f"llmflow-{run_id}", **self.start_args(remote_dir)
         )
@@ -266,6 +267,7 @@ class SlurmDriver(RemoteDriver):
         try:
             if job_id:
                 result = self._cancel(run_id, job_id, result, alloc.started_at)
+            self.forget_secrets(self.shell(run_id), alloc.remote_dir or (lease.remote_dir if lease else None))
             remove_lease(alloc.run_dir)
         finally:
             heartbeat.stop(run_id)
@@ -298,4 +300,5 @@ class SlurmDriver(RemoteDriver):
         with cls.lease_shell(lease) as shell:
             was_alive = not job_info(shell, lease.job_id).terminal
             cancel_and_confirm(shell, lease.job_id)
+            cls.forget_secrets(shell, lease.remote_dir)
             return was_alive

@@ -130,6 +130,7 @@ class SSHDriver(RemoteDriver):
         api_key, key_file = mint_api_key(cfg, alloc.run_dir)
         if api_key:
             shell.write_file(f"{remote_dir}/api_key", api_key, 0o600)
+        self.write_secrets(shell, remote_dir)
         shell.write_file(f"{remote_dir}/start.sh", self._start_script(remote_dir), 0o700)
         res = shell.run(start_command(remote_dir)).check("starting the server on the host")
         pgid = int(res.stdout.strip().splitlines()[-1])
@@ -215,6 +216,7 @@ class SSHDriver(RemoteDriver):
         """Close the forward, stop the server's group on the host, confirm it is gone."""
         try:
             stopped = self._stop(alloc)
+            self.forget_secrets(self.shell(alloc.run_id), alloc.remote_dir)
             remove_lease(alloc.run_dir)
         finally:
             heartbeat.stop(alloc.run_id)
@@ -228,4 +230,6 @@ class SSHDriver(RemoteDriver):
         """For ``llmflow cleanup`` and crash hooks: reach the host from the lease and stop the group."""
         with cls.lease_shell(lease) as shell:
             pgid = remote_pgid(shell, lease)
-            return pgid is not None and stop_remote_group(shell, pgid)
+            stopped = pgid is not None and stop_remote_group(shell, pgid)
+            cls.forget_secrets(shell, lease.remote_dir)
+            return stopped

@@ -1,8 +1,9 @@
 """The script that starts a server on a remote host (a Slurm job or an SSH host), as text.
 
 Pure: the same lines serve the Slurm job script (after its ``#SBATCH`` header) and the SSH
-placement's start script, so both start the server the same way: read the API key from the
-run folder's mode-0600 file into the environment (never onto a command line), run the
+placement's start script, so both start the server the same way: read the API key and the
+engine's secrets from the run folder's mode-0600 files into the environment (never onto a
+command line), run the
 user's setup lines as written, write this project's standard-library supervisor from an
 embedded quoted here-document (nothing of the project is installed on the host), and exec it.
 """
@@ -14,6 +15,7 @@ from pathlib import Path
 
 LAUNCHER_DELIMITER = "LLMFLOW_NODE_LAUNCHER"
 HEARTBEAT_FILE = "heartbeat"  # in the run folder; the flow rewrites it, the supervisor watches it
+SECRET_ENV_FILE = "secret_env"  # in the run folder: engine.secret_env's values (llmflow.secret_env)
 SUPERVISOR = Path(__file__).resolve().parent / "supervisor.py"  # runs on the node: standard library only
 
 
@@ -48,6 +50,7 @@ def server_start_lines(
             *(["--registry-file", registry_file] if registry_file else []),
             *(
                 ["--heartbeat-file", f"{run_dir}/{HEARTBEAT_FILE}", "--lease-ttl", f"{lease_ttl_s:g}"]
+                + ["--secrets-file", f"{run_dir}/{SECRET_ENV_FILE}"]
                 if lease_ttl_s
                 else []
             ),
@@ -63,6 +66,7 @@ def server_start_lines(
         "rm -f endpoint.json  # a restarted (requeued) server writes a fresh one",
         *([f"mkdir -p {q(registry_file.rsplit('/', 1)[0])}"] if registry_file and "/" in registry_file else []),
         *([f'if [ -f api_key ]; then {api_key_env}="$(cat api_key)"; export {api_key_env}; fi'] if api_key_env else []),
+        f"if [ -f {SECRET_ENV_FILE} ]; then set -a; . ./{SECRET_ENV_FILE}; set +a; fi  # engine.secret_env (0600)",
         "# --- setup lines from the engine config ---",
         *setup,
         "# --- end of setup lines ---",

@@ -16,7 +16,8 @@ stays as the server's parent so that:
   ends the job, once F's content has not changed for S seconds. The flow rewrites F while its
   session lives; whatever ended the flow (a SIGKILL, a closed laptop, a network that went away),
   the renewals stop. Only changes are compared, on this node's own clock, so a skewed clock
-  or a shared filesystem's timestamps cannot fire it early.
+  or a shared filesystem's timestamps cannot fire it early. ``--secrets-file`` (the engine's
+  secrets) is removed then too, since no teardown will come to remove it.
 
 The node is Slurm's name for it (``SLURMD_NODENAME``) inside a job, else the host name;
 ``--host @node`` binds the address that name resolves to (a node with several interfaces, or the
@@ -103,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--watch-parent", action="store_true")
     parser.add_argument("--heartbeat-file", help="stop the server once this file stops changing (needs --lease-ttl)")
     parser.add_argument("--lease-ttl", type=float, default=600.0, help="seconds without a heartbeat before stopping")
+    parser.add_argument("--secrets-file", help="removed when the lease expires (nobody will tear the run down)")
     parser.add_argument("cmd", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
@@ -167,6 +169,11 @@ def main(argv: list[str] | None = None) -> int:
                     flush=True,
                 )
                 stop(proc)
+                if args.secrets_file:
+                    try:
+                        os.unlink(args.secrets_file)
+                    except FileNotFoundError:
+                        pass
                 registry("expired")
                 return EXIT_LEASE_EXPIRED
         time.sleep(0.5)

@@ -53,3 +53,47 @@ def test_invalid_batch_values_name_the_field(data, field):
 def test_output_must_differ_from_input(tmp_path: Path):
     with pytest.raises(ValidationError, match="output_path must differ"):
         BatchConfig(input_path=tmp_path / "a.jsonl", output_path=tmp_path / "a.jsonl")
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "export HF_TOKEN=hf_abcdef",
+        "module load cuda && export WANDB_API_KEY='0123abcd'",
+        'DB_PASSWORD="hunter2" python prepare.py',
+        "export MY_SECRET=s3cr3t",
+    ],
+)
+def test_a_setup_line_with_a_literal_secret_is_refused_naming_the_field(line: str):
+    with pytest.raises(ValidationError) as exc:
+        SessionConfig.model_validate({"engine": {"kind": "vllm", "setup": ["export HF_HOME=/scratch/hf", line]}})
+    text = str(exc.value)
+    assert "engine.vllm.setup" in text and "setup[1] assigns a literal value to" in text and "secret_env" in text
+    value = line.split("=", 1)[1].split()[0].strip("'\"")
+    assert value not in text  # the error does not echo the token
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        'export HF_TOKEN="$(cat ~/.cache/huggingface/token)"',
+        "export HF_TOKEN=$MY_TOKEN",
+        "export SSL_KEYFILE=/etc/ssl/private/server.key",
+        "export HF_HOME=/scratch/hf",
+        "export HF_TOKEN=",
+    ],
+)
+def test_computed_values_paths_and_other_names_pass(line: str):
+    assert SessionConfig.model_validate({"engine": {"setup": [line]}}).engine.setup == [line]
+
+
+def test_secret_env_takes_exactly_one_source():
+    ok = SessionConfig.model_validate(
+        {"engine": {"secret_env": {"HF_TOKEN": {"prefect_secret": "hf"}, "OTHER": {"env": "MY_OTHER"}}}}
+    )
+    assert ok.engine.secret_env["HF_TOKEN"].prefect_secret == "hf"
+    for bad in ({}, {"prefect_secret": "a", "env": "B"}):
+        with pytest.raises(ValidationError, match=r"engine.llama_cpp.secret_env.HF_TOKEN[\s\S]*exactly one"):
+            SessionConfig.model_validate({"engine": {"secret_env": {"HF_TOKEN": bad}}})
+    with pytest.raises(ValidationError, match="not an environment variable name"):
+        SessionConfig.model_validate({"engine": {"secret_env": {"HF-TOKEN": {"env": "X"}}}})

@@ -202,3 +202,17 @@ def test_dead_man_switch_counts_from_the_start_when_no_heartbeat_ever_came(tmp_p
     finally:
         if proc.poll() is None:
             stop_group(proc.pid)
+
+
+def test_an_expired_lease_also_removes_the_runs_secrets(tmp_path: Path):
+    secrets_file = tmp_path / "secret_env"
+    secrets_file.write_text("export A_TOKEN=x\n")
+    proc, _ = _launch(
+        tmp_path, ["--heartbeat-file", str(tmp_path / "hb"), "--lease-ttl", "1", "--secrets-file", str(secrets_file)]
+    )
+    try:
+        proc.wait(timeout=6)
+        assert not secrets_file.exists()
+    finally:
+        if proc.poll() is None:
+            stop_group(proc.pid)
