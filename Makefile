@@ -1,5 +1,5 @@
 # Two commands: `make demo` (set up, then run the demo) and `make test` (set up, then the tests).
-.PHONY: setup cluster demo test test-unit lint format bench bench-tunnel bench-replicas
+.PHONY: setup cluster demo test test-unit lint format bench bench-tunnel bench-replicas bench-startup
 
 setup:
 	./scripts/setup.sh
@@ -36,3 +36,6 @@ bench-tunnel: setup cluster
 
 bench-replicas: setup
 	.venv/bin/python benchmarks/replica_scaling.py
+
+bench-startup: setup
+	.venv/bin/python benchmarks/cli_startup.py

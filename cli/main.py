@@ -21,6 +21,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from cli.prefect_api import connect
 from llmflow.batch import progress
 from llmflow.config import DEFAULT_MODEL, PROJECT_ROOT, SAMPLE_INPUT, BatchConfig, SessionConfig
 from llmflow.errors import ConfigError
@@ -71,6 +72,7 @@ def _session_config(args: argparse.Namespace, data: dict | None = None) -> Sessi
         data["runs_dir"] = args.runs_dir
     session = SessionConfig.model_validate(data)
     if args.cluster_block or args.model_server_block:
+        connect()
         from flows.session import with_blocks
 
         session = with_blocks(session, args.cluster_block, args.model_server_block)
@@ -91,14 +93,16 @@ def _batch_config(args: argparse.Namespace, input_path: Path, output_path: Path)
 
 def _run_batch(session: SessionConfig, batch: BatchConfig) -> int:
     """Run the flow with a progress bar; print where the results are."""
-    from prefect.exceptions import TerminationSignal  # Prefect's SIGTERM, while a flow runs
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    console = Console(stderr=True)
+    connect(lambda text: console.print(f"[dim]{text}[/dim]"))  # before Prefect is first imported
+    from prefect.exceptions import TerminationSignal  # Prefect's SIGTERM, while a flow runs
 
     from flows.batch import batch_inference  # imports Prefect: keep `--help` fast
     from llmflow.batch.report import failure_warning
 
-    console = Console(stderr=True)
     with Progress(
         TextColumn("[bold]batch"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
     ) as bar:
@@ -138,15 +142,16 @@ def _run_batch(session: SessionConfig, batch: BatchConfig) -> int:
 
 def _hold(args: argparse.Namespace) -> int:
     """Hold a session open; print the URL, key and examples once ready; tear down at the end or on Ctrl-C."""
-    from prefect.exceptions import TerminationSignal
-
-    from flows.hold import connection_help, hold_session, on_ready
-
     try:
         session = _session_config(args)
     except (ValidationError, ConfigError) as exc:
         print(f"invalid configuration:\n{exc}", file=sys.stderr)
         return 2
+    connect(lambda text: print(text, file=sys.stderr))  # before Prefect is first imported
+    from prefect.exceptions import TerminationSignal
+
+    from flows.hold import connection_help, hold_session, on_ready
+
     on_ready(
         lambda s: print("\n" + connection_help(s) + f"\n\nheld for {args.hours} h; Ctrl-C ends it early\n", flush=True)
     )
@@ -168,8 +173,6 @@ EXIT_REGRESSION = 4
 
 def _bench(args: argparse.Namespace) -> int:
     """Run a campaign file; print one line per cell and where the outputs are."""
-    from prefect.exceptions import TerminationSignal
-
     from llmflow.bench.config import load_campaign
     from llmflow.errors import CampaignFileError
 
@@ -191,6 +194,9 @@ def _bench(args: argparse.Namespace) -> int:
         from llmflow.tiny_model import write_tiny_llama
 
         write_tiny_llama(DEFAULT_MODEL)
+
+    connect(lambda text: print(text, file=sys.stderr))  # before Prefect is first imported
+    from prefect.exceptions import TerminationSignal
 
     from flows.campaign import benchmark_campaign
 
@@ -293,10 +299,33 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("make-model", help="write the tiny random Llama GGUF model (offline)")
     p.add_argument("path", type=Path, nargs="?", default=DEFAULT_MODEL)
 
+    p = sub.add_parser(
+        "server", help="a local Prefect server (API and UI) that later commands reuse: they start faster"
+    )
+    p.add_argument("action", choices=["start", "stop", "status"])
+    p.add_argument("--port", type=int, default=4200, help="port on 127.0.0.1 (default 4200)")
+
     p = sub.add_parser("cleanup", help="list or release servers left by runs whose process died")
     p.add_argument("--runs-dir", type=Path, default=PROJECT_ROOT / "runs")
     p.add_argument("--list", action="store_true", help="only list leases, release nothing")
     return parser
+
+
+def _server(args: argparse.Namespace) -> int:
+    from cli import prefect_api
+
+    if args.action == "start":
+        try:
+            prefect_api.start_server(args.port)
+        except RuntimeError as exc:
+            print(exc, file=sys.stderr)
+            return 1
+    elif args.action == "stop":
+        prefect_api.stop_server()
+    else:
+        record = prefect_api.local_server()
+        print(f"running: {record['ui_url']} (pid {record['pid']})" if record else "not running")
+    return 0
 
 
 def _interrupt(signum: int, _frame: object) -> None:
@@ -332,6 +361,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 0
 
+    if args.command == "server":
+        return _server(args)
     if args.command == "hold":
         return _hold(args)
     if args.command == "bench":

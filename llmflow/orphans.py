@@ -5,7 +5,7 @@ out-of-memory kill, a scheduler killing the flow, ``kill -9``). The OpenSSH forw
 runs in its own session (so a Ctrl-C at the terminal does not cut the tunnel before teardown),
 and would then live on forever. So this module starts one small guard process the first time
 it is needed; this process holds the only write end of the guard's stdin and tells it, one line
-each, which process groups to stop. When this process ends, however it ends, the kernel closes
+each, which process groups (or single processes) to stop. When this process ends, however it ends, the kernel closes
 that pipe, the guard reads end-of-file and stops what is still registered (SIGTERM, then
 SIGKILL after a grace). Linux's ``PR_SET_PDEATHSIG`` would be simpler but fires when the *thread*
 that started the child exits, and tasks and replicas start processes from short-lived threads.
@@ -21,34 +21,29 @@ import threading
 GRACE_S = 3.0
 
 # Runs under this project's Python; standard library only, no project import (fast to start).
+# Lines: "+G"/"-G" add or remove process group G, "+pP"/"-pP" a single process P.
 GUARD_SOURCE = f"""
 import os, signal, sys, time
-groups = set()
+targets = set()
 for line in sys.stdin:
     line = line.strip()
-    if line[:1] == "+":
-        groups.add(int(line[1:]))
-    elif line[:1] == "-":
-        groups.discard(int(line[1:]))
-def alive(g):
+    if line[:1] in "+-" and len(line) > 1:
+        target = (line[1] == "p", int(line[2:] if line[1] == "p" else line[1:]))
+        (targets.add if line[0] == "+" else targets.discard)(target)
+def send(target, sig):
+    single, n = target
     try:
-        os.killpg(g, 0)
+        (os.kill if single else os.killpg)(n, sig)
         return True
     except OSError:
         return False
-for g in groups:
-    try:
-        os.killpg(g, signal.SIGTERM)
-    except OSError:
-        pass
+for t in targets:
+    send(t, signal.SIGTERM)
 deadline = time.monotonic() + {GRACE_S}
-while any(alive(g) for g in groups) and time.monotonic() < deadline:
+while any(send(t, 0) for t in targets) and time.monotonic() < deadline:
     time.sleep(0.05)
-for g in groups:
-    try:
-        os.killpg(g, signal.SIGKILL)
-    except OSError:
-        pass
+for t in targets:
+    send(t, signal.SIGKILL)
 """
 
 _LOCK = threading.Lock()
@@ -78,10 +73,21 @@ def stop_with_this_process(pgid: int) -> None:
     _send(f"+{int(pgid)}")
 
 
+def stop_process_with_this_process(pid: int) -> None:
+    """Stop process ``pid`` alone (not its group: it may share ours) when this process ends."""
+    _send(f"+p{int(pid)}")
+
+
 def forget(pgid: int) -> None:
     """``pgid`` was stopped (or will be) by its owner: the guard leaves it alone."""
     if _guard is not None and _guard.poll() is None:
         _send(f"-{int(pgid)}")
+
+
+def forget_process(pid: int) -> None:
+    """As ``forget``, for a process registered with ``stop_process_with_this_process``."""
+    if _guard is not None and _guard.poll() is None:
+        _send(f"-p{int(pid)}")
 
 
 def guard_pid() -> int | None:

@@ -15,17 +15,36 @@ import subprocess, sys, time
 from llmflow import orphans
 keep = subprocess.Popen(["sleep", "300"], start_new_session=True)
 drop = subprocess.Popen(["sleep", "300"], start_new_session=True)
+single = subprocess.Popen(["sleep", "300"])  # in our own group: stopped alone
 orphans.stop_with_this_process(keep.pid)
+orphans.stop_process_with_this_process(single.pid)
 orphans.stop_with_this_process(drop.pid)
 orphans.forget(drop.pid)
-print(keep.pid, drop.pid, orphans.guard_pid(), flush=True)
+print(keep.pid, drop.pid, orphans.guard_pid(), single.pid, flush=True)
 time.sleep(300)
 """
 
 
+def _until_gone(pid: int, timeout: float = 10) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except OSError:
+            return True
+        try:  # a zombie (nobody reaped it yet) counts as gone
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    return True
+        except OSError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
 def test_registered_groups_end_when_the_owner_is_sigkilled():
-    owner = subprocess.Popen([sys.executable, "-c", OWNER], stdout=subprocess.PIPE, text=True)
-    keep, drop, guard = (int(x) for x in owner.stdout.readline().split())
+    owner = subprocess.Popen([sys.executable, "-c", OWNER], stdout=subprocess.PIPE, text=True, start_new_session=True)
+    keep, drop, guard, single = (int(x) for x in owner.stdout.readline().split())
     try:
         assert group_alive(keep) and group_alive(drop)
         owner.send_signal(signal.SIGKILL)  # no finally, no atexit
@@ -34,6 +53,7 @@ def test_registered_groups_end_when_the_owner_is_sigkilled():
         while group_alive(keep) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert not group_alive(keep), "the registered group outlived its owner"
+        assert _until_gone(single), "the registered process outlived its owner"
         assert group_alive(drop), "a forgotten group was stopped too"
         deadline = time.monotonic() + 10
         while group_alive(guard) and time.monotonic() < deadline:

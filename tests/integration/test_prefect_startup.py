@@ -1,0 +1,125 @@
+"""The command line and Prefect's API: on a busy machine, killed outright, and with a local
+server kept running (``llmflow server``). Each test has its own PREFECT_HOME and no
+PREFECT_API_URL, as a user's first command has."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import llama_processes
+
+pytestmark = pytest.mark.integration
+
+BURN = "while True: pass"
+
+
+def _env(tmp_path: Path) -> dict[str, str]:
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home")}
+    env.pop("PREFECT_API_URL", None)
+    return env
+
+
+def _cli(args: list[str], env: dict[str, str], **kw) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "cli.main", *args], env=env, text=True, **kw)
+
+
+def _children(pid: int, needle: str) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == pid and needle in cmdline:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _gone(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except OSError:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_demo_completes_while_both_cores_are_busy(tmp_path: Path):
+    """Two CPU burners per core for the whole run: Prefect's temporary server needs longer than
+    its default 20 s to start, and the command still completes."""
+    burners = [subprocess.Popen([sys.executable, "-c", BURN]) for _ in range(2 * (os.cpu_count() or 2))]
+    try:
+        out = tmp_path / "out.jsonl"
+        proc = _cli(["demo", "-o", str(out), "--runs-dir", str(tmp_path / "runs")], _env(tmp_path),
+                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+        output, _ = proc.communicate(timeout=600)
+        assert all(b.poll() is None for b in burners), "the machine was not busy for the whole run"
+    finally:
+        for b in burners:
+            b.kill()
+            b.wait()
+    assert proc.returncode == 0, output[-3000:]
+    assert len(out.read_text().splitlines()) == 240
+
+
+def test_a_killed_command_leaves_no_prefect_server_and_no_model_server(tmp_path: Path):
+    out = tmp_path / "out.jsonl"
+    proc = _cli(["demo", "-o", str(out), "--runs-dir", str(tmp_path / "runs")], _env(tmp_path),
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 240
+        while not (out.exists() and out.stat().st_size) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        prefect_servers = _children(proc.pid, "uvicorn")
+        assert prefect_servers, "no temporary Prefect server found"
+        assert llama_processes(str(tmp_path / "runs"))
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert all(_gone(pid, 15) for pid in prefect_servers), "the temporary Prefect server outlived the command"
+    deadline = time.monotonic() + 15
+    while llama_processes(str(tmp_path / "runs")) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert llama_processes(str(tmp_path / "runs")) == []
+
+
+def test_a_local_server_is_reused_by_later_commands_and_stopped(tmp_path: Path):
+    env, port = _env(tmp_path), str(4300 + os.getpid() % 500)
+    started = _cli(["server", "start", "--port", port], env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    text, _ = started.communicate(timeout=300)
+    try:
+        assert started.returncode == 0, text
+        assert f"http://127.0.0.1:{port}" in text
+        status = subprocess.run(
+            [sys.executable, "-m", "cli.main", "server", "status"], env=env, capture_output=True, text=True
+        )
+        assert status.stdout.startswith(f"running: http://127.0.0.1:{port}")
+        out = tmp_path / "out.jsonl"
+        demo = _cli(["demo", "-o", str(out), "--runs-dir", str(tmp_path / "runs")], env,
+                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+        text, _ = demo.communicate(timeout=300)
+        assert demo.returncode == 0, text
+        assert f"Prefect: the local server at http://127.0.0.1:{port}" in text
+        assert "Starting temporary server" not in text
+    finally:
+        stopped = subprocess.run(
+            [sys.executable, "-m", "cli.main", "server", "stop"], env=env, capture_output=True, text=True
+        )
+    assert "stopped the Prefect server" in stopped.stdout
+    status = subprocess.run(
+        [sys.executable, "-m", "cli.main", "server", "status"], env=env, capture_output=True, text=True
+    )
+    assert status.stdout.strip() == "not running"
+    assert subprocess.run(["pgrep", "-f", "--", f"--port {port}"], capture_output=True).returncode == 1, (
+        "server left running"
+    )
