@@ -146,3 +146,10 @@ def kill_server_during_cell(rows_path: Path, cell_key: str, endpoints: Path, tim
     thread = threading.Thread(target=watch, daemon=True)
     thread.start()
     return thread, killed
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    """Write the fault matrix rows the fault tests measured (``tests/fault_matrix.py``)."""
+    from tests import fault_matrix
+
+    fault_matrix.write()

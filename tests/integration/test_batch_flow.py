@@ -20,6 +20,7 @@ from flows.batch import batch_inference
 from flows.session import model_session
 from llmflow.config import SAMPLE_INPUT, BatchConfig, SessionConfig
 from llmflow.errors import ServerDied
+from tests import fault_matrix
 from tests.conftest import llama_processes
 
 pytestmark = pytest.mark.integration
@@ -81,14 +82,21 @@ def test_api_key_is_enforced(session_config: SessionConfig, tmp_path: Path):
     assert _wait_no_processes(str(tmp_path)) == []
 
 
-def test_broken_model_fails_fast_with_the_servers_error(session_config: SessionConfig, tmp_path: Path):
+def test_broken_model_fails_fast_with_the_servers_error(session_config: SessionConfig, tmp_path: Path, request):
     session_config.model.path.write_bytes(b"GGUF but not really a model")
     started = time.monotonic()
     with pytest.raises(ServerDied) as exc:
         batch_inference(session=session_config, batch=BatchConfig(output_path=tmp_path / "o.jsonl"))
-    assert time.monotonic() - started < session_config.gate.deadline_s / 4
+    took = time.monotonic() - started
+    assert took < session_config.gate.deadline_s / 4
     assert "log tail" in str(exc.value) and "gguf" in str(exc.value).lower()
     assert _wait_no_processes(str(tmp_path)) == []
+    row = fault_matrix.record(
+        request.node.nodeid, "model fails to load", "local", folder=tmp_path,
+        did=f"failed {took:.1f}s after start (server exited), with the server's log tail; nothing sent",
+        final_state="Failed (ServerDied), exit 1",
+    )  # fmt: skip
+    assert (row["processes_left"], row["leases_left"]) == (0, 0)
 
 
 def _cli(args: list[str], env: dict[str, str], **kw) -> subprocess.Popen:
@@ -194,7 +202,7 @@ def test_a_line_the_server_always_refuses_ends_finished_with_failures(session_co
     assert (summary["batch"]["sent"], summary["batch"]["already_done"]) == (1, 12)
 
 
-def test_sigkill_mid_batch_then_rerun_finishes_each_id_once(session_config, tmp_path: Path, cli_env):
+def test_sigkill_mid_batch_then_rerun_finishes_each_id_once(session_config, tmp_path: Path, cli_env, request):
     n = 600
     src = tmp_path / "big.jsonl"
     with src.open("w") as f:
@@ -244,6 +252,13 @@ def test_sigkill_mid_batch_then_rerun_finishes_each_id_once(session_config, tmp_
     assert {r["response"]["status_code"] for r in _records(out)} == {200}
     assert _wait_no_processes(str(tmp_path)) == []
     assert not (killed_run / "lease.json").exists() or not llama_processes(str(killed_run))
+    row = fault_matrix.record(
+        request.node.nodeid, "flow SIGKILLed then rerun", "local", folder=tmp_path, input_path=src, output_path=out,
+        did=f"killed after {done_before} of {n} lines; the server stopped with its flow (parent watch); "
+        "the rerun released the dead run's lease and sent only the rest",
+        final_state="rerun: Completed, exit 0",
+    )  # fmt: skip
+    assert (row["lost"], row["duplicates"], row["processes_left"], row["leases_left"]) == (0, 0, 0, 0)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])

@@ -17,6 +17,7 @@ import httpx
 import pytest
 
 from llmflow.config import SessionConfig
+from tests import fault_matrix
 from tests.conftest import llama_processes
 from tests.integration.test_engines_ssh import ssh_session  # noqa: F401 - fixture
 from tests.integration.test_slurm import _jobs_of, slurm_session  # noqa: F401 - fixture
@@ -66,6 +67,13 @@ def _input(tmp_path: Path, n: int = 3000) -> Path:
     return src
 
 
+def _done(tmp_path: Path) -> int:
+    """Lines in the output, each checked to be a whole JSON record (a kill tears none)."""
+    lines = (tmp_path / "out.jsonl").read_text().splitlines()
+    assert all(json.loads(line)["response"]["status_code"] == 200 for line in lines)
+    return len(lines)
+
+
 def _kill_mid_batch(session: SessionConfig, tmp_path: Path, prefect_api_url: str) -> tuple[list[int], float]:
     """Start ``llmflow batch`` on ``session``, SIGKILL it once answers are coming back; its ssh
     masters and the time of the kill."""
@@ -92,6 +100,7 @@ def test_slurm_job_ends_by_itself_when_its_flow_is_sigkilled(
     slurm_session: SessionConfig,  # noqa: F811
     tmp_path: Path,
     prefect_api_url,
+    request,
 ):
     slurm_session.lease_ttl_s = TTL_S
     masters, killed_at = _kill_mid_batch(slurm_session, tmp_path, prefect_api_url)
@@ -106,12 +115,20 @@ def test_slurm_job_ends_by_itself_when_its_flow_is_sigkilled(
     assert "no heartbeat from the flow" in log.read_text()
     (record,) = (tmp_path / "cluster-runs" / "registry").glob("*.json")
     assert json.loads(record.read_text())["state"] == "expired"
+    row = fault_matrix.record(
+        request.node.nodeid, "flow SIGKILLed, never rerun", "slurm", folder=tmp_path,
+        did=f"{_done(tmp_path)} lines done before the kill, all intact; the ssh forward ended with the flow, the job "
+        f"ended itself {ended_after:.1f}s after the kill (lease_ttl_s {TTL_S:g}); its lease stays for cleanup",
+        final_state="flow run never ended (killed); job COMPLETED",
+    )  # fmt: skip
+    assert (row["processes_left"], row["jobs_left"], row["leases_left"]) == (0, 0, 1)  # the lease: for cleanup
 
 
 def test_ssh_host_server_stops_by_itself_when_its_flow_is_sigkilled(
     ssh_session: SessionConfig,  # noqa: F811
     tmp_path: Path,
     prefect_api_url,
+    request,
 ):
     ssh_session.lease_ttl_s = TTL_S
     masters, killed_at = _kill_mid_batch(ssh_session, tmp_path, prefect_api_url)
@@ -123,6 +140,13 @@ def test_ssh_host_server_stops_by_itself_when_its_flow_is_sigkilled(
     assert ended_after < TTL_S + 1 + 5
     (log,) = (tmp_path / "host-runs").glob("*/server.log")
     assert "no heartbeat from the flow" in log.read_text()
+    row = fault_matrix.record(
+        request.node.nodeid, "flow SIGKILLed, never rerun", "ssh", folder=tmp_path,
+        did=f"{_done(tmp_path)} lines done before the kill, all intact; the ssh forward ended with the flow, the "
+        f"server stopped itself {ended_after:.1f}s after the kill (lease_ttl_s {TTL_S:g}); its lease stays for cleanup",
+        final_state="flow run never ended (killed); server stopped",
+    )  # fmt: skip
+    assert (row["processes_left"], row["leases_left"]) == (0, 1)  # the lease: for cleanup
 
 
 def test_a_hold_keeps_its_job_past_several_ttls(

@@ -27,6 +27,7 @@ from prefect.states import Cancelling
 
 from llmflow.config import PROJECT_ROOT, SAMPLE_INPUT
 from llmflow.remote.leases import read_lease
+from tests import fault_matrix
 from tests.conftest import llama_processes
 
 pytestmark = pytest.mark.integration
@@ -305,7 +306,7 @@ def test_cancel_from_the_api_mid_batch_tears_the_server_down(prefect_server, ser
     assert all(read_lease(d) is None for d in (tmp_path / "runs").iterdir())
 
 
-def test_node_limit_lets_one_session_at_a_time_hold_a_node(prefect_server, server_env, tmp_path: Path):
+def test_node_limit_lets_one_session_at_a_time_hold_a_node(prefect_server, server_env, tmp_path: Path, request):
     """Two batch runs started together against a limit of one node: the second allocates only
     after the first released its server. A limit that does not exist fails at once, clearly."""
     from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
@@ -351,6 +352,15 @@ def test_node_limit_lets_one_session_at_a_time_hold_a_node(prefect_server, serve
         windows.append((started, (tmp_path / f"out-{i}.jsonl").stat().st_mtime))  # last record written
     (first_start, first_end), (second_start, second_end) = sorted(windows)
     assert second_start > first_end, f"the sessions overlapped: {windows}"
+    src = Path(params["batch"]["input_path"])
+    row = fault_matrix.record(
+        request.node.nodeid, "two runs at once", "local", folder=tmp_path,
+        more_runs=[(src, tmp_path / "out-0.jsonl"), (src, tmp_path / "out-1.jsonl")],
+        did=f"two batches started together, node_limit 1: the second waited {second_start - first_end:.1f}s after the "
+        "first released its server, then ran; each wrote every line",
+        final_state="both Completed, exit 0",
+    )  # fmt: skip
+    assert (row["lost"], row["duplicates"], row["processes_left"], row["leases_left"]) == (0, 0, 0, 0)
 
     config = tmp_path / "config-missing.json"
     config.write_text(json.dumps({"session": {**params["session"], "node_limit": "no-such-limit"}}))

@@ -28,6 +28,7 @@ from llmflow.config import (
 from llmflow.errors import ServerDied
 from llmflow.placements import release_leftovers
 from llmflow.placements.ssh import SSHDriver
+from tests import fault_matrix
 from tests.conftest import llama_processes, orphan_lease
 from tests.integration.test_slurm import _login
 
@@ -212,12 +213,20 @@ def test_ssh_placement_starts_a_real_server_tunnels_and_stops_it(ssh_session: Se
     assert key_files and all(f.stat().st_mode & 0o077 == 0 for f in key_files)
 
 
-def test_ssh_server_that_dies_fails_with_its_log(ssh_session: SessionConfig, tmp_path: Path):
+def test_ssh_server_that_dies_fails_with_its_log(ssh_session: SessionConfig, tmp_path: Path, request):
     ssh_session.model.path.write_bytes(b"GGUF but not really a model")
+    started = time.monotonic()
     with pytest.raises(ServerDied) as exc:
         batch_inference(session=ssh_session, batch=BatchConfig(output_path=tmp_path / "o.jsonl"))
+    took = time.monotonic() - started
     assert "log tail" in str(exc.value) and "gguf" in str(exc.value).lower()
     assert _wait_no_processes(str(tmp_path)) == []
+    row = fault_matrix.record(
+        request.node.nodeid, "model fails to load", "ssh", folder=tmp_path,
+        did=f"failed {took:.1f}s after start (the server exited on the host), with its log tail; nothing sent",
+        final_state="Failed (ServerDied), exit 1",
+    )  # fmt: skip
+    assert (row["processes_left"], row["leases_left"]) == (0, 0)
 
 
 def test_a_dead_runs_ssh_server_is_stopped_by_cleanup(ssh_session: SessionConfig, tmp_path: Path):

@@ -4,6 +4,7 @@ PREFECT_API_URL, as a user's first command has."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -13,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from llmflow.config import SAMPLE_INPUT
+from tests import fault_matrix
 from tests.conftest import llama_processes
 
 pytestmark = pytest.mark.integration
@@ -54,10 +57,11 @@ def _gone(pid: int, timeout: float) -> bool:
     return False
 
 
-def test_demo_completes_while_both_cores_are_busy(tmp_path: Path):
+def test_demo_completes_while_both_cores_are_busy(tmp_path: Path, request):
     """Two CPU burners per core for the whole run: Prefect's temporary server needs longer than
     its default 20 s to start, and the command still completes."""
     burners = [subprocess.Popen([sys.executable, "-c", BURN]) for _ in range(2 * (os.cpu_count() or 2))]
+    started = time.monotonic()
     try:
         out = tmp_path / "out.jsonl"
         proc = _cli(["demo", "-o", str(out), "--runs-dir", str(tmp_path / "runs")], _env(tmp_path),
@@ -68,11 +72,19 @@ def test_demo_completes_while_both_cores_are_busy(tmp_path: Path):
         for b in burners:
             b.kill()
             b.wait()
+    took = time.monotonic() - started
     assert proc.returncode == 0, output[-3000:]
     assert len(out.read_text().splitlines()) == 240
+    row = fault_matrix.record(
+        request.node.nodeid, "busy machine", "local", folder=tmp_path, input_path=SAMPLE_INPUT, output_path=out,
+        did=f"{len(burners)} CPU burners on {os.cpu_count()} cores for the whole run: Prefect's temporary server "
+        f"and the model started slowly, the demo completed in {took:.0f}s",
+        final_state="Completed, exit 0",
+    )  # fmt: skip
+    assert (row["lost"], row["duplicates"], row["processes_left"], row["leases_left"]) == (0, 0, 0, 0)
 
 
-def test_a_killed_command_leaves_no_prefect_server_and_no_model_server(tmp_path: Path):
+def test_a_killed_command_leaves_no_prefect_server_and_no_model_server(tmp_path: Path, request):
     out = tmp_path / "out.jsonl"
     proc = _cli(["demo", "-o", str(out), "--runs-dir", str(tmp_path / "runs")], _env(tmp_path),
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
@@ -91,6 +103,15 @@ def test_a_killed_command_leaves_no_prefect_server_and_no_model_server(tmp_path:
     while llama_processes(str(tmp_path / "runs")) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert llama_processes(str(tmp_path / "runs")) == []
+    done = out.read_text().splitlines()
+    assert all(json.loads(line)["custom_id"] for line in done)
+    row = fault_matrix.record(
+        request.node.nodeid, "flow SIGKILLed, never rerun", "local", folder=tmp_path,
+        did=f"{len(done)} lines done before the kill, all intact; the server stopped with its flow (parent watch), "
+        "Prefect's temporary server with the command (orphan guard); the lease stays for the next run or cleanup",
+        final_state="flow run never ended (killed)",
+    )  # fmt: skip
+    assert (row["processes_left"], row["leases_left"]) == (0, 1)  # the lease: for the next run or cleanup
 
 
 def test_a_local_server_is_reused_by_later_commands_and_stopped(tmp_path: Path):

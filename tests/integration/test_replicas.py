@@ -22,6 +22,7 @@ from flows.hold import Reach, _announcers, hold_session, on_ready
 from llmflow.config import BatchConfig, LlamaCppEngine, ModelConfig, SessionConfig, SlurmOptions, SSHPlacement
 from llmflow.gateway import Gateway
 from llmflow.remote.leases import read_lease
+from tests import fault_matrix
 from tests.integration.test_slurm import _jobs_of, _login, slurm_session  # noqa: F401 - the fixture
 
 pytestmark = pytest.mark.integration
@@ -133,6 +134,7 @@ def test_a_cancelled_replica_is_replaced_and_its_requests_move(
     slurm_session: SessionConfig,  # noqa: F811
     test_cluster,
     tmp_path: Path,
+    request,
 ):
     n = 3000
     out = tmp_path / "out.jsonl"
@@ -168,9 +170,17 @@ def test_a_cancelled_replica_is_replaced_and_its_requests_move(
     assert replacement.replaces == by_job[cancelled[0]].name and replacement.job_id not in cancelled
     assert replacement.answered > 0 and replacement.seconds_to_ready is not None
     assert _jobs_of(tmp_path) == []
+    row = fault_matrix.record(
+        request.node.nodeid, "job cancelled outside", "slurm", folder=tmp_path,
+        input_path=tmp_path / "in.jsonl", output_path=out,
+        did=f"(3 replicas) scancel of one job a third in: {report.moved} requests moved to the others at once, "
+        f"a replacement job served {replacement.answered}",
+        final_state="Completed",
+    )  # fmt: skip
+    assert (row["lost"], row["duplicates"], row["processes_left"], row["jobs_left"], row["leases_left"]) == (0,) * 5
 
 
-def test_local_replicas_replace_a_killed_server(server_env, prefect_api_url, tmp_path: Path):
+def test_local_replicas_replace_a_killed_server(server_env, prefect_api_url, tmp_path: Path, request):
     venv, model = server_env
     n = 900
     out = tmp_path / "out.jsonl"
@@ -205,6 +215,15 @@ def test_local_replicas_replace_a_killed_server(server_env, prefect_api_url, tmp
     (replacement,) = [e for e in result.report.endpoints if e.replaces]
     assert replacement.replaces == killed[0] and replacement.answered > 0
     assert all(read_lease(d) is None for d in runs.iterdir()), "every replica released"
+    assert _until(lambda: fault_matrix._processes(str(tmp_path)) == [], 15)
+    row = fault_matrix.record(
+        request.node.nodeid, "server killed", "local", folder=tmp_path,
+        input_path=tmp_path / "in.jsonl", output_path=out,
+        did=f"(2 replicas) SIGKILL of one server a third in: {result.report.moved} requests moved to the other, "
+        f"a replacement served {replacement.answered}",
+        final_state="Completed",
+    )  # fmt: skip
+    assert (row["lost"], row["duplicates"], row["processes_left"], row["leases_left"]) == (0, 0, 0, 0)
 
 
 def _upstreams(conf: Path) -> list[str]:

@@ -33,6 +33,7 @@ from llmflow.remote.connections import forward_of, tunnel_shell_of
 from llmflow.remote.leases import read_lease
 from llmflow.remote.shell import SSHShell
 from llmflow.remote.tunnel import OpenSSHForward
+from tests import fault_matrix
 
 pytestmark = pytest.mark.integration
 
@@ -138,15 +139,21 @@ def _status_after_ssh_drop(s, url: str) -> int:
             time.sleep(0.1)
 
 
-def test_queue_deadline_cancels_a_job_that_never_starts(slurm_session: SessionConfig, tmp_path: Path):
+def test_queue_deadline_cancels_a_job_that_never_starts(slurm_session: SessionConfig, tmp_path: Path, request):
     slurm_session.placement.slurm = SlurmOptions(extra_sbatch=["--hold"])  # pending (JobHeldUser) for ever
     slurm_session.placement.queue_deadline_s = 4
     with pytest.raises(QueueTimeout, match=r"still PENDING \(JobHeldUser\) after 4s in the queue; cancelled"):
         batch_inference(session=slurm_session, batch=BatchConfig(output_path=tmp_path / "o.jsonl"))
     assert _jobs_of(tmp_path) == []
+    row = fault_matrix.record(
+        request.node.nodeid, "pending past deadline", "slurm", folder=tmp_path,
+        did="cancelled the job at queue_deadline_s (4 s here), with Slurm's reason (JobHeldUser); nothing sent",
+        final_state="Failed (QueueTimeout), exit 1",
+    )  # fmt: skip
+    assert (row["processes_left"], row["jobs_left"]) == (0, 0)
 
 
-def test_requeue_mid_batch_completes_each_id_once(slurm_session: SessionConfig, tmp_path: Path):
+def test_requeue_mid_batch_completes_each_id_once(slurm_session: SessionConfig, tmp_path: Path, request):
     src = tmp_path / "in.jsonl"
     n = 400
     with src.open("w") as f:
@@ -199,6 +206,13 @@ def test_requeue_mid_batch_completes_each_id_once(slurm_session: SessionConfig, 
     assert {r["response"]["status_code"] for r in _records(out)} == {200}
     assert result.report.succeeded == n
     assert _jobs_of(tmp_path) == []
+    row = fault_matrix.record(
+        request.node.nodeid, "job requeued", "slurm", folder=tmp_path, input_path=src, output_path=out,
+        did=f"requeued after {requeued['at_lines']} of {n} lines; the flow waited for the job to run again, "
+        "followed its new endpoint, passed the gate again and resumed",
+        final_state="Completed",
+    )  # fmt: skip
+    assert (row["lost"], row["duplicates"], row["processes_left"], row["jobs_left"], row["leases_left"]) == (0,) * 5
 
 
 def test_impossible_partition_fails_with_slurms_reason(slurm_session: SessionConfig, tmp_path: Path):
@@ -215,12 +229,20 @@ def test_impossible_resources_fail_with_slurms_reason(slurm_session: SessionConf
     assert _jobs_of(tmp_path) == []
 
 
-def test_model_that_fails_to_load_fails_with_log_tail(slurm_session: SessionConfig, tmp_path: Path):
+def test_model_that_fails_to_load_fails_with_log_tail(slurm_session: SessionConfig, tmp_path: Path, request):
     slurm_session.model.path.write_bytes(b"not a gguf file")
+    started = time.monotonic()
     with pytest.raises(ServerDied) as exc:
         batch_inference(session=slurm_session, batch=BatchConfig(output_path=tmp_path / "o.jsonl"))
+    took = time.monotonic() - started
     assert "log tail" in str(exc.value) and "gguf" in str(exc.value).lower()
     assert _jobs_of(tmp_path) == []
+    row = fault_matrix.record(
+        request.node.nodeid, "model fails to load", "slurm", folder=tmp_path,
+        did=f"failed {took:.1f}s after submission (the job ended), with the job's log tail; nothing sent",
+        final_state="Failed (ServerDied), exit 1",
+    )  # fmt: skip
+    assert (row["processes_left"], row["jobs_left"], row["leases_left"]) == (0, 0, 0)
 
 
 def test_unknown_host_key_is_refused_unless_opted_in(test_cluster, tmp_path: Path):
@@ -274,7 +296,7 @@ def test_hold_prints_a_working_url_and_key_then_tears_down(
     assert _jobs_of(tmp_path) == []
 
 
-def test_campaign_on_slurm_kill_mid_cell_starts_a_new_job(slurm_session: SessionConfig, tmp_path: Path):
+def test_campaign_on_slurm_kill_mid_cell_starts_a_new_job(slurm_session: SessionConfig, tmp_path: Path, request):
     """A campaign through the SSH tunnel: the server is SIGKILLed during the second cell, its job
     ends, the cell is crashed, a new job serves the rest; no job is left."""
     from flows.campaign import benchmark_campaign
@@ -299,3 +321,10 @@ def test_campaign_on_slurm_kill_mid_cell_starts_a_new_job(slurm_session: Session
     assert [c.session for c in result.cells] == [1, 1, 2] and result.sessions == 2
     assert result.cells[2].summary.completed == 40
     assert _jobs_of(tmp_path) == []
+    row = fault_matrix.record(
+        request.node.nodeid, "server killed", "slurm", folder=tmp_path,
+        did="(a campaign) the server was SIGKILLed mid-cell: the job ended, the cell was recorded crashed, "
+        "a new job served the remaining cells (40 of 40 requests ok)",
+        final_state="Completed (cells ok, crashed, ok)",
+    )  # fmt: skip
+    assert (row["processes_left"], row["jobs_left"], row["leases_left"]) == (0, 0, 0)
