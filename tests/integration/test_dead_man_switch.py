@@ -58,11 +58,11 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def _input(tmp_path: Path, n: int = 3000) -> Path:
+def _input(tmp_path: Path, n: int = 1200) -> Path:
     src = tmp_path / "in.jsonl"
     with src.open("w") as f:
         for i in range(n):
-            body = {"model": "tiny-llama", "prompt": f"request {i}", "max_tokens": 32}
+            body = {"model": "tiny-llama", "prompt": f"request {i}", "max_tokens": 16}
             f.write(json.dumps({"custom_id": f"r{i}", "method": "POST", "url": "/v1/completions", "body": body}) + "\n")
     return src
 
@@ -74,14 +74,44 @@ def _done(tmp_path: Path) -> int:
     return len(lines)
 
 
+def _batch_command(session: SessionConfig, tmp_path: Path) -> list[str]:
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"session": session.model_dump(mode="json")}))
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    if not src.exists():
+        _input(tmp_path)
+    return [sys.executable, "-m", "cli.main", "batch", str(src), "-o", str(out), "--config", str(config)]
+
+
+def _rerun(session: SessionConfig, tmp_path: Path, prefect_api_url: str, placement: str, request) -> None:
+    """The same command again, after the kill: it releases the dead run's lease and sends only
+    what is missing; recorded as "flow SIGKILLed then rerun"."""
+    done_before = _done(tmp_path)
+    res = subprocess.run(
+        _batch_command(session, tmp_path),
+        env={**os.environ, "PREFECT_API_URL": prefect_api_url},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
+    assert "released a server left by a dead run" in res.stdout + res.stderr
+    row = fault_matrix.record(
+        request.node.nodeid, "flow SIGKILLed then rerun", placement, folder=tmp_path,
+        input_path=tmp_path / "in.jsonl", output_path=tmp_path / "out.jsonl",
+        did=f"killed after {done_before} lines (the server then stopped by the dead-man switch); the rerun released "
+        "the dead run's lease and sent only the rest",
+        final_state="rerun: Completed, exit 0",
+    )  # fmt: skip
+    assert (row["lost"], row["duplicates"], row["processes_left"], row["jobs_left"], row["leases_left"]) == (0,) * 5
+
+
 def _kill_mid_batch(session: SessionConfig, tmp_path: Path, prefect_api_url: str) -> tuple[list[int], float]:
     """Start ``llmflow batch`` on ``session``, SIGKILL it once answers are coming back; its ssh
     masters and the time of the kill."""
-    config = tmp_path / "config.json"
-    config.write_text(json.dumps({"session": session.model_dump(mode="json")}))
     out = tmp_path / "out.jsonl"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "cli.main", "batch", str(_input(tmp_path)), "-o", str(out), "--config", str(config)],
+        _batch_command(session, tmp_path),
         env={**os.environ, "PREFECT_API_URL": prefect_api_url},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -122,6 +152,7 @@ def test_slurm_job_ends_by_itself_when_its_flow_is_sigkilled(
         final_state="flow run never ended (killed); job COMPLETED",
     )  # fmt: skip
     assert (row["processes_left"], row["jobs_left"], row["leases_left"]) == (0, 0, 1)  # the lease: for cleanup
+    _rerun(slurm_session, tmp_path, prefect_api_url, "slurm", request)
 
 
 def test_ssh_host_server_stops_by_itself_when_its_flow_is_sigkilled(
@@ -147,6 +178,7 @@ def test_ssh_host_server_stops_by_itself_when_its_flow_is_sigkilled(
         final_state="flow run never ended (killed); server stopped",
     )  # fmt: skip
     assert (row["processes_left"], row["leases_left"]) == (0, 1)  # the lease: for cleanup
+    _rerun(ssh_session, tmp_path, prefect_api_url, "ssh", request)
 
 
 def test_a_hold_keeps_its_job_past_several_ttls(
