@@ -159,7 +159,10 @@ def render(rows: list[dict]) -> str:
         )
     measured = {(r["fault"], r["placement"]) for r in rows}
     missing = [
-        (f, p) for f in FAULTS for p in PLACEMENTS if (f, p) not in measured and not (f in SLURM_ONLY and p != "slurm")
+        (f, p)
+        for f in FAULTS
+        for p in PLACEMENTS
+        if (f, p) not in measured and not (f in SLURM_ONLY and p != "slurm") and not (f in REMOTE_ONLY and p == "local")
     ]
     if missing:
         lines += [

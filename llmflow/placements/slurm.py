@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from llmflow.config import SlurmPlacement
-from llmflow.errors import CommandFailed, JobRejected, QueueTimeout, ServerDied
+from llmflow.errors import CommandFailed, JobRejected, QueueTimeout, ServerDied, is_permanent
 from llmflow.placements import slurm_jobs as slurm
 from llmflow.placements.base import PLACEMENTS, RemoteDriver, make_run_dir, mint_api_key, wait_for_endpoint
 from llmflow.remote import heartbeat
@@ -108,8 +108,11 @@ class SlurmDriver(RemoteDriver):
             job_id, remote_dir = self._submit(shell, run_id, local_dir, flow_run_id)
         try:
             info = self._wait_running(shell, job_id, remote_dir)
-        except BaseException:
+        except BaseException as exc:
             heartbeat.stop(run_id)  # a retry of the task starts it again; nothing else will run here
+            if is_permanent(exc):  # the job ended or was cancelled: nothing is left to release
+                self.forget_secrets(shell, remote_dir)
+                remove_lease(local_dir)
             raise
         return Allocation(
             placement=self.kind,

@@ -106,9 +106,12 @@ def test_three_replicas_on_three_nodes_share_one_batch_exactly_once(
     session = _whole_node(slurm_session, 3)
     watch = _Watch(tmp_path, test_cluster["LLMFLOW_TEST_SSH_PORT"])
     try:
-        # 8 in flight per replica: each always has work queued, so each gets its share of the CPU
+        # 8 in flight per replica: each always has work queued, so each gets its share of the CPU;
+        # 16 tokens each: the batch outlasts the seconds between the replicas' gates (at 4 tokens
+        # it took 8 s on this machine, and a replica ready 3 s late got 437 of 3000)
         result = batch_inference(
-            session=session, batch=BatchConfig(input_path=_input(tmp_path, n), output_path=out, concurrency=24)
+            session=session,
+            batch=BatchConfig(input_path=_input(tmp_path, n, max_tokens=16), output_path=out, concurrency=24),
         )
     finally:
         watch.stop()

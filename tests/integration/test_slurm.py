@@ -150,7 +150,7 @@ def test_queue_deadline_cancels_a_job_that_never_starts(slurm_session: SessionCo
         did="cancelled the job at queue_deadline_s (4 s here), with Slurm's reason (JobHeldUser); nothing sent",
         final_state="Failed (QueueTimeout), exit 1",
     )  # fmt: skip
-    assert (row["processes_left"], row["jobs_left"]) == (0, 0)
+    assert (row["processes_left"], row["jobs_left"], row["leases_left"]) == (0, 0, 0)
 
 
 def test_requeue_mid_batch_completes_each_id_once(slurm_session: SessionConfig, tmp_path: Path, request):
