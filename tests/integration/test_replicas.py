@@ -107,11 +107,12 @@ def test_three_replicas_on_three_nodes_share_one_batch_exactly_once(
     watch = _Watch(tmp_path, test_cluster["LLMFLOW_TEST_SSH_PORT"])
     try:
         # 8 in flight per replica: each always has work queued, so each gets its share of the CPU;
-        # 16 tokens each: the batch outlasts the seconds between the replicas' gates (at 4 tokens
-        # it took 8 s on this machine, and a replica ready 3 s late got 437 of 3000)
+        # 48 tokens each: the batch outlasts the seconds between the replicas' gates by far (Slurm
+        # may start the third job 3-5 s after the others; at 4 tokens the batch took 8 s on this
+        # machine and a late replica got 437 of 3000, at 16 tokens 12 s and 565)
         result = batch_inference(
             session=session,
-            batch=BatchConfig(input_path=_input(tmp_path, n, max_tokens=16), output_path=out, concurrency=24),
+            batch=BatchConfig(input_path=_input(tmp_path, n, max_tokens=48), output_path=out, concurrency=24),
         )
     finally:
         watch.stop()
