@@ -21,7 +21,6 @@ from __future__ import annotations
 import atexit
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -30,6 +29,7 @@ from pathlib import Path
 import httpx
 
 from llmflow import orphans
+from llmflow.remote.procs import stop_group
 
 START_TIMEOUT_S = 300
 STATE_FILE = "llmflow-server.json"
@@ -115,7 +115,7 @@ def start_server(port: int = DEFAULT_PORT, say=print) -> dict:
     deadline = time.monotonic() + START_TIMEOUT_S
     while not _answers(api_url):
         if proc.poll() is not None or time.monotonic() > deadline:
-            _stop_group(proc.pid)
+            stop_group(proc.pid)
             tail = log.read_text(errors="replace").strip().splitlines()[-5:]
             raise RuntimeError(f"the Prefect server did not start (see {log}): {' | '.join(tail)}")
         time.sleep(0.2)
@@ -134,23 +134,7 @@ def stop_server(say=print) -> bool:
     except (OSError, ValueError):
         say("no llmflow Prefect server is recorded")
         return False
-    stopped = _stop_group(int(record["pid"]))
+    stopped = stop_group(int(record["pid"]))
     _state_path().unlink(missing_ok=True)
     say(f"stopped the Prefect server at {record['ui_url']}" if stopped else "it was not running")
     return stopped
-
-
-def _stop_group(pgid: int, grace_s: float = 10.0) -> bool:
-    try:
-        os.killpg(pgid, signal.SIGTERM)
-    except ProcessLookupError:
-        return False
-    deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(pgid, 0)
-        except ProcessLookupError:
-            return True
-        time.sleep(0.1)
-    os.killpg(pgid, signal.SIGKILL)
-    return True

@@ -90,6 +90,41 @@ def test_cluster() -> dict[str, str]:
     return dict(line.strip().split("=", 1) for line in env_file.read_text().splitlines() if "=" in line)
 
 
+def wait_until(cond, timeout_s: float, every_s: float = 0.1) -> bool:
+    """Poll ``cond`` until it is true or ``timeout_s`` passed; its last answer."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(every_s)
+    return bool(cond())
+
+
+def child_pids(pid: int, needle: str) -> list[int]:
+    """Processes started by ``pid`` whose command line contains ``needle``."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == pid and needle in cmdline:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def pid_gone(pid: int) -> bool:
+    """``pid`` has exited (a zombie nobody reaped yet counts as exited)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
 def orphan_lease(run_dir: Path) -> Path:
     """Make the run's lease look like its flow process was killed (owner: a pid that has exited)."""
     import json

@@ -18,44 +18,13 @@ import pytest
 
 from llmflow.config import SessionConfig
 from tests import fault_matrix
-from tests.conftest import llama_processes
+from tests.conftest import child_pids, llama_processes, pid_gone, wait_until
 from tests.integration.test_engines_ssh import ssh_session  # noqa: F401 - fixture
 from tests.integration.test_slurm import _jobs_of, slurm_session  # noqa: F401 - fixture
 
 pytestmark = pytest.mark.integration
 
 TTL_S = 10.0
-
-
-def _until(cond, timeout: float, every: float = 0.2) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(every)
-    return bool(cond())
-
-
-def _ssh_masters_of(pid: int) -> list[int]:
-    """The OpenSSH forward masters a process started (its children named ssh)."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            comm = stat.read_text().split("(", 1)[1].rsplit(")", 1)[0]
-        except (OSError, IndexError):
-            continue
-        if int(fields[1]) == pid and comm == "ssh":
-            found.append(int(stat.parent.name))
-    return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-        return True
-    except OSError:
-        return False
 
 
 def _input(tmp_path: Path, n: int = 1200) -> Path:
@@ -117,8 +86,8 @@ def _kill_mid_batch(session: SessionConfig, tmp_path: Path, prefect_api_url: str
         stderr=subprocess.DEVNULL,
     )
     try:
-        assert _until(lambda: out.exists() and out.read_text().count("\n") >= 10, 240), "the batch never got going"
-        masters = _ssh_masters_of(proc.pid)
+        assert wait_until(lambda: out.exists() and out.read_text().count("\n") >= 10, 240), "the batch never got going"
+        masters = child_pids(proc.pid, " -M -tt ")  # OpenSSH forward masters
         assert masters, "no OpenSSH forward master found"
     finally:
         proc.send_signal(signal.SIGKILL)  # no finally, no hook, no teardown
@@ -134,9 +103,9 @@ def test_slurm_job_ends_by_itself_when_its_flow_is_sigkilled(
 ):
     slurm_session.lease_ttl_s = TTL_S
     masters, killed_at = _kill_mid_batch(slurm_session, tmp_path, prefect_api_url)
-    assert _until(lambda: not any(_alive(p) for p in masters), 10), "the ssh forward outlived its flow"
+    assert wait_until(lambda: all(pid_gone(p) for p in masters), 10), "the ssh forward outlived its flow"
     assert _jobs_of(tmp_path), "the job should still be running right after the kill"
-    assert _until(lambda: _jobs_of(tmp_path) == [], TTL_S + 20), _jobs_of(tmp_path)
+    assert wait_until(lambda: _jobs_of(tmp_path) == [], TTL_S + 20), _jobs_of(tmp_path)
     ended_after = time.monotonic() - killed_at
     print(f"job ended {ended_after:.1f}s after the flow was killed (lease_ttl_s {TTL_S:g})")
     assert ended_after < TTL_S + 1 + 10  # the ttl, one check (1 s here), and Slurm's own bookkeeping
@@ -163,9 +132,9 @@ def test_ssh_host_server_stops_by_itself_when_its_flow_is_sigkilled(
 ):
     ssh_session.lease_ttl_s = TTL_S
     masters, killed_at = _kill_mid_batch(ssh_session, tmp_path, prefect_api_url)
-    assert _until(lambda: not any(_alive(p) for p in masters), 10), "the ssh forward outlived its flow"
+    assert wait_until(lambda: all(pid_gone(p) for p in masters), 10), "the ssh forward outlived its flow"
     assert llama_processes(str(tmp_path / "host-runs")), "the server should still run right after the kill"
-    assert _until(lambda: llama_processes(str(tmp_path / "host-runs")) == [], TTL_S + 15)
+    assert wait_until(lambda: llama_processes(str(tmp_path / "host-runs")) == [], TTL_S + 15)
     ended_after = time.monotonic() - killed_at
     print(f"server ended {ended_after:.1f}s after the flow was killed (lease_ttl_s {TTL_S:g})")
     assert ended_after < TTL_S + 1 + 5

@@ -23,7 +23,7 @@ from llmflow.remote.connections import forward_of
 from llmflow.remote.leases import read_lease
 from llmflow.remote.tunnel import OpenSSHForward
 from tests import fault_matrix
-from tests.conftest import llama_processes
+from tests.conftest import llama_processes, wait_until
 from tests.integration.test_engines_ssh import ssh_session  # noqa: F401 - fixture
 from tests.integration.test_slurm import slurm_session  # noqa: F401 - fixture
 
@@ -96,15 +96,6 @@ def _fault_session(request, placement: str, tmp_path: Path, mode: str, **updates
     )
 
 
-def _until(cond, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.1)
-    return bool(cond())
-
-
 @pytest.mark.parametrize("placement", PLACEMENTS)
 def test_a_server_that_never_gets_ready_fails_at_the_gate_deadline(placement, tmp_path: Path, prefect_api_url, request):
     session = _fault_session(request, placement, tmp_path, "never_ready", gate=GateConfig(deadline_s=6, interval_s=0.5))
@@ -115,7 +106,7 @@ def test_a_server_that_never_gets_ready_fails_at_the_gate_deadline(placement, tm
         )
     took = time.monotonic() - started
     assert took < 30
-    assert _until(lambda: llama_processes(str(tmp_path)) == [], 15)
+    assert wait_until(lambda: llama_processes(str(tmp_path)) == [], 15)
     row = fault_matrix.record(
         request.node.nodeid, "never-ready server", placement, folder=tmp_path,
         did=f"the gate gave up at its deadline (6 s here; {took:.0f}s from start) naming the last status (503), "
@@ -134,7 +125,7 @@ def test_a_fraction_of_5xx_is_retried_and_every_line_done_once(placement, tmp_pa
         batch=BatchConfig(input_path=src, output_path=out, backoff_s=0.05, backoff_max_s=0.2),
     )
     assert result.report.succeeded == n and result.report.retries == n // 5
-    assert _until(lambda: llama_processes(str(tmp_path)) == [], 15)
+    assert wait_until(lambda: llama_processes(str(tmp_path)) == [], 15)
     row = fault_matrix.record(
         request.node.nodeid, "5xx fraction", placement, folder=tmp_path, input_path=src, output_path=out,
         did=f"{n // 5} of {n} requests answered 500 first: each retried after a backoff, all answered 200",
@@ -156,7 +147,7 @@ def test_requests_slower_than_the_read_timeout_are_retried_never_written_twice(
     # every slow first attempt timed out and was sent again (through a tunnel, now and then another
     # request is delayed past the timeout too)
     assert result.report.succeeded == n and result.report.retries >= n // 4
-    assert _until(lambda: llama_processes(str(tmp_path)) == [], 15)
+    assert wait_until(lambda: llama_processes(str(tmp_path)) == [], 15)
     row = fault_matrix.record(
         request.node.nodeid, "slow server", placement, folder=tmp_path, input_path=src, output_path=out,
         did=f"{n // 4} of {n} requests took 2 s, past a 1 s read timeout: each abandoned and sent again "
@@ -191,7 +182,7 @@ def test_tunnel_cut_mid_batch(placement: str, tmp_path: Path, request):
     cutter.join(5)
     assert cut.get("at", n) < n, "the tunnel was not cut mid-batch"
     assert result.report.succeeded == n
-    assert _until(lambda: llama_processes(str(tmp_path)) == [], 15)
+    assert wait_until(lambda: llama_processes(str(tmp_path)) == [], 15)
     row = fault_matrix.record(
         request.node.nodeid, "tunnel cut", placement, folder=tmp_path, input_path=src, output_path=out,
         did=f"the forward's SSH connection killed after {cut['at']} of {n} lines: the forward reconnected on the same "
@@ -225,11 +216,11 @@ def test_server_killed_mid_batch_on_ssh_then_rerun(ssh_session: SessionConfig, t
     killer.join(5)
     first = sum(1 for _ in out.open())
     assert killed and first < n
-    assert _until(lambda: llama_processes(str(tmp_path)) == [], 15)
+    assert wait_until(lambda: llama_processes(str(tmp_path)) == [], 15)
     result = batch_inference(session=ssh_session, batch=batch)  # the rerun sends only what is missing
     assert result.report.already_done == first and result.report.succeeded == n - first
     assert Counter(json.loads(line)["custom_id"] for line in out.open()).most_common(1)[0][1] == 1
-    assert _until(lambda: llama_processes(str(tmp_path)) == [], 15)
+    assert wait_until(lambda: llama_processes(str(tmp_path)) == [], 15)
     row = fault_matrix.record(
         request.node.nodeid, "server killed", "ssh", folder=tmp_path, input_path=src, output_path=out,
         did=f"the server SIGKILLed after {killed['at']} of {n} lines: the pass stopped sending, the run failed "

@@ -16,7 +16,7 @@ import pytest
 
 from llmflow.config import SAMPLE_INPUT
 from tests import fault_matrix
-from tests.conftest import llama_processes
+from tests.conftest import child_pids, llama_processes, pid_gone, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -31,30 +31,6 @@ def _env(tmp_path: Path) -> dict[str, str]:
 
 def _cli(args: list[str], env: dict[str, str], **kw) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "cli.main", *args], env=env, text=True, **kw)
-
-
-def _children(pid: int, needle: str) -> list[int]:
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-            cmdline = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except (OSError, IndexError, ValueError):
-            continue
-        if ppid == pid and needle in cmdline:
-            found.append(int(stat.parent.name))
-    return found
-
-
-def _gone(pid: int, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except OSError:
-            return True
-        time.sleep(0.1)
-    return False
 
 
 def test_demo_completes_while_both_cores_are_busy(tmp_path: Path, request):
@@ -92,13 +68,15 @@ def test_a_killed_command_leaves_no_prefect_server_and_no_model_server(tmp_path:
         deadline = time.monotonic() + 240
         while not (out.exists() and out.stat().st_size) and time.monotonic() < deadline:
             time.sleep(0.05)
-        prefect_servers = _children(proc.pid, "uvicorn")
+        prefect_servers = child_pids(proc.pid, "uvicorn")
         assert prefect_servers, "no temporary Prefect server found"
         assert llama_processes(str(tmp_path / "runs"))
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    assert all(_gone(pid, 15) for pid in prefect_servers), "the temporary Prefect server outlived the command"
+    assert wait_until(lambda: all(pid_gone(pid) for pid in prefect_servers), 15), (
+        "the temporary Prefect server outlived the command"
+    )
     deadline = time.monotonic() + 15
     while llama_processes(str(tmp_path / "runs")) and time.monotonic() < deadline:
         time.sleep(0.1)

@@ -9,6 +9,7 @@ import sys
 import time
 
 from llmflow.remote.procs import group_alive
+from tests.conftest import pid_gone, wait_until
 
 OWNER = """
 import subprocess, sys, time
@@ -25,23 +26,6 @@ time.sleep(300)
 """
 
 
-def _until_gone(pid: int, timeout: float = 10) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except OSError:
-            return True
-        try:  # a zombie (nobody reaped it yet) counts as gone
-            with open(f"/proc/{pid}/stat") as f:
-                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
-                    return True
-        except OSError:
-            return True
-        time.sleep(0.05)
-    return False
-
-
 def test_registered_groups_end_when_the_owner_is_sigkilled():
     owner = subprocess.Popen([sys.executable, "-c", OWNER], stdout=subprocess.PIPE, text=True, start_new_session=True)
     keep, drop, guard, single = (int(x) for x in owner.stdout.readline().split())
@@ -53,7 +37,7 @@ def test_registered_groups_end_when_the_owner_is_sigkilled():
         while group_alive(keep) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert not group_alive(keep), "the registered group outlived its owner"
-        assert _until_gone(single), "the registered process outlived its owner"
+        assert wait_until(lambda: pid_gone(single), 10), "the registered process outlived its owner"
         assert group_alive(drop), "a forgotten group was stopped too"
         deadline = time.monotonic() + 10
         while group_alive(guard) and time.monotonic() < deadline:
