@@ -21,11 +21,12 @@ from flows.session import Session, model_session, release_session, with_blocks
 from llmflow.bench.cells import CellBook
 from llmflow.bench.config import CampaignConfig, campaign_path, cell_result, grid, load_campaign, skip_reason
 from llmflow.bench.report import (
-    CELL_COLUMNS,
     cell_record,
+    cells_table,
     compare,
     load_baseline,
     markdown_report,
+    table_records,
     utc_stamp,
     write_outputs,
 )
@@ -220,9 +221,10 @@ def publish_campaign(
 ) -> None:
     """Table and markdown artifacts, the plot as an image artifact when its folder has a URL,
     and an ``llmflow.campaign.finished`` event for automations."""
-    table = [{k: v for k, v in cell_record(c).items() if k in CELL_COLUMNS} for c in cells]
     key = artifact_key(campaign.name)
-    create_table_artifact(table=table, key=key, description=f"campaign {campaign.name}: one row per cell")
+    create_table_artifact(
+        table=table_records(cells_table(cells)), key=key, description=f"campaign {campaign.name}: one row per cell"
+    )
     create_markdown_artifact(
         markdown=markdown_report(meta, cells, regressions, paths), key=f"{key}-report", description="campaign report"
     )
@@ -230,7 +232,7 @@ def publish_campaign(
         create_image_artifact(
             image_url=f"{campaign.publish_url.rstrip('/')}/{paths['plot'].name}",
             key=f"{key}-plot",
-            description="tok/s and TTFT against context",
+            description="tok/s, TTFT and survival against context",
         )
     emit_event(
         event="llmflow.campaign.finished",

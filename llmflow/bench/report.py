@@ -7,12 +7,16 @@ import json
 import math
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from llmflow.bench.metrics import column_metrics, regression_metrics
+from llmflow.bench.metrics import METRICS, column_metrics, regression_metrics
 from llmflow.results import CellResult
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 CELL_COLUMNS = (
     "key",
@@ -39,6 +43,36 @@ def cells_frame(cells: list[CellResult]) -> pd.DataFrame:
     return pd.DataFrame([cell_record(c) for c in cells])
 
 
+# Counts: the cell's int fields (context, concurrency, output tokens, requests, session) and
+# the integer metrics (completed, token totals ...).
+INT_COLUMNS = frozenset(
+    [name for name, field in CellResult.model_fields.items() if field.annotation is int]
+    + [m.name for m in METRICS.values() if m.value_type is int]
+)
+# Decimals kept in cells.csv and the table artifact: a microsecond for ms, a thousandth of a
+# token/s, a KiB for MiB; more digits are noise of the clock, not of the server.
+TABLE_DECIMALS = 3
+
+
+def cells_table(cells: list[CellResult]) -> pd.DataFrame:
+    """The cells as people read them (cells.csv, the table artifact): ``CELL_COLUMNS``, counts
+    as nullable integers (a skipped cell's empty count would otherwise make every 4 a 4.0),
+    other figures rounded to ``TABLE_DECIMALS``."""
+    frame = cells_frame(cells)
+    frame = frame.reindex(columns=[c for c in CELL_COLUMNS if c in frame.columns])
+    for col in frame.columns:
+        if col in INT_COLUMNS:
+            frame[col] = pd.to_numeric(frame[col]).round().astype("Int64")
+        elif pd.api.types.is_float_dtype(frame[col]):
+            frame[col] = frame[col].round(TABLE_DECIMALS)
+    return frame
+
+
+def table_records(table: pd.DataFrame) -> list[dict[str, Any]]:
+    """Rows of ``cells_table`` as JSON-ready dicts: Python ints and floats, None where empty."""
+    return table.astype(object).where(table.notna(), None).to_dict("records")
+
+
 def read_rows(rows_path: Path) -> pd.DataFrame:
     """requests.jsonl as a frame (empty frame when no request was sent); a torn last line of a
     killed run is dropped."""
@@ -55,7 +89,11 @@ def read_rows(rows_path: Path) -> pd.DataFrame:
 
 def vllm_result(cell: CellResult, rows: pd.DataFrame, meta: dict[str, Any]) -> dict[str, Any]:
     """The cell as ``vllm bench serve --save-result`` writes a run: same key names where the
-    metric is the same (durations in s, latencies in ms, lists per request)."""
+    metric is the same (durations in s, latencies in ms, lists per request).
+
+    Written for every engine, not only vLLM: ``vllm bench serve`` measures any OpenAI-compatible
+    server and saves this same file for it, so these files put a llama.cpp or vLLM campaign side
+    by side with such runs (and with each other) in the scripts that read them."""
     timed = rows[(rows["cell"] == cell.key) & (~rows["warmup"])] if not rows.empty else rows
     ok = timed[timed["outcome"] == "ok"] if not timed.empty else timed
     per = lambda col: [] if ok.empty else [None if pd.isna(v) else v for v in ok[col].tolist()]  # noqa: E731
@@ -76,39 +114,109 @@ def vllm_result(cell: CellResult, rows: pd.DataFrame, meta: dict[str, Any]) -> d
     }
 
 
-def plot(cells: pd.DataFrame, path: Path, title: str) -> Path | None:
-    """Prefill tok/s, decode tok/s and mean TTFT against context size, one line per
-    concurrency (and output length, when there are several); only cells that ran ok."""
-    import matplotlib
+# The plot's panels: three per request, then the cell's throughput with all requests together.
+PANELS = (
+    ("prefill_tok_per_s", "prefill tok/s per request"),
+    ("decode_tok_per_s", "decode tok/s per request"),
+    ("mean_ttft_ms", "mean TTFT (ms)"),
+    ("output_throughput", "output tok/s, all requests of a cell"),
+)
+# A marker per status that is not ok (every CellStatus but ok; a test holds it to that),
+# drawn under zero in every panel at the cell's context.
+STATUS_MARKERS: dict[str, str] = {
+    "rejected": "x",
+    "crashed": "*",
+    "timed_out": "v",
+    "length_mismatch": "d",
+    "skipped": ">",
+    "not_run": "s",
+}
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    ok = cells[cells["status"] == "ok"] if not cells.empty else cells
-    if ok.empty:
-        return None
-    several_outputs = ok["output_tokens"].nunique() > 1
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    panels = (
-        ("prefill_tok_per_s", "prefill tok/s (per request)"),
-        ("decode_tok_per_s", "decode tok/s (per request)"),
-        ("mean_ttft_ms", "mean TTFT (ms)"),
-    )
-    for (conc, out), group in ok.groupby(["concurrency", "output_tokens"]):
-        group = group.sort_values("context")
+# Height of one series' row of status markers, as a fraction of a panel's height.
+STATUS_ROW = 0.07
+
+
+def campaign_figure(cells: pd.DataFrame, title: str) -> Figure:
+    """Prefill tok/s, decode tok/s, mean TTFT and the cell's output tok/s against context, one
+    line per concurrency (and output length, when there are several) through the ok cells; every
+    other cell is a marker of its status in a band under zero, a row per line, so survival
+    shows too. The x ticks are the contexts the campaign has, not powers of two. Built with the
+    plain ``Figure`` API (no pyplot, no GUI backend), so it runs headless and tests can read it."""
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+
+    fig = Figure(figsize=(13, 8), layout="constrained")
+    axes = fig.subplots(2, 2).flatten()
+    series = list(cells.groupby(["concurrency", "output_tokens"]))
+    several_outputs = cells["output_tokens"].nunique() > 1
+    colors = [f"C{i % 10}" for i in range(len(series))]
+    handles: list[Line2D] = []
+    for i, ((conc, out), group) in enumerate(series):
         label = f"concurrency {conc}" + (f", output {out}" if several_outputs else "")
-        for ax, (col, _) in zip(axes, panels):
-            ax.plot(group["context"], group[col], marker="o", label=label)
-    for ax, (_, ylabel) in zip(axes, panels):
-        ax.set_xlabel("context (prompt tokens)")
+        handles.append(Line2D([], [], color=colors[i], marker="o", label=label))
+        for ax, (col, _) in zip(axes, PANELS):
+            _draw_series(ax, group.sort_values("context"), col, colors[i], STATUS_ROW * (i + 0.5))
+    contexts = sorted(int(c) for c in cells["context"].unique())
+    shown = [s for s in STATUS_MARKERS if (cells["status"] == s).any()]
+    ok = cells[cells["status"] == "ok"]
+    for ax, (col, ylabel) in zip(axes, PANELS):
+        _context_axis(ax, contexts)
+        _value_axis(ax, pd.to_numeric(ok[col], errors="coerce"), STATUS_ROW * len(series) if shown else 0.0)
         ax.set_ylabel(ylabel)
-        ax.set_xscale("log", base=2)
         ax.grid(True, alpha=0.3)
-    axes[0].legend()
+    handles += [Line2D([], [], color="black", marker=STATUS_MARKERS[s], linestyle="none", label=s) for s in shown]
+    fig.legend(handles=handles, loc="outside right upper")
     fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return fig
+
+
+def _draw_series(ax: Axes, group: pd.DataFrame, col: str, color: str, marker_y: float) -> None:
+    """One concurrency's ok cells as a line; its other cells as status markers at ``marker_y``
+    (a fraction of the panel's height, so the row stays put whatever the data's scale)."""
+    ok = group[group["status"] == "ok"]
+    ax.plot(ok["context"], pd.to_numeric(ok[col], errors="coerce"), marker="o", color=color)
+    for status, failed in group[group["status"] != "ok"].groupby("status"):
+        ax.plot(
+            failed["context"],
+            [marker_y] * len(failed),
+            marker=STATUS_MARKERS.get(str(status), "o"),
+            linestyle="none",
+            markersize=9,
+            color=color,
+            transform=ax.get_xaxis_transform(),
+            gid=f"status:{status}",
+        )
+
+
+def _value_axis(ax: Axes, values: pd.Series, band: float) -> None:
+    """Values from zero up (a rate near a floor reads as one); below zero, ``band`` of the
+    panel's height is left empty of data for the status markers, without negative ticks."""
+    top = float(values.max()) * 1.05 if values.notna().any() and values.max() > 0 else 0.0
+    if not top:
+        ax.text(0.5, 0.5, "no ok cell has this figure", transform=ax.transAxes, ha="center", color="grey")
+    ax.set_ylim(-(top or 1.0) * band / (1 - band), top or 1.0)
+    ax.set_yticks([t for t in ax.get_yticks() if 0 <= t <= top])
+    if band:
+        ax.axhline(0, color="grey", linewidth=0.8)
+
+
+def _context_axis(ax: Axes, contexts: list[int]) -> None:
+    """Log-scaled context axis whose ticks and labels are exactly the campaign's contexts."""
+    from matplotlib.ticker import NullLocator
+
+    ax.set_xscale("log")
+    ax.set_xlim(contexts[0] / 1.25, contexts[-1] * 1.25)
+    ax.set_xticks(contexts, labels=[str(c) for c in contexts], rotation=45 if len(contexts) > 8 else 0)
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.set_xlabel("context (prompt tokens)")
+
+
+def plot(cells: pd.DataFrame, path: Path, title: str) -> Path | None:
+    """``campaign_figure`` as a PNG at ``path``; None when there is no cell to draw."""
+    if cells.empty:
+        return None
+    campaign_figure(cells, title).savefig(path, dpi=100)
     return path
 
 
@@ -152,21 +260,26 @@ def _number(x: Any) -> bool:
 def write_outputs(
     out_dir: Path, cells: list[CellResult], rows_path: Path, meta: dict[str, Any], regressions: list[dict[str, Any]]
 ) -> dict[str, Path]:
-    """requests.parquet, cells.csv, summary.json, vllm/<cell>.json and plot.png in ``out_dir``."""
+    """requests.parquet, cells.csv, vllm/<cell>.json, plot.png and summary.json in ``out_dir``;
+    returns the ones written (no requests sent: no parquet and no vllm folder)."""
     rows = read_rows(rows_path)
     paths: dict[str, Path] = {}
     if not rows.empty:
         paths["requests"] = out_dir / "requests.parquet"
         rows.to_parquet(paths["requests"], index=False)
-    frame = cells_frame(cells)
     paths["cells"] = out_dir / "cells.csv"
-    frame.reindex(columns=[c for c in CELL_COLUMNS if c in frame.columns]).to_csv(paths["cells"], index=False)
-    vdir = out_dir / "vllm"
-    vdir.mkdir(exist_ok=True)
-    for cell in cells:
-        if cell.requests:
-            (vdir / f"{cell.key}.json").write_text(json.dumps(vllm_result(cell, rows, meta), indent=1, default=str))
-    picture = plot(frame, out_dir / "plot.png", f"{meta.get('name')}: {meta.get('engine')} {meta.get('model')}")
+    cells_table(cells).to_csv(paths["cells"], index=False)
+    measured = [c for c in cells if c.requests]
+    if measured:
+        paths["vllm"] = out_dir / "vllm"
+        paths["vllm"].mkdir(exist_ok=True)
+        for cell in measured:
+            (paths["vllm"] / f"{cell.key}.json").write_text(
+                json.dumps(vllm_result(cell, rows, meta), indent=1, default=str)
+            )
+    picture = plot(
+        cells_frame(cells), out_dir / "plot.png", f"{meta.get('name')}: {meta.get('engine')} {meta.get('model')}"
+    )
     if picture:
         paths["plot"] = picture
     paths["summary"] = out_dir / "summary.json"
@@ -175,6 +288,16 @@ def write_outputs(
     tmp.write_text(json.dumps(summary, indent=1, default=str) + "\n")
     tmp.replace(paths["summary"])
     return paths
+
+
+# What ``write_outputs`` may leave in a campaign folder, in the order a reader wants them.
+OUTPUT_NAMES = ("summary.json", "cells.csv", "requests.parquet", "plot.png", "vllm/")
+
+
+def output_names(out_dir: Path) -> list[str]:
+    """The report files a campaign folder holds (folders with a trailing slash), for a
+    ``outputs: DIR (summary.json, ...)`` line that names only what is there."""
+    return [name for name in OUTPUT_NAMES if (out_dir / name.rstrip("/")).exists()]
 
 
 def load_baseline(path: Path) -> list[dict[str, Any]]:

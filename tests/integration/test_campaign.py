@@ -16,6 +16,7 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
 from flows.campaign import benchmark_campaign
 from llmflow.bench.config import CampaignConfig
+from llmflow.bench.report import output_names
 from llmflow.config import LlamaCppEngine, ModelConfig, SessionConfig, VllmEngine
 from tests.conftest import kill_server_during_cell, llama_processes
 
@@ -34,6 +35,9 @@ def _check_outputs(out: Path, cells: list, ok_contexts: list[int], past_limit: i
     for name in ("requests.parquet", "summary.json", "cells.csv", "plot.png"):
         assert (out / name).stat().st_size > 0, name
     assert (out / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert output_names(out) == ["summary.json", "cells.csv", "requests.parquet", "plot.png", "vllm/"]
+    table = pd.read_csv(out / "cells.csv", dtype=str)
+    assert table["completed"].dropna().str.fullmatch(r"\d+").all()  # 4, not 4.0, beside skipped cells
     rows = pd.read_parquet(out / "requests.parquet")
     for cell in cells:
         if cell.context in ok_contexts:
