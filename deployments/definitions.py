@@ -31,11 +31,11 @@ DEPLOYMENTS = [
     DeploymentSpec(
         name="nightly-batch",
         entrypoint="flows/batch.py:batch_inference",
-        description="Every night, serve the model, run the batch file once (resuming what is done), record tok/s, release the node.",
+        description="Every night, serve the model, run the batch file into that night's own output file (a rerun the same night resumes it), record tok/s, release the node.",
         tags=["llmflow", "batch", "nightly"],
         cron=NIGHTLY_CRON,
         timezone=TIMEZONE,
-        parameters={"batch": {"output_path": "out/nightly.jsonl"}},
+        parameters={"batch": {"output_path": "out/nightly-{date}.jsonl"}},
     ),
     DeploymentSpec(
         name="batch",

@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 from dataclasses import replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, tzinfo
+from zoneinfo import ZoneInfo
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.objects import FlowRun
+from prefect.context import FlowRunContext
 from prefect.events import emit_event
 from prefect.states import Completed, State
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from flows.replicas import replica_set
 from flows.session import model_session, release_session, with_blocks
-from llmflow.batch.jsonl import drop_error_records
+from llmflow.batch import output_path
+from llmflow.batch.input_check import check_input
+from llmflow.batch.jsonl import drop_error_records, errors_path_for, summary_path_for
+from llmflow.batch.pending import Pending, count_pending
 from llmflow.batch.report import batch_markdown, batch_summary, failure_warning, merge_reports
 from llmflow.config import BatchConfig, SessionConfig
 from llmflow.errors import ServerDied, UnfinishedRequests
@@ -25,7 +32,71 @@ FINISHED_WITH_FAILURES_STATE = "Finished with failures"  # a Completed state's n
 
 class BatchResult(BaseModel):
     report: BatchReport
-    tokps: TokPS
+    tokps: TokPS | None = Field(description="This pass's throughput; None when nothing was sent (no pass, no rate).")
+    nothing_to_send: bool = Field(
+        default=False, description="Every request was already in the output: no server was started, nothing written."
+    )
+
+
+def schedule_timezone(run: FlowRun | None) -> tzinfo:
+    """The timezone of the run's deployment schedule, so a run scheduled at 00:30 in Berlin is
+    named by its Berlin date; UTC for a run outside a scheduled deployment (CLI, Python, ``batch``)."""
+    if run is None or run.deployment_id is None:
+        return UTC
+    try:
+        with get_client(sync_client=True) as client:
+            schedules = client.read_deployment(run.deployment_id).schedules
+        zones = [s.schedule.timezone for s in schedules if getattr(s.schedule, "timezone", None)]
+        return ZoneInfo(zones[0]) if zones else UTC
+    except Exception as exc:  # naming the file must not fail the night: UTC, said in the log
+        get_run_logger().warning("could not read the deployment's schedule timezone (%s); naming by UTC", exc)
+        return UTC
+
+
+def resolve_output_path(batch: BatchConfig) -> BatchConfig:
+    """``batch`` with the placeholders of its output path filled in, once per run, from the flow
+    run's *scheduled* start (``{date}``, ``{time}``), name and id; the errors and summary files
+    follow the resolved name. Outside a flow run the time is now."""
+    run = ctx.flow_run if (ctx := FlowRunContext.get()) else None
+    when = (run.expected_start_time if run else None) or datetime.now(UTC)
+    uses_clock = {"date", "time"} & set(output_path.placeholders(str(batch.output_path)))
+    local = when.astimezone(schedule_timezone(run) if uses_clock else UTC)
+    path = output_path.render(batch.output_path, local, run.name if run else None, str(run.id) if run else None)
+    if run is not None and path != batch.output_path:
+        get_run_logger().info("output %s (from %s; scheduled start %s)", path, batch.output_path, local.isoformat())
+    return batch.model_copy(update={"output_path": path})
+
+
+def nothing_to_send(batch: BatchConfig, pending: Pending) -> State:
+    """The run when the output already answers every line: no session, the summary left as it
+    was, and a Completed state whose message (and report) says so."""
+    message = f"nothing left to send: all {pending.requests} requests of {batch.input_path} are in {batch.output_path}"
+    if pending.invalid_lines:
+        message += f" ({pending.invalid_lines} invalid input lines are never sent)"
+    get_run_logger().info(message)
+    report = BatchReport(
+        input_path=batch.input_path,
+        output_path=batch.output_path,
+        errors_path=errors_path_for(batch.output_path),
+        input_lines=pending.input_lines,
+        already_done=pending.finished,
+        sent=0,
+        succeeded=0,
+        failed_http=0,
+        unfinished=0,
+        invalid_lines=pending.invalid_lines,
+        prompt_tokens=0,
+        completion_tokens=0,
+        wall_s=0.0,
+        retries=0,
+    )
+    create_markdown_artifact(
+        markdown=f"# Nothing left to send\n\n{message}: no server was started, and "
+        f"`{summary_path_for(batch.output_path)}` keeps the earlier passes' figures.\n",
+        key="batch-report",
+        description="batch run report",
+    )
+    return Completed(message=message, data=BatchResult(report=report, tokps=None, nothing_to_send=True))
 
 
 def publish_batch_report(
@@ -64,7 +135,9 @@ def batch_inference(
     """Serve the model, run every request of ``batch.input_path`` once, record tok/s, tear down.
 
     Finished records are appended to ``batch.output_path`` as they come back, so a rerun after
-    any failure sends only what is missing.
+    any failure sends only what is missing; a rerun with nothing missing starts no server.
+    ``{date}``, ``{time}``, ``{flow_run_name}`` and ``{flow_run_id}`` in the output path are
+    filled in from the flow run at its start (``{date}``: the scheduled start's date).
 
     Args:
         session: Where and how the model is served (inline).
@@ -74,10 +147,14 @@ def batch_inference(
     """
     logger = get_run_logger()
     session = with_blocks(session, cluster_block, model_server_block)
+    batch = resolve_output_path(batch)
+    check_input(batch.input_path)  # a missing or non-JSONL input fails here, before any server starts
     if batch.retry_errors and (dropped := drop_error_records(batch.output_path)):
         logger.info(
             "retry errors: %d error records taken out of %s; sending those lines again", dropped, batch.output_path
         )
+    if not (pending := count_pending(batch.input_path, batch.output_path)).to_send:
+        return nothing_to_send(batch, pending)
     if session.replicas > 1:
         return _replicated_batch(session, batch)
     with model_session(session) as s:

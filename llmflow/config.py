@@ -469,7 +469,11 @@ class BatchConfig(_Strict):
     input_path: Path = Field(default=SAMPLE_INPUT, description="OpenAI batch input JSONL.")
     output_path: Path = Field(
         default=PROJECT_ROOT / "out" / "sample_output.jsonl",
-        description="Output JSONL; an existing file is resumed (finished custom_ids are skipped).",
+        description=(
+            "Output JSONL; an existing file is resumed (finished custom_ids are skipped). May hold {date} "
+            "(YYYY-MM-DD) and {time} (HHMMSS) of the run's scheduled start (in its deployment schedule's "
+            "timezone, else UTC), {flow_run_name} and {flow_run_id}, filled in when the run starts."
+        ),
     )
     concurrency: int = Field(default=8, ge=1, le=4096, description="Requests in flight at once.")
     max_attempts: int = Field(
@@ -498,6 +502,15 @@ class BatchConfig(_Strict):
             "every attempt): their records are taken out of the output first. Without it they count as finished."
         ),
     )
+
+    @field_validator("output_path")
+    @classmethod
+    def _known_placeholders(cls, value: Path) -> Path:
+        """A typo such as ``{dat}`` fails here, before a server is started, not at the run's end."""
+        from llmflow.batch.output_path import placeholders
+
+        placeholders(str(value))
+        return value
 
     @model_validator(mode="after")
     def _distinct_paths(self) -> BatchConfig:

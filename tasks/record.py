@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 from prefect import task
 from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
 
 from llmflow.batch.jsonl import summary_path_for
 from llmflow.batch.report import tok_per_s, write_summary
+from llmflow.batch.summary import pass_of
 from llmflow.results import Allocation, BatchReport, Ready, TokPS
 
 
@@ -19,11 +23,22 @@ from llmflow.results import Allocation, BatchReport, Ready, TokPS
     cache_policy=NO_CACHE,
 )
 def record_tok_s(report: BatchReport, allocation: Allocation, ready: Ready) -> TokPS:
-    """Compute requests/s and tok/s and write ``<output>.summary.json``."""
+    """Compute requests/s and tok/s and add this pass to ``<output>.summary.json`` (earlier
+    passes over the same output are kept; see ``llmflow.batch.summary``)."""
     tokps = tok_per_s(report, summary_path_for(report.output_path))
+    run_pass = pass_of(
+        tokps,
+        report,
+        started_at=allocation.started_at,
+        ended_at=datetime.now(UTC),
+        flow_run_id=flow_run.get_id(),
+        run_id=allocation.run_id,
+        placement=allocation.placement,
+    )
     write_summary(
         tokps,
         report,
+        run_pass,
         extra={
             "placement": allocation.placement,
             "node": allocation.node,

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from llmflow.batch.summary import SummaryPass, merge_summary, passes_in
 from llmflow.engines.figures import TIMING_FIELDS, timings_summary
 from llmflow.results import Allocation, BatchReport, Teardown, TokPS
 
@@ -185,13 +186,34 @@ def tok_per_s(report: BatchReport, summary_path: Path) -> TokPS:
     )
 
 
-def write_summary(tokps: TokPS, report: BatchReport, extra: dict | None = None) -> None:
-    """The JSON written beside the output: throughput plus the batch counts."""
-    data = {
+def read_summary(path: Path) -> dict | None:
+    """The summary file as it is, or None when there is none. One that cannot be read is moved
+    aside to ``<name>.unreadable`` (not silently replaced), and the passes start again."""
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text())
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+        passes_in(data)
+    except (ValueError, TypeError):
+        path.replace(path.with_name(path.name + ".unreadable"))
+        return None
+    return data
+
+
+def write_summary(tokps: TokPS, report: BatchReport, run_pass: SummaryPass, extra: dict | None = None) -> None:
+    """The JSON beside the output: this pass's throughput and batch counts (the keys older
+    readers use), plus every pass so far and their total (``llmflow.batch.summary``)."""
+    latest = {
         "throughput": tokps.model_dump(mode="json", exclude={"summary_path"}),
         "batch": report.model_dump(mode="json"),
         **(extra or {}),
     }
+    existing = read_summary(tokps.summary_path)
+    data = merge_summary(existing, latest, run_pass)
+    if data is existing:
+        return  # a pass that sent nothing: the file stays as it was
     tokps.summary_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = tokps.summary_path.with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=2) + "\n")

@@ -39,3 +39,18 @@ def test_the_nightly_campaign_file_exists_and_validates():
     spec = {s.name: s for s in DEPLOYMENTS}["nightly-campaign"]
     campaign, session = load_campaign(PROJECT_ROOT / spec.parameters["campaign_file"])
     assert campaign.compare_to_last and session is not None
+
+
+def test_the_nightly_batch_writes_a_new_output_file_each_night():
+    """A fixed output path is the resume checkpoint: the second night would send nothing."""
+    from datetime import UTC, datetime
+    from pathlib import Path
+
+    from llmflow.batch.output_path import render
+    from llmflow.config import BatchConfig
+
+    spec = {s.name: s for s in DEPLOYMENTS}["nightly-batch"]
+    template = BatchConfig.model_validate(spec.parameters["batch"]).output_path
+    nights = [datetime(2026, 3, day, 1, 0, tzinfo=UTC) for day in (1, 2)]
+    first, second = (render(template, night, "run", "id") for night in nights)
+    assert first != second and first == Path("out/nightly-2026-03-01.jsonl")
