@@ -12,19 +12,23 @@ SIGTERM), after tearing the server down.
 from __future__ import annotations
 
 import argparse
-import difflib
 import json
+import logging
 import os
 import signal
 import sys
+import traceback
 from pathlib import Path
 
 from pydantic import ValidationError
 
 from cli.prefect_api import connect
+from llmflow import paths
 from llmflow.batch import progress
+from llmflow.batch.jsonl import summary_path_for
 from llmflow.config import DEFAULT_MODEL, PROJECT_ROOT, SAMPLE_INPUT, BatchConfig, SessionConfig
 from llmflow.errors import ConfigError
+from llmflow.validation import config_problems, did_you_mean, short_message
 
 EXIT_FINISHED_WITH_FAILURES = 3
 EXIT_INTERRUPTED = 130
@@ -34,8 +38,9 @@ CONFIG_SECTIONS = ("session", "batch")
 
 
 def _config_file(path: Path | None) -> dict:
-    """The ``--config`` JSON file: a table with ``session`` and/or ``batch``. Anything else at the
-    top (a typo such as ``sesion``) is refused, as unknown keys are at every other level."""
+    """The ``--config`` JSON file: a table with ``session`` and/or ``batch``, its relative paths
+    taken from the file's folder (``llmflow.paths``). Anything else at the top (a typo such as
+    ``sesion``) is refused, as unknown keys are at every other level."""
     if path is None:
         return {}
     try:
@@ -48,10 +53,30 @@ def _config_file(path: Path | None) -> dict:
         raise ConfigError(f'--config {path}: expected {{"session": {{...}}, "batch": {{...}}}} at the top')
     for key in data:
         if key not in CONFIG_SECTIONS:
-            close = difflib.get_close_matches(key, CONFIG_SECTIONS, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else f" (expected {' or '.join(CONFIG_SECTIONS)})"
+            hint = did_you_mean(key, CONFIG_SECTIONS) or f" (expected {' or '.join(CONFIG_SECTIONS)})"
             raise ConfigError(f"--config {path}: unknown top-level key {key!r}{hint}")
-    return data
+        if not isinstance(data[key], dict):
+            raise ConfigError(f"--config {path}: {key}: expected a table")
+    base = Path(path).resolve().parent
+    return {
+        **({"session": paths.resolve_session(data["session"], base)} if "session" in data else {}),
+        **({"batch": paths.resolve_batch(data["batch"], base)} if "batch" in data else {}),
+    }
+
+
+def _flag_paths(args: argparse.Namespace, data: dict) -> dict:
+    """The session's path flags (``--model``, ``--venv``, ``--runs-dir``) as a session table,
+    relative ones taken from the working directory."""
+    flags: dict = {"placement": data.get("placement", {})}
+    if getattr(args, "venv", None):
+        flags["engine"] = {"kind": data.get("engine", {}).get("kind", "llama_cpp"), "venv": str(args.venv)}
+    if getattr(args, "model", None):
+        flags["model"] = {"path": str(args.model)}
+    if args.runs_dir:
+        flags["runs_dir"] = str(args.runs_dir)
+    flags = paths.resolve_session(flags, Path.cwd())
+    flags.pop("placement")
+    return flags
 
 
 def _session_config(args: argparse.Namespace, data: dict | None = None) -> SessionConfig:
@@ -59,18 +84,22 @@ def _session_config(args: argparse.Namespace, data: dict | None = None) -> Sessi
     the engine flags; then ``--runs-dir`` and the block names."""
     if data is None:
         data = _config_file(args.config).get("session", {})
+        flags = _flag_paths(args, data)
         engine = data.setdefault("engine", {})
-        if args.venv:
-            engine["venv"] = args.venv
+        if "engine" in flags:
+            engine["venv"] = flags["engine"]["venv"]
         if args.n_ctx:
             engine["n_ctx"] = args.n_ctx
-        if args.model:
-            data.setdefault("model", {})["path"] = args.model
+        if "model" in flags:
+            data.setdefault("model", {})["path"] = flags["model"]["path"]
         if getattr(args, "replicas", None):
             data["replicas"] = args.replicas
     if args.runs_dir:
-        data["runs_dir"] = args.runs_dir
-    session = SessionConfig.model_validate(data)
+        data["runs_dir"] = str(Path(args.runs_dir).absolute())
+    try:
+        session = SessionConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(short_message(config_problems(exc, SessionConfig, "session."))) from None
     if args.cluster_block or args.model_server_block:
         connect()
         from flows.session import with_blocks
@@ -81,14 +110,66 @@ def _session_config(args: argparse.Namespace, data: dict | None = None) -> Sessi
 
 def _batch_config(args: argparse.Namespace, input_path: Path, output_path: Path) -> BatchConfig:
     data: dict = _config_file(args.config).get("batch", {})
-    data.update(input_path=input_path, output_path=output_path)
+    data.update(input_path=input_path.absolute(), output_path=output_path.absolute())
     if args.concurrency:
         data["concurrency"] = args.concurrency
     if args.fixed_output_tokens:
         data["fixed_output_tokens"] = args.fixed_output_tokens
     if getattr(args, "retry_errors", False):
         data["retry_errors"] = True
-    return BatchConfig.model_validate(data)
+    try:
+        return BatchConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(short_message(config_problems(exc, BatchConfig, "batch."))) from None
+
+
+def _preflight(session: SessionConfig, batch: BatchConfig | None = None) -> None:
+    """What can be checked on this machine before Prefect or any server starts (well under a
+    second): the input file, the engine's environment and the model (local placement), the SSH
+    key file, secrets from the environment. The flow checks again (and reads Secret blocks)."""
+    from llmflow.placements import driver_for
+
+    if batch is not None:
+        from llmflow.batch.input_check import check_input
+
+        check_input(batch.input_path)
+    driver_for(session).preflight(blocks=False)
+
+
+def _invalid(command: str, exc: Exception) -> int:
+    """Exit 2 with the message alone (it names the field, file or line): no traceback unless ``--debug``."""
+    if os.environ.get("LLMFLOW_DEBUG") == "1":
+        traceback.print_exc()
+    print(f"llmflow {command}: {exc}", file=sys.stderr)
+    return 2
+
+
+def _quiet_prefect_console() -> None:
+    """Prefect prints a traceback on the console for every failed task and flow, which buries the
+    one useful line; without ``--debug`` the console shows each record's message alone (the
+    Prefect API and UI still get the whole traceback)."""
+    if os.environ.get("LLMFLOW_DEBUG") == "1":
+        return
+    from prefect.logging.handlers import APILogHandler
+
+    loggers = [logging.getLogger()] + [
+        x for x in logging.Logger.manager.loggerDict.values() if isinstance(x, logging.Logger)
+    ]
+    for logger in loggers:
+        for handler in logger.handlers:
+            if isinstance(handler, logging.StreamHandler) and not isinstance(handler, APILogHandler):
+                if not getattr(handler, "_llmflow_quiet", False):
+                    handler.format = _without_traceback(handler.format)  # type: ignore[method-assign]
+                    handler._llmflow_quiet = True  # type: ignore[attr-defined]
+
+
+def _without_traceback(format_record):
+    def format(record: logging.LogRecord) -> str:
+        if record.exc_info or record.exc_text:
+            record = logging.makeLogRecord({**record.__dict__, "exc_info": None, "exc_text": None})
+        return format_record(record)
+
+    return format
 
 
 def _run_batch(session: SessionConfig, batch: BatchConfig) -> int:
@@ -103,28 +184,36 @@ def _run_batch(session: SessionConfig, batch: BatchConfig) -> int:
     from flows.batch import batch_inference  # imports Prefect: keep `--help` fast
     from llmflow.batch.report import failure_warning
 
+    _quiet_prefect_console()
     with Progress(
         TextColumn("[bold]batch"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
     ) as bar:
-        task_id = bar.add_task("batch", total=None)
+        task_ids: list = []
 
         def on_progress(done: int, total: int) -> None:
-            bar.update(task_id, completed=done, total=total)
+            # the bar (and its clock) starts with the pass, not with the server's start-up
+            if not task_ids:
+                task_ids.append(bar.add_task("batch", total=total))
+            bar.update(task_ids[0], completed=done, total=total)
 
         progress.add_listener(on_progress)
         try:
             result = batch_inference(session=session, batch=batch)
         except (KeyboardInterrupt, TerminationSignal):
             console.print(
-                f"[yellow]interrupted:[/yellow] the server was torn down; rerun to resume {batch.output_path}"
+                "[yellow]interrupted:[/yellow] the server was torn down; rerun the same command to resume",
+                soft_wrap=True,
             )
             return EXIT_INTERRUPTED
         except Exception as exc:  # the flow's own message is the useful part
-            console.print(f"[red]batch failed:[/red] {exc}")
-            return 1
+            return _failed("batch", exc, console)
         finally:
             progress.remove_listener(on_progress)
     r, t = result.report, result.tokps
+    if result.nothing_to_send or t is None:
+        print(f"output:   {r.output_path}  (nothing left to send: every request of {r.input_path.name} is in it)")
+        print(f"summary:  {summary_path_for(r.output_path)}  (unchanged)")
+        return 0
     print(
         f"output:   {r.output_path}  ({r.already_done} already done, {r.succeeded} ok, {r.failed_http} non-2xx this run)"
     )
@@ -140,17 +229,30 @@ def _run_batch(session: SessionConfig, batch: BatchConfig) -> int:
     return 0
 
 
+def _failed(what: str, exc: Exception, console=None) -> int:
+    """Exit 1 with the flow's own message, unwrapped (a terminal must not break a path in two)."""
+    if os.environ.get("LLMFLOW_DEBUG") == "1":
+        traceback.print_exception(exc)
+    if console is not None:
+        console.print(f"[red]{what} failed:[/red] {exc}", soft_wrap=True)
+    else:
+        print(f"{what} failed: {exc}", file=sys.stderr)
+    return 1
+
+
 def _hold(args: argparse.Namespace) -> int:
     """Hold a session open; print the URL, key and examples once ready; tear down at the end or on Ctrl-C."""
     try:
         session = _session_config(args)
+        _preflight(session)
     except (ValidationError, ConfigError) as exc:
-        print(f"invalid configuration:\n{exc}", file=sys.stderr)
-        return 2
+        return _invalid(args.command, exc)
     connect(lambda text: print(text, file=sys.stderr))  # before Prefect is first imported
     from prefect.exceptions import TerminationSignal
 
     from flows.hold import connection_help, hold_session, on_ready
+
+    _quiet_prefect_console()
 
     on_ready(
         lambda s: print("\n" + connection_help(s) + f"\n\nheld for {args.hours} h; Ctrl-C ends it early\n", flush=True)
@@ -161,9 +263,11 @@ def _hold(args: argparse.Namespace) -> int:
         print("interrupted: the session was torn down", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as exc:  # noqa: BLE001 - the flow's message is the useful part
-        print(f"session failed: {exc}", file=sys.stderr)
-        return 1
-    print(f"session ended after {held} h; torn down")
+        return _failed("session", exc)
+    if held.interrupted:
+        print(f"interrupted after {held.hours} h: the session was torn down", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    print(f"session ended after {held.hours} h; torn down")
     return 0
 
 
@@ -187,18 +291,21 @@ def _bench(args: argparse.Namespace) -> int:
             updates["resume"] = True
         campaign = campaign.model_validate({**campaign.model_dump(), **updates})
         session = _session_config(args, dict(file_session or {}))
-    except (CampaignFileError, ValidationError) as exc:
-        print(f"invalid campaign:\n{exc}", file=sys.stderr)
-        return 2
-    if session.model.path == DEFAULT_MODEL and not DEFAULT_MODEL.exists():
-        from llmflow.tiny_model import write_tiny_llama
+        if session.model.path == DEFAULT_MODEL and not DEFAULT_MODEL.exists():
+            from llmflow.tiny_model import write_tiny_llama
 
-        write_tiny_llama(DEFAULT_MODEL)
+            write_tiny_llama(DEFAULT_MODEL)
+        _preflight(session)
+    except (CampaignFileError, ValidationError, ConfigError) as exc:
+        return _invalid(args.command, exc)
 
     connect(lambda text: print(text, file=sys.stderr))  # before Prefect is first imported
     from prefect.exceptions import TerminationSignal
 
     from flows.campaign import benchmark_campaign
+    from llmflow.bench.report import output_names
+
+    _quiet_prefect_console()
 
     try:
         result = benchmark_campaign(session=session, campaign=campaign)
@@ -209,8 +316,7 @@ def _bench(args: argparse.Namespace) -> int:
         )
         return EXIT_INTERRUPTED
     except Exception as exc:  # noqa: BLE001 - the flow's message is the useful part
-        print(f"campaign failed: {exc}", file=sys.stderr)
-        return 1
+        return _failed("campaign", exc)
     for c in result.cells:
         s = c.summary
         rates = (
@@ -221,7 +327,7 @@ def _bench(args: argparse.Namespace) -> int:
             else ""
         )
         print(f"{c.key:<24} {c.status:<16} {rates}")
-    print(f"outputs:  {result.output_dir}  (summary.json, cells.csv, requests.parquet, plot.png, vllm/)")
+    print(f"outputs:  {result.output_dir}  ({', '.join(output_names(result.output_dir))})")
     for r in result.regressions:
         print(f"regression: {r['key']} {r['metric']}: {r['baseline']} -> {r['current']}")
     return EXIT_REGRESSION if result.regressions and args.fail_on_regression else 0
@@ -245,6 +351,9 @@ def _add_session_options(p: argparse.ArgumentParser) -> None:
 
 
 def _add_where_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--debug", action="store_true", help="show tracebacks and the SSH library's own log (default: messages only)"
+    )
     p.add_argument("--runs-dir", type=Path, help="where per-run folders (server log, key) go (default runs/)")
     p.add_argument("--cluster-block", help="run on the Slurm cluster saved as this SlurmCluster block")
     p.add_argument("--model-server-block", help="serve the engine and model saved as this ModelServer block")
@@ -307,7 +416,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("cleanup", help="list or release servers left by runs whose process died")
     p.add_argument("--runs-dir", type=Path, default=PROJECT_ROOT / "runs")
-    p.add_argument("--list", action="store_true", help="only list leases, release nothing")
+    p.add_argument("--list", action="store_true", help="only list leases (a table), release nothing")
+    p.add_argument("--json", action="store_true", help="with --list: the leases as JSON, for scripts")
     return parser
 
 
@@ -338,6 +448,8 @@ def main(argv: list[str] | None = None) -> int:
     # `kill` (SIGTERM) takes the same path as Ctrl-C: the session's finally tears everything down.
     signal.signal(signal.SIGTERM, _interrupt)
     args = build_parser().parse_args(argv)
+    if getattr(args, "debug", False):
+        os.environ["LLMFLOW_DEBUG"] = "1"
     if args.command == "make-model":
         from llmflow.tiny_model import write_tiny_llama
 
@@ -345,11 +457,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {out}")
         return 0
     if args.command == "cleanup":
-        from llmflow.placements import describe, release_leftovers
+        from llmflow.placements import describe, lease_table, release_leftovers
         from llmflow.remote.leases import all_leases, dump
 
-        if args.list:
-            print(dump([describe(lease) for _, lease in all_leases(args.runs_dir)]))
+        if args.list or args.json:
+            rows = [describe(lease) for _, lease in all_leases(args.runs_dir)]
+            print(dump(rows) if args.json else lease_table(rows))
             return 0
         released = release_leftovers(args.runs_dir)
         print(
@@ -371,13 +484,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         session = _session_config(args)
         batch = _batch_config(args, input_path, args.output)
-    except (ValidationError, ConfigError) as exc:
-        print(f"invalid configuration:\n{exc}", file=sys.stderr)
-        return 2
-    if args.command == "demo" and not session.model.path.exists():
-        from llmflow.tiny_model import write_tiny_llama
+        if args.command == "demo" and not session.model.path.exists():
+            from llmflow.tiny_model import write_tiny_llama
 
-        write_tiny_llama(session.model.path)
+            write_tiny_llama(session.model.path)
+        _preflight(session, batch)
+    except (ValidationError, ConfigError) as exc:
+        return _invalid(args.command, exc)
     return _run_batch(session, batch)
 
 

@@ -8,6 +8,10 @@ stays the same for SSH tunnels). Tears down when the hours are up, on Ctrl-C or 
 With ``session.replicas`` > 1 the held URL is nginx's (``llmflow.gateway``) in front of the
 replicas: it is announced once the first replica is ready, the others join as they pass their
 gates, and a lost replica leaves nginx's upstream at once and is replaced in the background.
+
+Ctrl-C is the documented way to end a hold early: once everything is torn down the run ends
+Completed, named "Ended early" (not Crashed, which would say something went wrong), and
+returns ``Held(interrupted=True)`` so the command line can say so.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ from dataclasses import dataclass, replace
 
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run as current_flow_run
+from prefect.states import Completed, State
+from pydantic import BaseModel
 
 from flows.replicas import replica_set
 from flows.session import model_session, release_session
@@ -27,6 +33,15 @@ from llmflow.gateway import Gateway, find_nginx
 from llmflow.placements import driver_for
 from llmflow.readiness import answers
 from tasks import recover_session
+
+ENDED_EARLY_STATE = "Ended early"  # a Completed state's name, shown in the UI
+
+
+class Held(BaseModel):
+    """What a hold returns: the hours it held, and whether Ctrl-C ended it before its time."""
+
+    hours: float
+    interrupted: bool = False
 
 
 @dataclass(frozen=True)
@@ -75,14 +90,38 @@ def connection_help(r: Reach) -> str:
     )
 
 
+def _hours_since(started: float) -> float:
+    return round((time.monotonic() - started) / 3600, 4)
+
+
 @flow(name="hold-session", on_crashed=[release_session], on_cancellation=[release_session])
-def hold_session(session: SessionConfig = SessionConfig(), hours: float = 1.0, check_every_s: float = 30.0) -> float:
-    """Keep a ready, reachable model server for ``hours``; returns the hours it was held."""
+def hold_session(
+    session: SessionConfig = SessionConfig(), hours: float = 1.0, check_every_s: float = 30.0
+) -> Held | State:
+    """Keep a ready, reachable model server for ``hours``; returns the hours it was held.
+
+    Ctrl-C (KeyboardInterrupt in the flow's thread) ends it early: the sessions' ``finally``
+    blocks tear everything down on the way out, then the run ends Completed ("Ended early").
+    Cancellation from the UI or API is Prefect's own signal and still ends the run Cancelled.
+    """
+    started = time.monotonic()
+    try:
+        if session.replicas > 1:
+            _hold_replicas(session, hours, check_every_s)
+        else:
+            _hold_one(session, hours, check_every_s)
+    except KeyboardInterrupt:
+        held = Held(hours=_hours_since(started), interrupted=True)
+        message = f"Ctrl-C ended the hold after {held.hours} h; everything was torn down"
+        get_run_logger().warning(message)
+        return Completed(name=ENDED_EARLY_STATE, message=message, data=held)
+    return Held(hours=_hours_since(started))
+
+
+def _hold_one(session: SessionConfig, hours: float, check_every_s: float) -> None:
+    """One server for ``hours``: check it every ``check_every_s``, follow it after a requeue."""
     logger = get_run_logger()
     started = time.monotonic()
-    if session.replicas > 1:
-        _hold_replicas(session, hours, check_every_s)
-        return round((time.monotonic() - started) / 3600, 4)
     with model_session(session) as s:
         logger.info("session ready at %s/v1 (API key in %s)", s.tunnel.base_url, s.handle.api_key_file)
         _announce(Reach(s.tunnel.base_url, s.handle.api_key(), s.handle.served_name))
@@ -102,7 +141,6 @@ def hold_session(session: SessionConfig = SessionConfig(), hours: float = 1.0, c
                 _announce(Reach(s.tunnel.base_url, s.handle.api_key(), s.handle.served_name))
             else:
                 logger.warning("the endpoint did not answer a health check; will check again")
-    return round((time.monotonic() - started) / 3600, 4)
 
 
 def _hold_replicas(session: SessionConfig, hours: float, check_every_s: float) -> None:

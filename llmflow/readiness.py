@@ -4,12 +4,17 @@
 completion succeeds: some servers open their port (or answer /v1/models) before they can
 generate. ``answers`` is the single probe a running session uses to tell a server that still
 serves from one that has gone quiet.
+
+A model can take minutes to load (vLLM: 40-70 s even for a tiny one); the gate reports every
+``report_every_s`` what it saw last and the server log's last line, so the wait is not silent.
 """
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import httpx
@@ -17,6 +22,7 @@ import httpx
 from llmflow import engines
 from llmflow.errors import GateFailed
 from llmflow.placements import driver_for
+from llmflow.placements.base import tail_note
 from llmflow.results import Ready, ServerHandle
 
 LOADING_STATUSES = {502, 503, 504}
@@ -34,13 +40,79 @@ def classify(status: int | None) -> ProbeState:
     return "fatal"
 
 
-def probe(client: httpx.Client, path: str) -> tuple[ProbeState, httpx.Response | None]:
-    """One GET of the engine's readiness path, classified; the response when there was one."""
+def transport_error_text(exc: httpx.TransportError) -> str:
+    """A failed connection as a person reads it: nothing listening yet, or no answer in time."""
+    if isinstance(exc, httpx.ConnectError):
+        return "connection refused" if "refused" in str(exc).lower() else f"cannot connect ({exc})"
+    if isinstance(exc, httpx.TimeoutException):
+        return "no answer in time"
+    if isinstance(exc, httpx.RemoteProtocolError | httpx.ReadError):
+        return "connection closed without an answer"  # a forward with nothing listening behind it yet
+    return f"{type(exc).__name__}: {exc}"
+
+
+@dataclass(frozen=True)
+class Seen:
+    """One readiness probe: its class, the response if any, and what it saw in words."""
+
+    state: ProbeState
+    resp: httpx.Response | None
+    text: str
+
+
+def look(client: httpx.Client, path: str) -> Seen:
+    """One GET of the engine's readiness path, classified and described."""
     try:
         resp = client.get(path)
-    except httpx.TransportError:
-        return "loading", None
-    return classify(resp.status_code), resp
+    except httpx.TransportError as exc:
+        return Seen("loading", None, transport_error_text(exc))
+    return Seen(classify(resp.status_code), resp, f"{resp.status_code} {resp.reason_phrase}".strip())
+
+
+def probe(client: httpx.Client, path: str) -> tuple[ProbeState, httpx.Response | None]:
+    """One GET of the engine's readiness path, classified; the response when there was one."""
+    seen = look(client, path)
+    return seen.state, seen.resp
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def last_log_line(tail: str | None, width: int = 200) -> str | None:
+    """The last non-blank line of a log's tail, without colour codes; a progress bar's latest
+    frame (after the last carriage return); cut to ``width``. None when there is none."""
+    if not tail:
+        return None
+    for line in reversed(re.split(r"[\r\n]+", _ANSI.sub("", tail))):
+        if line.strip():
+            line = line.strip()
+            return line if len(line) <= width else line[: width - 1] + "…"
+    return None
+
+
+def gate_progress_line(waited_s: float, path: str, seen: str, log_line: str | None) -> str:
+    """``not ready after 45s: GET /health: 503 Service Unavailable; server log: <last line>``."""
+    line = f"not ready after {waited_s:.0f}s: GET {path}: {seen}"
+    return line + (f"; server log: {log_line}" if log_line else "; server log: (empty)")
+
+
+@dataclass(frozen=True)
+class ServerLog:
+    """Where the server's log is (a path, or ``host:path``) and how to read its last lines."""
+
+    where: str
+    tail: Callable[[int], str | None]
+
+    def read(self, lines: int) -> str | None:
+        """Never fails the gate: a log that cannot be read now is reported as such."""
+        try:
+            return self.tail(lines)
+        except Exception as exc:  # noqa: BLE001 - an SSH hiccup must not end the wait
+            return f"(could not read {self.where}: {exc})"
+
+    def note(self) -> str:
+        """``log tail (<where>):`` and the tail, for an error that ends the session."""
+        return tail_note(self.where, self.read(30) or "(no log)")
 
 
 def answers(base_url: str, handle: ServerHandle, engine: Any, timeout_s: float = 10.0) -> bool:
@@ -66,20 +138,31 @@ def wait_ready(
     deadline_s: float,
     interval_s: float,
     check_alive: Callable[[], None],
+    log: ServerLog | None = None,
+    report: Callable[[str], None] | None = None,
+    report_every_s: float = 15.0,
 ) -> Ready:
-    """Poll until ready; ``check_alive`` raises as soon as the process or job is gone."""
+    """Poll until ready; ``check_alive`` raises as soon as the process or job is gone.
+
+    Every ``report_every_s`` (one log read each time) ``report`` gets a progress line; errors
+    that end the wait carry the log's tail and where it is."""
     path = engines.spec_for(engine).readiness_path
-    started = time.monotonic()
+    started = last_report = time.monotonic()
     polls = 0
     timeout = httpx.Timeout(10.0, read=60.0)
+
+    def ending(message: str) -> str:
+        return f"{message}; {log.note()}" if log is not None else message
+
     with httpx.Client(base_url=base_url, headers=handle.auth_headers(), timeout=timeout) as client:
         while True:
             check_alive()
             polls += 1
-            state, resp = probe(client, path)
-            if state == "fatal":
-                raise GateFailed(f"GET {path} answered {resp.status_code}: {resp.text[:300]}")  # type: ignore[union-attr]
-            if state == "ready":
+            seen = look(client, path)
+            resp, said = seen.resp, seen.text
+            if seen.state == "fatal":
+                raise GateFailed(ending(f"GET {path} answered {resp.status_code}: {resp.text[:300]}"))  # type: ignore[union-attr]
+            if seen.state == "ready":
                 test = client.post(
                     "/v1/completions", json={"model": handle.served_name, "prompt": "ping", "max_tokens": 1}
                 )
@@ -88,18 +171,33 @@ def wait_ready(
                         seconds_to_ready=round(time.monotonic() - started, 3), polls=polls, models=_models(client)
                     )
                 if classify(test.status_code) == "fatal":
-                    raise GateFailed(f"test completion answered {test.status_code}: {test.text[:300]}")
-            if time.monotonic() - started > deadline_s:
-                status = resp.status_code if resp is not None else None
+                    raise GateFailed(ending(f"test completion answered {test.status_code}: {test.text[:300]}"))
+                said = f"{said}, but a test completion answered {test.status_code}"
+            now = time.monotonic()
+            if now - started > deadline_s:
+                last = f"last status {resp.status_code}" if resp is not None else f"last: {said}"
                 raise TimeoutError(
-                    f"server not ready after {deadline_s:.0f}s ({polls} polls of {path}, last status {status})"
+                    ending(f"server not ready after {deadline_s:.0f}s ({polls} polls of {path}, {last})")
                 )
+            if report is not None and now - last_report >= report_every_s:
+                last_report = now
+                report(gate_progress_line(now - started, path, said, last_log_line(log.read(5) if log else None)))
             time.sleep(interval_s)
 
 
-def gate_server(config: Any, handle: ServerHandle, base_url: str) -> Ready:
-    """``wait_ready`` with the session's settings, watching the handle's process or job."""
+def gate_server(
+    config: Any,
+    handle: ServerHandle,
+    base_url: str,
+    report: Callable[[str], None] | None = None,
+    report_every_s: float = 15.0,
+) -> Ready:
+    """``wait_ready`` with the session's settings, watching the handle's process or job and
+    reading its log through the placement (a file here, ``tail`` over SSH on a host)."""
     driver = driver_for(config)
+    log = None
+    if handle.log_path is not None:
+        log = ServerLog(driver.located(handle.log_path), lambda lines: driver.log_tail(handle, lines))
     return wait_ready(
         base_url,
         handle,
@@ -107,4 +205,7 @@ def gate_server(config: Any, handle: ServerHandle, base_url: str) -> Ready:
         deadline_s=config.gate.deadline_s,
         interval_s=config.gate.interval_s,
         check_alive=lambda: driver.check_alive(handle),
+        log=log,
+        report=report,
+        report_every_s=report_every_s,
     )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
@@ -24,4 +24,4 @@ from llmflow.results import Allocation
 def allocate_node(config: SessionConfig, run_id: str) -> Allocation:
     """Reserve a node for ``run_id``; the run folder is named after it, so a retry reuses it
     (and, for Slurm, finds the job already submitted instead of submitting a second one)."""
-    return driver_for(config).allocate(run_id, flow_run_id=flow_run.get_id())
+    return driver_for(config, log=get_run_logger()).allocate(run_id, flow_run_id=flow_run.get_id())

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from llmflow.config import SessionConfig
@@ -20,9 +20,9 @@ def recover_session(
     Otherwise: the job ran again (requeue, preemption), so wait for its new endpoint, point the
     tunnel at it and pass the health gate again; the caller resumes the batch.
     """
-    driver = driver_for(config)
-    moved = driver.recover(allocation, handle)
+    log = get_run_logger()
+    moved = driver_for(config, log=log).recover(allocation, handle)
     if moved is None:
         return None
     new_handle, tunnel = moved
-    return new_handle, tunnel, gate_server(config, new_handle, tunnel.base_url)
+    return new_handle, tunnel, gate_server(config, new_handle, tunnel.base_url, report=log.info)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
@@ -24,4 +24,4 @@ def warm_model(config: SessionConfig, allocation: Allocation) -> ServerHandle:
 
     Loading the weights is the health gate's wait; this step fails fast if the process dies.
     """
-    return driver_for(config).warm(allocation, flow_run_id=flow_run.get_id())
+    return driver_for(config, log=get_run_logger()).warm(allocation, flow_run_id=flow_run.get_id())

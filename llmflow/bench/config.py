@@ -16,10 +16,12 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, ValidationError, field_validator
 
+from llmflow import paths
 from llmflow.bench.metrics import Outcome
 from llmflow.config import PROJECT_ROOT
 from llmflow.errors import CampaignFileError
 from llmflow.results import CellResult
+from llmflow.validation import config_problems
 
 DEFAULT_OUTPUT_ROOT = PROJECT_ROOT / "out" / "campaigns"
 
@@ -156,13 +158,6 @@ def skip_reason(cell: Cell, finished: Iterable[Any], skip_on: list[str]) -> str 
     return None
 
 
-def _from_root(value: Any) -> Any:
-    """A relative path in a campaign file means relative to the project root."""
-    if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
-        return str(PROJECT_ROOT / value)
-    return value
-
-
 def campaign_path(value: str | Path) -> Path:
     """A campaign file named relative to the project root (as deployments do) or absolute."""
     path = Path(value).expanduser()
@@ -172,9 +167,9 @@ def campaign_path(value: str | Path) -> Path:
 def load_campaign(path: Path) -> tuple[CampaignConfig, dict[str, Any] | None]:
     """A campaign from a TOML (``.toml``) or YAML (``.yaml``/``.yml``) file: the campaign's
     settings at the top, and optionally a ``session`` table (engine, model, placement) so the
-    file alone says what is measured. Relative paths (output_dir, baseline, model.path,
-    engine.venv, engine.binary) are taken from the project root, so a file means the same
-    thing whatever folder the command runs in.
+    file alone says what is measured. Relative paths (output_dir, baseline, and the session's
+    paths on this machine) are taken from the file's own folder (``llmflow.paths``), so a file
+    means the same thing whatever folder the command runs in.
     """
     try:
         text = path.read_text()
@@ -191,14 +186,12 @@ def load_campaign(path: Path) -> tuple[CampaignConfig, dict[str, Any] | None]:
     session = data.pop("session", None)
     if session is not None and not isinstance(session, dict):
         raise CampaignFileError(f"campaign file {path}: session: expected a table")
+    base = path.resolve().parent
     for key in ("output_dir", "baseline"):
-        data[key] = _from_root(data.get(key))
+        data[key] = paths.absolute(data.get(key), base)
     if session:
-        for table, key in (("model", "path"), ("engine", "venv"), ("engine", "binary")):
-            if isinstance(session.get(table), dict) and key in session[table]:
-                session[table][key] = _from_root(session[table][key])
+        session = paths.resolve_session(session, base)
     try:
         return CampaignConfig.model_validate({k: v for k, v in data.items() if v is not None}), session
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
-        raise CampaignFileError(f"campaign file {path}: {problems}") from exc
+        raise CampaignFileError(f"campaign file {path}: {'; '.join(config_problems(exc, CampaignConfig))}") from None

@@ -50,6 +50,26 @@ class EngineSpec(Protocol):
 
     def check_installed(self) -> None: ...
 
+    def check_model(self, path: Path) -> None: ...
+
+
+def check_model_exists(path: Path) -> None:
+    """Raise ``ConfigError`` naming ``model.path`` when the model is not on this machine."""
+    if not path.exists():
+        raise ConfigError(f"model.path: {path} does not exist (`llmflow make-model` writes the tiny one)")
+
+
+def check_gguf(path: Path) -> None:
+    """llama.cpp's engines load one GGUF file: refuse anything else before a server starts (it
+    would die loading it, with a long traceback, after the allocation)."""
+    check_model_exists(path)
+    if path.is_dir():
+        raise ConfigError(f"model.path: {path} is a folder; llama.cpp loads one GGUF file (vLLM takes a folder)")
+    with path.open("rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise ConfigError(f"model.path: {path} is not a GGUF file (it starts with {magic!r}, not b'GGUF')")
+
 
 ENGINES: Registry[Any] = Registry("engine")
 
@@ -75,6 +95,9 @@ class VenvEngine:
                 "or point engine.venv at the server's environment"
             )
 
+    def check_model(self, path: Path) -> None:
+        check_model_exists(path)
+
 
 class BinaryEngine:
     """An engine that is a program: a ``python3`` on the node runs the standard-library supervisor."""
@@ -89,6 +112,9 @@ class BinaryEngine:
         if shutil.which(self.engine.launcher_python) is None:
             raise ConfigError(f"engine.launcher_python: {self.engine.launcher_python!r} is not an executable on PATH")
         self.check_program()
+
+    def check_model(self, path: Path) -> None:
+        check_model_exists(path)
 
     def check_program(self) -> None:
         """Raise ``ConfigError`` naming the field when the server program cannot be run."""

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from llmflow.config import ModelConfig
-from llmflow.engines.base import ENGINES, PORT_PLACEHOLDER, LaunchSpec, VenvEngine, key_env
+from llmflow.engines.base import ENGINES, PORT_PLACEHOLDER, LaunchSpec, VenvEngine, check_gguf, key_env
 
 
 @ENGINES.register("llama_cpp")
@@ -16,6 +17,9 @@ class LlamaCppSpec(VenvEngine):
     readiness_path = "/v1/models"
     api_key_env = "API_KEY"
     metrics_path = None  # llama-cpp-python's server has no /metrics
+
+    def check_model(self, path: Path) -> None:
+        check_gguf(path)
 
     def launch(self, model: ModelConfig, host: str, api_key: str | None) -> LaunchSpec:
         engine = self.engine

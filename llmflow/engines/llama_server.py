@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 from llmflow.config import ModelConfig
-from llmflow.engines.base import ENGINES, PORT_PLACEHOLDER, BinaryEngine, LaunchSpec, key_env
+from llmflow.engines.base import ENGINES, PORT_PLACEHOLDER, BinaryEngine, LaunchSpec, check_gguf, key_env
 from llmflow.errors import ConfigError
 
 
@@ -23,6 +24,9 @@ class LlamaServerSpec(BinaryEngine):
     def __init__(self, engine: Any) -> None:
         super().__init__(engine)
         self.metrics_path = "/metrics" if engine.metrics else None
+
+    def check_model(self, path: Path) -> None:
+        check_gguf(path)
 
     def check_program(self) -> None:
         if not os.access(self.engine.binary, os.X_OK):

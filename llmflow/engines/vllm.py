@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from llmflow.config import ModelConfig
 from llmflow.engines.base import ENGINES, PORT_PLACEHOLDER, LaunchSpec, VenvEngine, key_env
+from llmflow.errors import ConfigError
+from llmflow.paths import is_model_name
 
 
 @ENGINES.register("vllm")
@@ -16,6 +19,14 @@ class VllmSpec(VenvEngine):
     readiness_path = "/health"
     api_key_env = "VLLM_API_KEY"
     metrics_path = "/metrics"  # Prometheus text; token counters are vllm:*_tokens_total
+
+    def check_model(self, path: Path) -> None:
+        """A checkpoint folder, or a Hugging Face model name (``org/name``) that vLLM loads itself:
+        from its cache, or downloaded unless ``HF_HUB_OFFLINE=1``."""
+        if not path.exists() and not is_model_name(str(path)):
+            raise ConfigError(
+                f"model.path: {path} is neither a checkpoint folder nor a Hugging Face model name (org/name)"
+            )
 
     def launch(self, model: ModelConfig, host: str, api_key: str | None) -> LaunchSpec:
         engine = self.engine

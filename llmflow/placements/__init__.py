@@ -9,6 +9,7 @@ lease's placement releases it, for ``llmflow cleanup``, the crash hooks and the 
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from pathlib import Path
 
 from llmflow.placements.base import PLACEMENTS, Driver, driver_class, driver_for
@@ -51,4 +52,49 @@ def describe(lease: Lease) -> dict[str, object]:
     }
 
 
-__all__ = ["PLACEMENTS", "Driver", "describe", "driver_class", "driver_for", "release", "release_leftovers"]
+def age(seconds: float) -> str:
+    """``45s``, ``12m``, ``3h05m``, ``2d04h``: how long ago, short enough for a table column."""
+    s = int(max(seconds, 0))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def lease_state(row: dict[str, object]) -> str:
+    """What a lease means for its owner: a running session, or a leftover to release."""
+    if row["owner_alive"]:
+        return "in use (its flow runs)"
+    return "leftover, server running" if row["server_alive"] else "leftover, server gone"
+
+
+def lease_table(rows: list[dict[str, object]], now: datetime | None = None) -> str:
+    """``describe`` rows as a text table: run, placement, job or pgid, age, state."""
+    if not rows:
+        return "no leases: nothing is held"
+    now = now or datetime.now(UTC)
+    table = [("RUN", "PLACEMENT", "JOB / PGID", "AGE", "STATE")]
+    for r in rows:
+        held = f"job {r['job_id']}" if r["job_id"] else f"pgid {r['pgid']}" if r["pgid"] else "-"
+        started = datetime.fromisoformat(str(r["created_at"]))
+        table.append(
+            (str(r["run_id"]), str(r["placement"]), held, age((now - started).total_seconds()), lease_state(r))
+        )
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in table)
+
+
+__all__ = [
+    "PLACEMENTS",
+    "Driver",
+    "age",
+    "describe",
+    "lease_table",
+    "driver_class",
+    "driver_for",
+    "release",
+    "release_leftovers",
+]

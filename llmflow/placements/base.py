@@ -13,6 +13,7 @@ folders, API keys, and waiting for the supervisor's endpoint record.
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 import shlex
@@ -28,26 +29,41 @@ from llmflow.registry import Registry
 from llmflow.remote import heartbeat
 from llmflow.remote.connections import shell_for
 from llmflow.remote.leases import Lease
-from llmflow.remote.shell import Shell, check_key_file, open_shell
+from llmflow.remote.shell import Shell, check_key_file, open_shell, remote_tail
 from llmflow.remote.start_script import launcher_source
 from llmflow.results import Allocation, ServerHandle, Teardown, Tunnel
 
 PLACEMENTS: Registry[Driver] = Registry("placement")
 
+# A logger or an adapter of one (Prefect's run logger is a ``LoggerAdapter``).
+Log = logging.Logger | logging.LoggerAdapter
+
+
+def tail_note(where: str, tail: str) -> str:
+    """``log tail (<where>):`` and the tail: an error shows the end of the log and says where the rest is."""
+    return f"log tail ({where}):\n{tail}"
+
 
 class Driver:
-    """One placement's lifecycle steps for one session config; subclass and register it."""
+    """One placement's lifecycle steps for one session config; subclass and register it.
+
+    ``log`` hears what a person waiting wants to know (job submitted, queue state, where the
+    log is); tasks set it to Prefect's run logger (``driver_for(config, log=...)``).
+    """
 
     kind: ClassVar[str]
+    log: Log = logging.getLogger("llmflow.placements")
 
     def __init__(self, config: SessionConfig) -> None:
         self.config = config
         self.placement: Any = config.placement
 
-    def preflight(self) -> None:
+    def preflight(self, blocks: bool = True) -> None:
         """Checks that need the machine, not just the config: fail before anything starts
-        (here: every ``engine.secret_env`` value can be read; the values are not kept)."""
-        secret_env.resolve(self.config.engine.secret_env)
+        (here: every ``engine.secret_env`` value can be read; the values are not kept).
+        ``blocks=False`` skips Prefect Secret blocks, for checks made before Prefect is up."""
+        sources = self.config.engine.secret_env
+        secret_env.resolve({n: s for n, s in sources.items() if blocks or s.env is not None})
 
     def allocate(self, run_id: str, flow_run_id: str | None = None) -> Allocation:
         """Reserve where the server runs; a retry with the same ``run_id`` reuses what it made."""
@@ -82,6 +98,14 @@ class Driver:
         """The server's process group, where this machine can sample its memory; else None."""
         return None
 
+    def located(self, path: str | Path) -> str:
+        """``path`` as a person finds it: here, a path on this machine."""
+        return str(path)
+
+    def log_tail(self, handle: ServerHandle, lines: int = 30) -> str | None:
+        """The last ``lines`` of the server's log; None where there is no log of ours."""
+        return None
+
     @classmethod
     def release_lease(cls, lease: Lease) -> bool:
         """Stop what a dead run's lease holds; True if something was still running."""
@@ -106,8 +130,23 @@ class RemoteDriver(Driver):
         """The run's command connection, opened on first use and kept until teardown."""
         return shell_for(run_id, self.placement.login)
 
-    def preflight(self) -> None:
-        super().preflight()
+    def located(self, path: str | Path) -> str:
+        """``host:path`` over SSH (the login host as configured), the bare path on the host itself."""
+        login = self.placement.login
+        return f"{login.host}:{path}" if login is not None else str(path)
+
+    def log_tail(self, handle: ServerHandle, lines: int = 30) -> str | None:
+        """Read over the run's command connection: one ``tail`` command."""
+        if handle.log_path is None:
+            return None
+        return remote_tail(self.shell(handle.run_id), str(handle.log_path), lines)
+
+    def log_note(self, shell: Shell, path: str) -> str:
+        """The log's tail and where it is (``host:path``), for the error that ends a session."""
+        return tail_note(self.located(path), remote_tail(shell, path))
+
+    def preflight(self, blocks: bool = True) -> None:
+        super().preflight(blocks)
         check_key_file(self.placement.login)
 
     def write_secrets(self, shell: Shell, remote_dir: str) -> None:
@@ -173,9 +212,12 @@ def driver_class(kind: str) -> type[Driver]:
     return PLACEMENTS.get(kind)
 
 
-def driver_for(config: SessionConfig) -> Driver:
-    """The driver of ``config.placement``."""
-    return driver_class(config.placement.kind)(config)
+def driver_for(config: SessionConfig, log: Log | None = None) -> Driver:
+    """The driver of ``config.placement``; ``log`` (a task's run logger) hears its progress."""
+    driver = driver_class(config.placement.kind)(config)
+    if log is not None:
+        driver.log = log
+    return driver
 
 
 def make_run_dir(runs_dir: Path, run_id: str) -> Path:

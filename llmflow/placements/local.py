@@ -11,8 +11,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from llmflow import engines, secret_env
-from llmflow.errors import ConfigError, ServerDied
-from llmflow.placements.base import PLACEMENTS, Driver, make_run_dir, mint_api_key, wait_for_endpoint
+from llmflow.config import SessionConfig
+from llmflow.errors import ServerDied
+from llmflow.paths import local_server_paths
+from llmflow.placements.base import PLACEMENTS, Driver, make_run_dir, mint_api_key, tail_note, wait_for_endpoint
 from llmflow.remote.leases import Lease, read_lease, remove_lease, write_lease
 from llmflow.remote.procs import group_alive, stop_group, tail
 from llmflow.remote.start_script import SUPERVISOR
@@ -44,13 +46,14 @@ class LocalDriver(Driver):
 
     kind = "local"
 
-    def preflight(self) -> None:
-        super().preflight()
-        engines.spec_for(self.config.engine).check_installed()
-        if not self.config.model.path.exists():
-            raise ConfigError(
-                f"model.path: {self.config.model.path} does not exist (`llmflow make-model` writes the tiny one)"
-            )
+    def __init__(self, config: SessionConfig) -> None:
+        super().__init__(local_server_paths(config))
+
+    def preflight(self, blocks: bool = True) -> None:
+        super().preflight(blocks)
+        spec = engines.spec_for(self.config.engine)
+        spec.check_installed()
+        spec.check_model(self.config.model.path)
 
     def allocate(self, run_id: str, flow_run_id: str | None = None) -> Allocation:
         run_dir = make_run_dir(self.config.runs_dir, run_id)
@@ -84,12 +87,13 @@ class LocalDriver(Driver):
                 cwd=run_dir,
             )
         write_lease(run_dir, alloc.run_id, self.kind, pgid=proc.pid, flow_run_id=flow_run_id)
+        self.log.info("started the server (process group %d); run folder %s; its log: %s", proc.pid, run_dir, log_path)
 
         def started() -> None:
             if proc.poll() is not None:
                 remove_lease(run_dir)
                 raise ServerDied(
-                    f"server exited with code {proc.returncode} before it chose a port; log tail:\n{tail(log_path)}"
+                    f"server exited with code {proc.returncode} before it chose a port; {tail_note(str(log_path), tail(log_path))}"
                 )
 
         try:
@@ -101,7 +105,7 @@ class LocalDriver(Driver):
             )
         except TimeoutError as exc:
             self._stop(alloc)
-            raise TimeoutError(f"{exc}; log tail:\n{tail(log_path)}") from None
+            raise TimeoutError(f"{exc}; {tail_note(str(log_path), tail(log_path))}") from None
         return ServerHandle(
             engine=cfg.engine.kind,
             run_id=alloc.run_id,
@@ -117,9 +121,13 @@ class LocalDriver(Driver):
 
     def check_alive(self, handle: ServerHandle) -> None:
         if not group_alive(handle.pid):
-            raise ServerDied(
-                f"{handle.engine} server (pid {handle.server_pid}) is gone; log tail:\n{tail(handle.log_path)}"
-            )
+            raise ServerDied(f"{handle.engine} server (pid {handle.server_pid}) is gone; {self._log_note(handle)}")
+
+    def log_tail(self, handle: ServerHandle, lines: int = 30) -> str | None:
+        return tail(handle.log_path, lines) if handle.log_path is not None else None
+
+    def _log_note(self, handle: ServerHandle) -> str:
+        return tail_note(str(handle.log_path), self.log_tail(handle) or "(no log)")
 
     def memory_group(self, handle: ServerHandle) -> int | None:
         return handle.pid  # the supervisor leads the server's process group, here

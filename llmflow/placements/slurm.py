@@ -27,7 +27,7 @@ from llmflow.placements.base import PLACEMENTS, RemoteDriver, make_run_dir, mint
 from llmflow.remote import heartbeat
 from llmflow.remote.connections import close_run, forward_for
 from llmflow.remote.leases import Lease, read_lease, remove_lease, write_lease
-from llmflow.remote.shell import Shell, make_remote_run_dir, remote_tail
+from llmflow.remote.shell import Shell, make_remote_run_dir
 from llmflow.results import Allocation, ServerHandle, Teardown, Tunnel
 
 # Pending reasons that mean the job can never start as asked: fail now, don't wait out the deadline.
@@ -95,6 +95,7 @@ class SlurmDriver(RemoteDriver):
     kind = "slurm"
     config_model = SlurmPlacement
     placement: SlurmPlacement
+    queue_reminder_s = 60.0  # a "still PENDING" line this often while the job waits
 
     # -- allocate ----------------------------------------------------------------------
     def allocate(self, run_id: str, flow_run_id: str | None = None) -> Allocation:
@@ -149,22 +150,33 @@ class SlurmDriver(RemoteDriver):
             remote_dir=remote_dir,
             placement_config=self.placement.model_dump(mode="json"),
         )
+        self.log.info(
+            "submitted Slurm job %s; run folder %s; the job's log: %s",
+            job_id,
+            self.located(remote_dir),
+            self.located(self._log_path(remote_dir, job_id)),
+        )
         return job_id, remote_dir
 
     def _log_path(self, remote_dir: str, job_id: str) -> str:
         return f"{remote_dir}/slurm-{job_id}.out"
 
     def _wait_running(self, shell: Shell, job_id: str, remote_dir: str) -> slurm.JobInfo:
-        """Until RUNNING; a job that ended or can never start fails now, with Slurm's reason."""
+        """Until RUNNING; a job that ended or can never start fails now, with Slurm's reason.
+
+        Each change of state or reason is logged once, with a reminder while nothing changes."""
         deadline = time.monotonic() + self.placement.queue_deadline_s
+        watch = slurm.QueueWatch(job_id, self.queue_reminder_s)
         while True:
             info = job_info(shell, job_id)
+            if line := watch.note(info, time.monotonic()):
+                self.log.info(line)
             if info.running:
                 return info
             if info.terminal and (info := settled_info(shell, job_id)).terminal:
-                tail = remote_tail(shell, self._log_path(remote_dir, job_id))
+                note = self.log_note(shell, self._log_path(remote_dir, job_id))
                 raise ServerDied(
-                    f"job {job_id} ended {info.state} ({info.reason or 'no reason given'}) before it ran the server; log tail:\n{tail}"
+                    f"job {job_id} ended {info.state} ({info.reason or 'no reason given'}) before it ran the server; {note}"
                 )
             if info.reason in HOPELESS_REASONS:
                 cancel_and_confirm(shell, job_id)
@@ -194,9 +206,7 @@ class SlurmDriver(RemoteDriver):
         def job_running() -> None:
             info = job_info(shell, job_id)
             if info.terminal and (info := settled_info(shell, job_id)).terminal:
-                raise ServerDied(
-                    f"job {job_id} ended {info.state} ({info.reason}); log tail:\n{remote_tail(shell, log_path)}"
-                )
+                raise ServerDied(f"job {job_id} ended {info.state} ({info.reason}); {self.log_note(shell, log_path)}")
 
         try:
             ep = wait_for_endpoint(
@@ -206,7 +216,10 @@ class SlurmDriver(RemoteDriver):
                 interval_s=self.placement.poll_interval_s / 2,
             )
         except TimeoutError:
-            raise TimeoutError(f"job {job_id} wrote no endpoint record in {self.config.gate.deadline_s:.0f}s") from None
+            raise TimeoutError(
+                f"job {job_id} wrote no endpoint record in {self.config.gate.deadline_s:.0f}s; "
+                + self.log_note(shell, log_path)
+            ) from None
         key_file = alloc.run_dir / "api_key"
         return ServerHandle(
             engine=self.config.engine.kind,
@@ -237,7 +250,7 @@ class SlurmDriver(RemoteDriver):
         info = settled_info(shell, handle.job_id)
         if info.terminal:
             raise ServerDied(
-                f"job {handle.job_id} ended {info.state} ({info.reason}); log tail:\n{remote_tail(shell, str(handle.log_path))}"
+                f"job {handle.job_id} ended {info.state} ({info.reason}); {self.log_note(shell, str(handle.log_path))}"
             )
 
     def time_left_s(self, handle: ServerHandle) -> float | None:
@@ -252,7 +265,7 @@ class SlurmDriver(RemoteDriver):
         info = settled_info(shell, handle.job_id)
         if info.terminal:
             raise ServerDied(
-                f"job {handle.job_id} ended {info.state} ({info.reason}); log tail:\n{remote_tail(shell, str(handle.log_path))}"
+                f"job {handle.job_id} ended {info.state} ({info.reason}); {self.log_note(shell, str(handle.log_path))}"
             )
         if info.running and info.restarts == handle.restarts:
             return None  # same job, same server: the failures were not a requeue

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import shlex
+from dataclasses import dataclass, field
 
 from pydantic import BaseModel
 
@@ -66,6 +67,51 @@ class JobInfo(BaseModel):
     @property
     def running(self) -> bool:
         return self.state == "RUNNING"
+
+    def describe(self) -> str:
+        """``PENDING (Resources)``, ``RUNNING on node2``: the state as a person reads it."""
+        if self.running:
+            return f"RUNNING on {self.nodes}" if self.nodes else "RUNNING"
+        return f"{self.state} ({self.reason})" if self.reason else self.state
+
+
+def human_duration(seconds: float) -> str:
+    """``45s``, ``2m10s``, ``1h05m``: short enough for a log line."""
+    s = max(0, round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+@dataclass
+class QueueWatch:
+    """Which polls of a waiting job deserve a log line: each change of state, reason or node,
+    once, and a reminder every ``remind_every_s`` while nothing changes (a queue that says
+    nothing looks like a hang). ``note`` takes the poll's time, so a test can feed it any clock."""
+
+    job_id: str
+    remind_every_s: float = 60.0
+    _started: float | None = field(default=None, init=False)
+    _last: str | None = field(default=None, init=False)
+    _last_line_at: float = field(default=0.0, init=False)
+
+    def note(self, info: JobInfo, now: float) -> str | None:
+        """The line to log for this poll, or None when it would repeat the last one too soon."""
+        if self._started is None:
+            self._started = now
+        waited = human_duration(now - self._started)
+        seen = info.describe()
+        if seen != self._last:
+            first, self._last, self._last_line_at = self._last is None, seen, now
+            if first:
+                return f"job {self.job_id}: {seen}"
+            return f"job {self.job_id}: {seen} after {waited}" + (" in the queue" if info.running else "")
+        if not info.running and now - self._last_line_at >= self.remind_every_s:
+            self._last_line_at = now
+            return f"job {self.job_id}: still {seen} after {waited}"
+        return None
 
 
 def sbatch_lines(opts: SlurmOptions, job_name: str, log_path: str) -> list[str]:

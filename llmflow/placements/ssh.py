@@ -23,7 +23,7 @@ from llmflow.placements.base import PLACEMENTS, RemoteDriver, make_run_dir, mint
 from llmflow.remote import heartbeat
 from llmflow.remote.connections import close_run, forward_for
 from llmflow.remote.leases import Lease, read_lease, remove_lease, write_lease
-from llmflow.remote.shell import Shell, make_remote_run_dir, remote_tail
+from llmflow.remote.shell import Shell, make_remote_run_dir
 from llmflow.remote.start_script import server_start_lines
 from llmflow.results import Allocation, ServerHandle, Teardown, Tunnel
 
@@ -139,11 +139,18 @@ class SSHDriver(RemoteDriver):
             alloc.run_dir, alloc.run_id, flow_run_id or (lease.flow_run_id if lease else None), remote_dir, pgid
         )
         log_path = f"{remote_dir}/server.log"
+        self.log.info(
+            "started the server on %s (process group %d); run folder %s; its log: %s",
+            alloc.node,
+            pgid,
+            self.located(remote_dir),
+            self.located(log_path),
+        )
 
         def started() -> None:
             if shell.run(alive_command(pgid)).rc != 0:
                 raise ServerDied(
-                    f"server on {alloc.node} exited before it chose a port; log tail:\n{remote_tail(shell, log_path)}"
+                    f"server on {alloc.node} exited before it chose a port; {self.log_note(shell, log_path)}"
                 )
 
         try:
@@ -155,7 +162,7 @@ class SSHDriver(RemoteDriver):
             )
         except TimeoutError as exc:
             self._stop(alloc)
-            raise TimeoutError(f"{exc}; log tail:\n{remote_tail(shell, log_path)}") from None
+            raise TimeoutError(f"{exc}; {self.log_note(shell, log_path)}") from None
         return ServerHandle(
             engine=cfg.engine.kind,
             run_id=alloc.run_id,
@@ -192,8 +199,8 @@ class SSHDriver(RemoteDriver):
         shell = self.shell(handle.run_id)
         if shell.run(alive_command(handle.pid)).rc != 0:
             raise ServerDied(
-                f"{handle.engine} server on {handle.node} (pid {handle.server_pid}) is gone; log tail:\n"
-                f"{remote_tail(shell, str(handle.log_path))}"
+                f"{handle.engine} server on {handle.node} (pid {handle.server_pid}) is gone; "
+                f"{self.log_note(shell, str(handle.log_path))}"
             )
 
     # -- teardown ----------------------------------------------------------------------

@@ -8,6 +8,7 @@ refused unless the config opts in (then its key is remembered).
 from __future__ import annotations
 
 import getpass
+import logging
 import os
 import shlex
 import subprocess
@@ -20,6 +21,20 @@ import paramiko
 
 from llmflow.config import SSHLogin
 from llmflow.errors import CommandFailed, ConfigError, HostKeyRejected
+
+DEBUG_ENV = "LLMFLOW_DEBUG"  # "1": show paramiko's own log records (the CLI's --debug sets it)
+
+
+def quiet_paramiko(debug: bool | None = None) -> None:
+    """Keep paramiko's own log records out of the log unless debugging.
+
+    paramiko logs at ERROR what is routine here: a forward's channel refused by a port that is
+    not open yet (``Secsh channel 0 open FAILED``), at every start and every requeue; the
+    project handles it and says what it waits for. ``debug`` None reads ``LLMFLOW_DEBUG=1``.
+    """
+    if debug is None:
+        debug = os.environ.get(DEBUG_ENV) == "1"
+    logging.getLogger("paramiko").setLevel(logging.NOTSET if debug else logging.CRITICAL + 1)
 
 
 @dataclass(frozen=True)
@@ -109,6 +124,7 @@ def _parse_jump(spec: str, default_user: str) -> tuple[str, int, str]:
 
 def connect(login: SSHLogin) -> paramiko.SSHClient:
     """An authenticated SSHClient to the login node (through the ProxyJump host if set)."""
+    quiet_paramiko()
     target = resolve(login)
     known_hosts = login.known_hosts.expanduser()
     passphrase = login.key_passphrase.get_secret_value() if login.key_passphrase else None

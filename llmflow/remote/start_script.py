@@ -67,6 +67,7 @@ def server_start_lines(
         *([f"mkdir -p {q(registry_file.rsplit('/', 1)[0])}"] if registry_file and "/" in registry_file else []),
         *([f'if [ -f api_key ]; then {api_key_env}="$(cat api_key)"; export {api_key_env}; fi'] if api_key_env else []),
         f"if [ -f {SECRET_ENV_FILE} ]; then set -a; . ./{SECRET_ENV_FILE}; set +a; fi  # engine.secret_env (0600)",
+        "cd ~  # setup lines, engine and model paths: relative ones are taken from the home folder",
         "# --- setup lines from the engine config ---",
         *setup,
         "# --- end of setup lines ---",

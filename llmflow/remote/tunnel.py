@@ -70,6 +70,8 @@ class LocalForward:
     def _open_channel(self, peer: tuple[str, int]) -> paramiko.Channel:
         try:
             return self._transport().open_channel("direct-tcpip", self.target, peer, timeout=20)
+        except paramiko.ChannelException:
+            raise  # the far side refused: nothing listens there yet; a new connection will not help
         except (paramiko.SSHException, EOFError, OSError):
             # one retry: ``transport()`` reconnects a dropped SSH connection
             return self._transport().open_channel("direct-tcpip", self.target, peer, timeout=20)
@@ -77,6 +79,11 @@ class LocalForward:
     def _serve(self, client: socket.socket, peer: tuple[str, int]) -> None:
         try:
             channel = self._open_channel(peer)
+        except paramiko.ChannelException as exc:
+            # routine while a server starts or a requeued job comes back: the gate says what it waits for
+            log.debug("forward to %s:%s refused: %s", *self.target, exc)
+            client.close()
+            return
         except Exception as exc:  # noqa: BLE001 - the client sees a closed connection and retries
             log.warning("forward to %s:%s failed: %s", *self.target, exc)
             client.close()

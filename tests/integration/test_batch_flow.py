@@ -19,7 +19,7 @@ from prefect import flow
 from flows.batch import batch_inference
 from flows.session import model_session
 from llmflow.config import SAMPLE_INPUT, BatchConfig, SessionConfig
-from llmflow.errors import ServerDied
+from llmflow.errors import ConfigError, ServerDied
 from tests import fault_matrix
 from tests.conftest import llama_processes
 
@@ -310,3 +310,13 @@ def test_ctrl_c_mid_batch_tears_down_and_exits_130(session_config, tmp_path: Pat
     assert not (run_dir / "lease.json").exists()
     assert llama_processes(str(tmp_path)) == []  # gone by the time the CLI exits, no waiting
     assert out.read_text().count("\n") < 600
+
+
+def test_the_flow_checks_its_input_before_any_server_starts(session_config: SessionConfig, tmp_path: Path):
+    """A run from the UI or a schedule gets the same input check as the command line: a JSON
+    array is refused by name, and no run folder (so no server) was made."""
+    src = tmp_path / "requests.json"
+    src.write_text(json.dumps([json.loads(SAMPLE_INPUT.read_text().splitlines()[0])]))
+    with pytest.raises(ConfigError, match="a JSON array, not JSONL"):
+        batch_inference(session=session_config, batch=BatchConfig(input_path=src, output_path=tmp_path / "o.jsonl"))
+    assert not session_config.runs_dir.exists()

@@ -328,3 +328,32 @@ def test_campaign_on_slurm_kill_mid_cell_starts_a_new_job(slurm_session: Session
         final_state="Completed (cells ok, crashed, ok)",
     )  # fmt: skip
     assert (row["processes_left"], row["jobs_left"], row["leases_left"]) == (0, 0, 0)
+
+
+@pytest.mark.parametrize("mistake", ["JSON array input", "missing input", "typo in a slurm option"])
+def test_a_mistake_exits_2_before_any_job_is_submitted(slurm_session: SessionConfig, tmp_path: Path, mistake):
+    """The command line checks the input and the whole config on this machine first: no sbatch,
+    no run folder on the cluster, no Prefect server."""
+    import sys
+
+    config = json.loads(slurm_session.model_dump_json())
+    src = tmp_path / "requests.jsonl"
+    src.write_text(json.dumps({"custom_id": "a", "method": "POST", "url": "/v1/completions", "body": {}}) + "\n")
+    if mistake == "JSON array input":
+        src = tmp_path / "requests.json"
+        src.write_text(json.dumps([{"custom_id": "a", "method": "POST", "url": "/v1/completions", "body": {}}]))
+    elif mistake == "missing input":
+        src = tmp_path / "nope.jsonl"
+    else:
+        config["placement"]["slurm"]["partiton"] = "debug"
+    config["placement"]["login"]["key_passphrase"] = None
+    path = tmp_path / "slurm.json"
+    path.write_text(json.dumps({"session": config}))
+    proc = subprocess.run(
+        [sys.executable, "-m", "cli.main", "batch", str(src), "-o", str(tmp_path / "o.jsonl"), "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) <= 3, proc.stderr
+    assert _jobs_of(tmp_path) == [] and not (tmp_path / "cluster-runs").exists() and not (tmp_path / "runs").exists()

@@ -43,7 +43,7 @@ def test_the_start_script_sources_the_file_before_the_setup_lines(tmp_path: Path
     (tmp_path / secret_env.SECRET_ENV_FILE).write_text(secret_env.env_file({"A_TOKEN": NASTY}))
     lines = server_start_lines(
         run_dir=str(tmp_path),
-        setup=['printf %s "$A_TOKEN" > seen_by_setup'],
+        setup=[f'printf %s "$A_TOKEN" > {tmp_path}/seen_by_setup'],  # setup lines run in the home folder
         server_python="python3",
         server_argv=["true"],
         bind_host="127.0.0.1",

@@ -155,3 +155,37 @@ def test_time_left_is_read_in_every_squeue_form():
     assert parse_time_left("2:00:01") == 7201
     assert parse_time_left("1-00:00:10\n") == 86410
     assert parse_time_left("UNLIMITED") is None and parse_time_left("INVALID") is None and parse_time_left("") is None
+
+
+def _job(state: str, reason: str = "", nodes: str = "") -> slurm.JobInfo:
+    return slurm.JobInfo(job_id="42", state=state, reason=reason, nodes=nodes)
+
+
+def test_queue_watch_logs_each_change_once_and_reminds_while_pending():
+    """A queued job used to be silent: each change of state or reason is one line (not one per
+    poll), a reminder comes every minute while nothing changes, and RUNNING names the node."""
+    watch = slurm.QueueWatch("42", remind_every_s=60)
+    polls = [
+        (0, _job("PENDING", "Resources")),
+        (2, _job("PENDING", "Resources")),
+        (10, _job("PENDING", "Priority")),
+        (40, _job("PENDING", "Priority")),
+        (70, _job("PENDING", "Priority")),
+        (72, _job("PENDING", "Priority")),
+        (140, _job("RUNNING", nodes="node2")),
+        (142, _job("RUNNING", nodes="node2")),
+    ]
+    lines = [line for now, info in polls if (line := watch.note(info, now)) is not None]
+    assert lines == [
+        "job 42: PENDING (Resources)",
+        "job 42: PENDING (Priority) after 10s",
+        "job 42: still PENDING (Priority) after 1m10s",
+        "job 42: RUNNING on node2 after 2m20s in the queue",
+    ]
+
+
+def test_human_duration_and_job_description():
+    assert [slurm.human_duration(s) for s in (0, 45.4, 130, 3725)] == ["0s", "45s", "2m10s", "1h02m"]
+    assert _job("PENDING").describe() == "PENDING"
+    assert _job("REQUEUED", "BeginTime").describe() == "REQUEUED (BeginTime)"
+    assert _job("RUNNING", nodes="node[1-2]").describe() == "RUNNING on node[1-2]"
