@@ -159,7 +159,14 @@ UsePAM no
 AllowTcpForwarding yes
 StrictModes no
 Subsystem sftp internal-sftp
+# Commands over SSH run the login shell, which on this machine sources root's .bashrc and so
+# 'pyenv init', whose rehash waits up to 60 s on a lock file. A session cut while it held the
+# lock (a test that SIGKILLs a flow cuts its SSH sessions) leaves the lock behind, and every
+# later command then took 60 s. Don't wait on it here: a skipped rehash costs nothing.
+SetEnv PYENV_REHASH_TIMEOUT=0
 CONF
+  # a lock such a cut session left (older than 2 minutes: a live rehash takes well under a second)
+  find "${PYENV_ROOT:-$HOME/.pyenv}/shims" -maxdepth 1 -name .pyenv-shim -mmin +2 -delete 2>/dev/null || true
   # one test sshd at a time: stop ours, or one a checkout elsewhere left on the same port
   pkill -f "sshd -f .*/build/testcluster/sshd_config" 2>/dev/null && sleep 0.5 || true
   rm -f "$STATE/sshd.pid"
