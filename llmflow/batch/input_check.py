@@ -8,6 +8,7 @@ invalid line later.
 
 from __future__ import annotations
 
+import codecs
 from pathlib import Path
 
 from llmflow.batch.jsonl import parse_lines
@@ -19,7 +20,7 @@ MAX_SNIFF = 4096
 
 def _sniff(path: Path, head: bytes) -> str | None:
     """What the file is when it is not JSONL, and what to do, from its first bytes and its name."""
-    text, suffix = head.lstrip(), path.suffix.lower()
+    text, suffix = head.removeprefix(codecs.BOM_UTF8).lstrip(), path.suffix.lower()
     if head.startswith(b"PAR1") or suffix == ".parquet":
         return f"a Parquet file, not JSONL; {FORMAT}"
     if text.startswith(b"["):

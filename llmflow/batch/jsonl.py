@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 SUPPORTED_URLS = ("/v1/completions", "/v1/chat/completions")
 
@@ -31,6 +31,18 @@ class BatchRequest(BaseModel):
     method: Literal["POST"]
     url: Literal["/v1/completions", "/v1/chat/completions"]
     body: dict[str, Any]
+
+    @field_validator("body")
+    @classmethod
+    def _as_openai_means_it(cls, body: dict[str, Any]) -> dict[str, Any]:
+        """Bodies written for OpenAI's Batch API mean the same here: a streamed answer cannot be
+        stored as a line's result, and ``max_completion_tokens`` (OpenAI's newer name) is also
+        given as ``max_tokens``, which llama-cpp-python needs (it ignores the newer name)."""
+        if body.get("stream"):
+            raise ValueError("stream: true is not allowed in a batch (each line's answer is stored whole)")
+        if body.get("max_completion_tokens") is not None and body.get("max_tokens") is None:
+            body = {**body, "max_tokens": body["max_completion_tokens"]}
+        return body
 
 
 @dataclass(frozen=True)
@@ -49,7 +61,7 @@ def describe_validation_error(exc: ValidationError) -> str:
     loc = ".".join(str(p) for p in err["loc"]) or "line"
     if err["type"] == "json_invalid":
         return f"not valid JSON ({err['msg'].removeprefix('Invalid JSON: ')})"
-    return f"{loc}: {err['msg']}"
+    return f"{loc}: {err['msg'].removeprefix('Value error, ')}"
 
 
 def _guess_custom_id(raw: str) -> str | None:
@@ -68,7 +80,7 @@ def parse_lines(path: Path) -> Iterator[ParsedLine]:
     Duplicate custom_ids are errors on the later line; the first one is kept.
     """
     seen: set[str] = set()
-    with path.open("r", encoding="utf-8", errors="replace") as f:
+    with path.open("r", encoding="utf-8-sig", errors="replace") as f:  # -sig: a byte-order mark is not line 1's
         for number, raw in enumerate(f, start=1):
             if not raw.strip():
                 continue

@@ -320,3 +320,26 @@ def test_the_flow_checks_its_input_before_any_server_starts(session_config: Sess
     with pytest.raises(ConfigError, match="a JSON array, not JSONL"):
         batch_inference(session=session_config, batch=BatchConfig(input_path=src, output_path=tmp_path / "o.jsonl"))
     assert not session_config.runs_dir.exists()
+
+
+def test_an_openai_batch_file_runs_unchanged(session_config: SessionConfig, tmp_path: Path):
+    """A file written for OpenAI's Batch API: a byte-order mark, max_completion_tokens (which
+    llama-cpp-python ignores by itself: asked for 8, it gave 51), and one streamed line."""
+
+    def line(cid: str, url: str, **body) -> str:
+        prompt = {"messages": [{"role": "user", "content": "Say hi"}]} if "chat" in url else {"prompt": "Say hi"}
+        return json.dumps(
+            {"custom_id": cid, "method": "POST", "url": url, "body": {"model": "tiny-llama", **prompt, **body}}
+        )
+
+    src = tmp_path / "openai.jsonl"
+    rows = [line(f"c{i}", "/v1/chat/completions", max_completion_tokens=8, temperature=1.0) for i in range(4)]
+    rows += [line("p0", "/v1/completions", max_completion_tokens=8), line("s0", "/v1/completions", stream=True)]
+    src.write_bytes(b"\xef\xbb\xbf" + "\n".join(rows).encode() + b"\n")
+    out = tmp_path / "o.jsonl"
+    batch_inference(session=session_config, batch=BatchConfig(input_path=src, output_path=out))
+    records = {r["custom_id"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert set(records) == {"c0", "c1", "c2", "c3", "p0"}  # the first line too, despite the mark
+    assert all(r["response"]["body"]["usage"]["completion_tokens"] <= 8 for r in records.values())
+    errors = [json.loads(x) for x in out.with_name("o.errors.jsonl").read_text().splitlines()]
+    assert [e.get("custom_id") for e in errors] == ["s0"] and "stream" in json.dumps(errors)

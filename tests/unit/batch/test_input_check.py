@@ -57,3 +57,12 @@ def test_one_valid_line_is_enough_and_bad_lines_around_it_are_the_passs_business
     path = tmp_path / "mixed.jsonl"
     path.write_text("{not json\n" + json.dumps(REQUEST) + "\n")
     check_input(path)
+
+
+def test_a_byte_order_mark_is_not_a_problem(tmp_path: Path):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(REQUEST).encode() + b"\n")
+    check_input(path)
+    array = tmp_path / "bom.json"
+    array.write_bytes(b"\xef\xbb\xbf" + json.dumps([REQUEST]).encode())
+    assert "a JSON array" in refused(array)

@@ -1,7 +1,7 @@
 import json
 from pathlib import Path
 
-from llmflow.batch.jsonl import JsonlAppender, count_lines, load_finished, output_record, parse_lines
+from llmflow.batch.jsonl import BatchRequest, JsonlAppender, count_lines, load_finished, output_record, parse_lines
 
 
 def _line(cid, url="/v1/completions", **extra):
@@ -112,3 +112,34 @@ def test_drop_error_records_keeps_answers_and_foreign_lines(tmp_path: Path):
     assert load_finished(out) == {"a", "d"}  # b and c are sent again
     assert out.stat().st_mode & 0o777 == 0o640 and not list(tmp_path.glob("*.tmp"))
     assert drop_error_records(tmp_path / "missing.jsonl") == 0
+
+
+def _chat_line(**body) -> str:
+    return json.dumps({"custom_id": "c1", "method": "POST", "url": "/v1/chat/completions", "body": body})
+
+
+def test_a_file_written_for_openais_batch_api_means_the_same_here(tmp_path: Path):
+    """A byte-order mark does not cost the first request; max_completion_tokens is also sent as
+    max_tokens (llama-cpp-python ignores the newer name: asked for 8, it gave 51); a streamed
+    answer cannot be a line's stored result, so stream: true is that line's input error."""
+    path = tmp_path / "openai.jsonl"
+    path.write_bytes(
+        "\ufeff".encode()
+        + "\n".join(
+            [
+                _chat_line(model="m", max_completion_tokens=8),
+                _chat_line(model="m", max_completion_tokens=8, max_tokens=4),
+                _chat_line(model="m", stream=True).replace("c1", "c3"),
+            ]
+        ).encode()
+        + b"\n"
+    )
+    first, second, third = list(parse_lines(path))
+    assert first.request is not None and first.request.body["max_tokens"] == 8
+    assert second.error and "duplicate" in second.error  # same id: parsed fine, refused as a duplicate
+    assert (
+        third.request is None
+        and third.error == "body: stream: true is not allowed in a batch (each line's answer is stored whole)"
+    )
+    explicit = BatchRequest.model_validate_json(_chat_line(max_completion_tokens=8, max_tokens=4))
+    assert explicit.body["max_tokens"] == 4  # an explicit max_tokens is kept
