@@ -2,12 +2,45 @@
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from llmflow.config import LlamaCppEngine, ModelConfig, SessionConfig
+
+
+def start_hold(session: SessionConfig, folder: Path, prefect_api_url: str, *args: str) -> subprocess.Popen:
+    """``llmflow hold`` on ``session`` (written to ``folder/hold.json``) as a user starts it, its
+    output on one pipe; SIGINT at its default so a test can press Ctrl-C (a shell that started
+    pytest in the background may have set it to "ignore")."""
+    config = folder / "hold.json"
+    config.write_text(json.dumps({"session": session.model_dump(mode="json")}))
+    return subprocess.Popen(
+        [sys.executable, "-m", "cli.main", "hold", "--config", str(config), *args],
+        env={**os.environ, "PREFECT_API_URL": prefect_api_url},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+
+
+def read_until(proc: subprocess.Popen, marker: str, timeout_s: float) -> str:
+    """What ``proc`` printed up to and including the line that contains ``marker``."""
+    seen = ""
+    deadline = time.monotonic() + timeout_s
+    while marker not in seen:
+        line = proc.stdout.readline()
+        assert line and time.monotonic() < deadline, seen
+        seen += line
+    return seen
 
 
 @pytest.fixture

@@ -6,13 +6,9 @@ and Ctrl-C, the documented way to end ``llmflow hold``, left the flow run Crashe
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import re
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -25,6 +21,7 @@ from llmflow.config import SessionConfig, SlurmOptions
 from llmflow.placements.slurm import SlurmDriver
 from llmflow.remote.leases import read_lease
 from tests.conftest import llama_processes
+from tests.integration.conftest import read_until, start_hold
 from tests.integration.test_slurm import _jobs_of, slurm_session  # noqa: F401 - the fixture
 
 pytestmark = pytest.mark.integration
@@ -43,23 +40,8 @@ def _hold_runs(runs_dir: Path) -> list:
 def test_ctrl_c_ends_a_hold_completed_and_leaves_nothing(
     session_config: SessionConfig, tmp_path: Path, prefect_api_url: str
 ):
-    config = tmp_path / "hold.json"
-    config.write_text(json.dumps({"session": session_config.model_dump(mode="json")}))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "cli.main", "hold", "--config", str(config), "--hours", "1", "--check-every", "1"],
-        env={**os.environ, "PREFECT_API_URL": prefect_api_url},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        # a shell that started us in the background may have set SIGINT to "ignore"
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )
-    seen = ""
-    deadline = time.monotonic() + 180
-    while "held for" not in seen:
-        line = proc.stdout.readline()
-        assert line and time.monotonic() < deadline, seen
-        seen += line
+    proc = start_hold(session_config, tmp_path, prefect_api_url, "--hours", "1", "--check-every", "1")
+    seen = read_until(proc, "held for", 180)
     time.sleep(2.5)  # past a health check or two: the flow sleeps between them
     proc.send_signal(signal.SIGINT)
     rest, _ = proc.communicate(timeout=120)

@@ -34,6 +34,7 @@ from llmflow.remote.leases import read_lease
 from llmflow.remote.shell import SSHShell
 from llmflow.remote.tunnel import OpenSSHForward
 from tests import fault_matrix
+from tests.integration.conftest import read_until, start_hold
 
 pytestmark = pytest.mark.integration
 
@@ -261,25 +262,10 @@ def test_unknown_host_key_is_refused_unless_opted_in(test_cluster, tmp_path: Pat
 def test_hold_prints_a_working_url_and_key_then_tears_down(
     slurm_session: SessionConfig, tmp_path: Path, prefect_api_url
 ):
-    import os
     import re
-    import sys
 
-    config = tmp_path / "cluster.json"
-    config.write_text(json.dumps({"session": slurm_session.model_dump(mode="json")}))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "cli.main", "hold", "--hours", "0.005", "--check-every", "2", "--config", str(config)],
-        env={**os.environ, "PREFECT_API_URL": prefect_api_url},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    seen = ""
-    deadline = time.monotonic() + 120
-    while "held for" not in seen:
-        line = proc.stdout.readline()
-        assert line and time.monotonic() < deadline, seen
-        seen += line
+    proc = start_hold(slurm_session, tmp_path, prefect_api_url, "--hours", "0.005", "--check-every", "2")
+    seen = read_until(proc, "held for", 120)
     base = re.search(r"base URL:\s+(\S+)", seen).group(1)
     key = re.search(r"API key:\s+(\S+)", seen).group(1)
     assert base.startswith("http://127.0.0.1:") and "curl -s" in seen and "OpenAI(base_url=" in seen

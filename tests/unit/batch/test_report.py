@@ -5,24 +5,19 @@ from pathlib import Path
 from llmflow.batch.jsonl import summary_path_for
 from llmflow.batch.report import failure_warning, merge_reports, outcome, tok_per_s
 from llmflow.results import BatchReport
+from tests.unit.batch.reports import batch_report
 
 
 def test_tok_per_s_counts_only_this_pass(tmp_path: Path):
-    report = BatchReport(
-        input_path=tmp_path / "i",
-        output_path=tmp_path / "o.jsonl",
-        errors_path=tmp_path / "e",
-        input_lines=10,
+    report = batch_report(
+        tmp_path,
         already_done=4,
         sent=6,
         succeeded=5,
         failed_http=1,
-        unfinished=0,
-        invalid_lines=0,
         prompt_tokens=100,
         completion_tokens=50,
         wall_s=2.0,
-        retries=0,
     )
     t = tok_per_s(report, summary_path_for(report.output_path))
     assert t.requests == 6 and t.requests_per_s == 3.0
@@ -63,23 +58,7 @@ def test_merge_reports_sums_the_passes(tmp_path: Path):
 
 
 def _report(tmp_path: Path, **counts) -> BatchReport:
-    base = dict(
-        input_path=tmp_path / "i",
-        output_path=tmp_path / "o.jsonl",
-        errors_path=tmp_path / "o.errors.jsonl",
-        input_lines=10,
-        already_done=0,
-        sent=10,
-        succeeded=10,
-        failed_http=0,
-        unfinished=0,
-        invalid_lines=0,
-        prompt_tokens=0,
-        completion_tokens=0,
-        wall_s=1.0,
-        retries=0,
-    )
-    return BatchReport(**{**base, **counts})
+    return batch_report(tmp_path, **counts)
 
 
 def test_outcome_tells_finished_from_finished_with_failures_from_unfinished(tmp_path: Path):

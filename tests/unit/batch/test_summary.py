@@ -10,28 +10,13 @@ from llmflow.batch.jsonl import summary_path_for
 from llmflow.batch.report import read_summary, tok_per_s, write_summary
 from llmflow.batch.summary import SummaryPass, merge_summary, pass_of, passes_in, total_of
 from llmflow.results import BatchReport
+from tests.unit.batch.reports import batch_report
 
 T0 = datetime(2026, 3, 1, 1, 0, tzinfo=UTC)
 
 
 def _report(tmp_path: Path, **counts) -> BatchReport:
-    base = dict(
-        input_path=tmp_path / "in.jsonl",
-        output_path=tmp_path / "o.jsonl",
-        errors_path=tmp_path / "o.errors.jsonl",
-        input_lines=10,
-        already_done=0,
-        sent=10,
-        succeeded=10,
-        failed_http=0,
-        unfinished=0,
-        invalid_lines=0,
-        prompt_tokens=100,
-        completion_tokens=40,
-        wall_s=2.0,
-        retries=0,
-    )
-    return BatchReport(**{**base, **counts})
+    return batch_report(tmp_path, **{"prompt_tokens": 100, "completion_tokens": 40, "wall_s": 2.0, **counts})
 
 
 def _pass(sent: int, wall_s: float, run: str, succeeded: int | None = None, failed: int = 0, day: int = 0):
