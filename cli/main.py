@@ -64,38 +64,25 @@ def _config_file(path: Path | None) -> dict:
     }
 
 
-def _flag_paths(args: argparse.Namespace, data: dict) -> dict:
-    """The session's path flags (``--model``, ``--venv``, ``--runs-dir``) as a session table,
-    relative ones taken from the working directory."""
-    flags: dict = {"placement": data.get("placement", {})}
-    if getattr(args, "venv", None):
-        flags["engine"] = {"kind": data.get("engine", {}).get("kind", "llama_cpp"), "venv": str(args.venv)}
-    if getattr(args, "model", None):
-        flags["model"] = {"path": str(args.model)}
-    if args.runs_dir:
-        flags["runs_dir"] = str(args.runs_dir)
-    flags = paths.resolve_session(flags, Path.cwd())
-    flags.pop("placement")
-    return flags
-
-
 def _session_config(args: argparse.Namespace, data: dict | None = None) -> SessionConfig:
     """The session from ``data`` (a campaign file's session table), else from ``--config`` and
-    the engine flags; then ``--runs-dir`` and the block names."""
+    the engine flags; then ``--runs-dir`` and the block names. The file's relative paths are
+    already taken from its folder, so resolving here only moves the flags' onto the working
+    directory (``llmflow.paths``)."""
     if data is None:
         data = _config_file(args.config).get("session", {})
-        flags = _flag_paths(args, data)
         engine = data.setdefault("engine", {})
-        if "engine" in flags:
-            engine["venv"] = flags["engine"]["venv"]
+        if args.venv:
+            engine["venv"] = str(args.venv)
         if args.n_ctx:
             engine["n_ctx"] = args.n_ctx
-        if "model" in flags:
-            data.setdefault("model", {})["path"] = flags["model"]["path"]
+        if args.model:
+            data.setdefault("model", {})["path"] = str(args.model)
         if getattr(args, "replicas", None):
             data["replicas"] = args.replicas
     if args.runs_dir:
-        data["runs_dir"] = str(Path(args.runs_dir).absolute())
+        data["runs_dir"] = str(args.runs_dir)
+    data = paths.resolve_session(data, Path.cwd())
     try:
         session = SessionConfig.model_validate(data)
     except ValidationError as exc:
