@@ -12,13 +12,13 @@ SIGTERM), after tearing the server down.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import signal
 import sys
 import traceback
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
@@ -27,57 +27,38 @@ from llmflow import paths
 from llmflow.batch import progress
 from llmflow.batch.jsonl import summary_path_for
 from llmflow.config import DEFAULT_MODEL, PROJECT_ROOT, SAMPLE_INPUT, BatchConfig, SessionConfig
+from llmflow.config_files import load_config_file
 from llmflow.errors import ConfigError
-from llmflow.validation import config_problems, did_you_mean, short_message
+from llmflow.validation import config_problems, short_message
+
+if TYPE_CHECKING:
+    from llmflow.catalog import CatalogEntry
 
 EXIT_FINISHED_WITH_FAILURES = 3
 EXIT_INTERRUPTED = 130
 
 
-CONFIG_SECTIONS = ("session", "batch")
-
-
 def _config_file(path: Path | None) -> dict:
-    """The ``--config`` JSON file: a table with ``session`` and/or ``batch``, its relative paths
-    taken from the file's folder (``llmflow.paths``). Anything else at the top (a typo such as
-    ``sesion``) is refused, as unknown keys are at every other level."""
-    if path is None:
-        return {}
-    try:
-        data = json.loads(Path(path).read_text())
-    except OSError as exc:
-        raise ConfigError(f"--config {path}: {exc.strerror}") from None
-    except ValueError as exc:
-        raise ConfigError(f"--config {path}: not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f'--config {path}: expected {{"session": {{...}}, "batch": {{...}}}} at the top')
-    for key in data:
-        if key not in CONFIG_SECTIONS:
-            hint = did_you_mean(key, CONFIG_SECTIONS) or f" (expected {' or '.join(CONFIG_SECTIONS)})"
-            raise ConfigError(f"--config {path}: unknown top-level key {key!r}{hint}")
-        if not isinstance(data[key], dict):
-            raise ConfigError(f"--config {path}: {key}: expected a table")
-    base = Path(path).resolve().parent
-    return {
-        **({"session": paths.resolve_session(data["session"], base)} if "session" in data else {}),
-        **({"batch": paths.resolve_batch(data["batch"], base)} if "batch" in data else {}),
-    }
+    """The ``--config`` JSON file (``llmflow.config_files.load_config_file``), or nothing."""
+    return load_config_file(Path(path)) if path is not None else {}
 
 
 def _session_config(args: argparse.Namespace, data: dict | None = None) -> SessionConfig:
     """The session from ``data`` (a campaign file's session table), else from ``--config`` and
     the engine flags; then ``--runs-dir`` and the block names. The file's relative paths are
     already taken from its folder, so resolving here only moves the flags' onto the working
-    directory (``llmflow.paths``)."""
+    directory (``llmflow.paths``). With ``--catalog`` the session table is the catalog entry's
+    and ``--model`` names that entry."""
+    entry = _catalog_entry(args) if data is None else None
     if data is None:
-        data = _config_file(args.config).get("session", {})
+        data = entry.session_table() if entry else _config_file(args.config).get("session", {})
         engine = data.setdefault("engine", {})
         if args.venv:
             engine["venv"] = str(args.venv)
         if args.n_ctx:
             engine["n_ctx"] = args.n_ctx
-        if args.model:
-            data.setdefault("model", {})["path"] = str(args.model)
+        if args.model and entry is None:
+            data.setdefault("model", {})["path"] = args.model
         if getattr(args, "replicas", None):
             data["replicas"] = args.replicas
     if args.runs_dir:
@@ -87,12 +68,33 @@ def _session_config(args: argparse.Namespace, data: dict | None = None) -> Sessi
         session = SessionConfig.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(short_message(config_problems(exc, SessionConfig, "session."))) from None
-    if args.cluster_block or args.model_server_block:
+    cluster_block = args.cluster_block or (entry.cluster_block if entry else None)
+    model_server_block = args.model_server_block or (entry.model_server_block if entry else None)
+    if cluster_block or model_server_block:
         connect()
         from flows.session import with_blocks
 
-        session = with_blocks(session, args.cluster_block, args.model_server_block)
+        session = with_blocks(session, cluster_block, model_server_block)
     return session
+
+
+def _catalog_entry(args: argparse.Namespace) -> CatalogEntry | None:
+    """With ``--catalog`` (or ``LLMFLOW_CATALOG``): the entry ``--model`` names, else the
+    catalog's default. A name it has not is an error even when it has a default: a typo on the
+    command line must not run another model."""
+    if not getattr(args, "catalog", None):
+        return None
+    from llmflow.catalog import load_catalog
+    from llmflow.errors import UnknownModel
+
+    if "session" in _config_file(args.config):
+        raise ConfigError(
+            f"--config {args.config}: has a session table, and --catalog gives the session; leave one out"
+        )
+    try:
+        return load_catalog(args.catalog).lookup(args.model, strict=True)[1]
+    except UnknownModel as exc:
+        raise ConfigError(f"--catalog {args.catalog}, --model: {exc}") from None
 
 
 def _batch_config(args: argparse.Namespace, input_path: Path, output_path: Path) -> BatchConfig:
@@ -104,6 +106,8 @@ def _batch_config(args: argparse.Namespace, input_path: Path, output_path: Path)
         data["fixed_output_tokens"] = args.fixed_output_tokens
     if getattr(args, "retry_errors", False):
         data["retry_errors"] = True
+    if getattr(args, "catalog", None):  # lines name catalog models; the server answers to its served name
+        data["rewrite_model_to_served_name"] = True
     try:
         return BatchConfig.model_validate(data)
     except ValidationError as exc:
@@ -117,9 +121,11 @@ def _preflight(session: SessionConfig, batch: BatchConfig | None = None) -> None
     from llmflow.placements import driver_for
 
     if batch is not None:
+        from llmflow.batch.embeddings import check_embeddings
         from llmflow.batch.input_check import check_input
 
         check_input(batch.input_path)
+        check_embeddings(session, batch.input_path)
     driver_for(session).preflight(blocks=False)
 
 
@@ -330,7 +336,10 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
 
 
 def _add_session_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", type=Path, help=f"GGUF model (default {DEFAULT_MODEL.relative_to(PROJECT_ROOT)})")
+    p.add_argument(
+        "--model",
+        help=f"GGUF model (default {DEFAULT_MODEL.relative_to(PROJECT_ROOT)}); batch with --catalog: a catalog model name",
+    )
     p.add_argument("--venv", type=Path, help="model server's virtual environment (default .venvs/llama_cpp)")
     p.add_argument("--n-ctx", type=int, help="server context length (default 2048)")
     p.add_argument("--config", type=Path, help='JSON file {"session": {...}, "batch": {...}}; flags override it')
@@ -358,6 +367,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", type=Path, required=True, help="output JSONL (resumed if it exists)")
     p.add_argument(
         "--retry-errors", action="store_true", help="send again the lines the output has as answered with an error"
+    )
+    p.add_argument(
+        "--catalog",
+        metavar="FILE",
+        default=os.environ.get("LLMFLOW_CATALOG") or None,
+        help="model catalog (TOML/YAML/JSON): --model names its entry (default: its default model), every line is "
+        "sent under the entry's served name (default $LLMFLOW_CATALOG; '' for none)",
     )
     _add_run_options(p)
 
@@ -405,6 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs-dir", type=Path, default=PROJECT_ROOT / "runs")
     p.add_argument("--list", action="store_true", help="only list leases (a table), release nothing")
     p.add_argument("--json", action="store_true", help="with --list: the leases as JSON, for scripts")
+
     return parser
 
 

@@ -18,6 +18,7 @@ from pydantic import BaseModel, Field
 from flows.replicas import replica_set
 from flows.session import model_session, release_session, with_blocks
 from llmflow.batch import output_path
+from llmflow.batch.embeddings import serve_embeddings
 from llmflow.batch.input_check import check_input
 from llmflow.batch.jsonl import drop_error_records, errors_path_for, summary_path_for
 from llmflow.batch.pending import Pending, count_pending
@@ -155,6 +156,9 @@ def batch_inference(
         )
     if not (pending := count_pending(batch.input_path, batch.output_path)).to_send:
         return nothing_to_send(batch, pending)
+    session, note = serve_embeddings(session, pending.embeddings_to_send)  # before any server starts
+    if note:
+        logger.info(note)
     if session.replicas > 1:
         return _replicated_batch(session, batch)
     with model_session(session) as s:

@@ -263,9 +263,23 @@ class LlamaCppEngine(_ServerEngine):
     )
     n_ctx: int = Field(default=2048, ge=16, le=1_048_576, description="Context length in tokens.")
     n_threads: int | None = Field(default=None, ge=1, description="CPU threads; None lets llama.cpp choose.")
+    embeddings: bool = Field(
+        default=False,
+        description=(
+            "--embedding True: answer /v1/embeddings beside /v1/completions and /v1/chat/completions (one "
+            "server). The batch flow turns it on when the input has /v1/embeddings lines to send. A generative "
+            "model's embedding is one vector per token (it has no pooling); an embedding model's is one vector."
+        ),
+    )
     extra_args: list[str] = Field(
         default_factory=list, description="Further server arguments, passed through unchanged."
     )
+
+
+VLLM_NO_EMBEDDINGS = (
+    "vLLM serves generation or embeddings, never both from one server (one --runner per server: generate or "
+    "pooling); send the /v1/embeddings lines in a batch of their own, or use the llama_cpp or llama_server engine"
+)
 
 
 class VllmEngine(_ServerEngine):
@@ -287,9 +301,20 @@ class VllmEngine(_ServerEngine):
     tensor_parallel_size: int = Field(default=1, ge=1, description="--tensor-parallel-size")
     pipeline_parallel_size: int = Field(default=1, ge=1, description="--pipeline-parallel-size")
     dtype: str | None = Field(default=None, description="--dtype (auto, float16, bfloat16, float32).")
+    embeddings: Literal[False] = Field(
+        default=False,
+        description="Always false: " + VLLM_NO_EMBEDDINGS + ".",
+    )
     extra_args: list[str] = Field(
         default_factory=list, description="Further server arguments, passed through unchanged."
     )
+
+    @field_validator("embeddings", mode="before")
+    @classmethod
+    def _one_runner(cls, value: object) -> object:
+        if value is True:
+            raise ValueError(VLLM_NO_EMBEDDINGS)
+        return value
 
 
 class LlamaServerEngine(_ServerEngine):
@@ -313,6 +338,21 @@ class LlamaServerEngine(_ServerEngine):
     n_threads: int | None = Field(default=None, ge=1, description="--threads; None lets llama.cpp choose.")
     parallel: int | None = Field(default=None, ge=1, description="--parallel: server slots (concurrent sequences).")
     metrics: bool = Field(default=True, description="--metrics: publish Prometheus counters at /metrics.")
+    embeddings: bool = Field(
+        default=False,
+        description=(
+            "--embeddings: answer /v1/embeddings; completions and chat still work (checked with llama-server "
+            "0.5.0). The batch flow turns it on when the input has /v1/embeddings lines to send. An input longer "
+            "than the physical batch (--ubatch-size, default 512 tokens) is answered 500: raise it in extra_args."
+        ),
+    )
+    pooling: Literal["mean", "cls", "last"] | None = Field(
+        default=None,
+        description=(
+            "--pooling for embeddings; None: the model's own. A generative model has none, which /v1/embeddings "
+            "refuses (400 'Pooling type none is not OAI compatible'): set mean or last for one."
+        ),
+    )
     extra_args: list[str] = Field(
         default_factory=list, description="Further server arguments, passed through unchanged."
     )
@@ -494,6 +534,14 @@ class BatchConfig(_Strict):
         default=None,
         ge=1,
         description="Force every completion to exactly this many tokens (engine's min_tokens/ignore_eos).",
+    )
+    rewrite_model_to_served_name: bool = Field(
+        default=False,
+        description=(
+            "Send every line with body.model set to session.model.served_name, whatever model it names: a "
+            "catalog maps request names (gpt-4o-mini) to a session whose server answers only to its own name "
+            "(vLLM: 404 for any other)."
+        ),
     )
     retry_errors: bool = Field(
         default=False,

@@ -15,6 +15,7 @@ Each class also derives from the built-in it used to be (``ValueError``, ``Runti
     ├── PermanentError                  retrying the same step cannot help
     │   ├── ConfigError (ValueError)    a setting or input names something that is not there
     │   │   ├── CampaignFileError       a campaign file that does not validate
+    │   │   ├── UnknownModel            a model name the catalog has not (and no default)
     │   │   └── NoSuchNodeLimit         session.node_limit names no Prefect concurrency limit
     │   ├── HostKeyRejected             the SSH host's key is not known
     │   ├── JobRejected                 the scheduler refused the job or it can never start
@@ -48,6 +49,11 @@ class ConfigError(PermanentError, ValueError):
 
 class CampaignFileError(ConfigError):
     """A campaign file that cannot be read or does not validate; the message names the field."""
+
+
+class UnknownModel(ConfigError):
+    """A request or ``--model`` names a model the catalog has not, and there is no default to
+    fall back on; the message lists the catalog's names, with a "did you mean"."""
 
 
 class NoSuchNodeLimit(ConfigError):

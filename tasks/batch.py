@@ -60,11 +60,20 @@ def run_batch_inference(
         else None
     )
     if replicas is not None:  # the servers' own counters are per replica; the client's sums cover them all
-        result = run_batch_sync(batch, replicas=replicas, body_overrides=overrides, progress=report)
+        result = run_batch_sync(
+            batch, replicas=replicas, body_overrides=overrides, served_name=session.model.served_name, progress=report
+        )
     else:
         assert handle is not None and tunnel is not None
         before = server_counters(session, tunnel, handle)
-        result = run_batch_sync(batch, tunnel.base_url, handle.api_key(), body_overrides=overrides, progress=report)
+        result = run_batch_sync(
+            batch,
+            tunnel.base_url,
+            handle.api_key(),
+            body_overrides=overrides,
+            served_name=session.model.served_name,
+            progress=report,
+        )
         result = result.model_copy(
             update={"server_counters": counter_delta(before, server_counters(session, tunnel, handle))}
         )

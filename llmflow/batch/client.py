@@ -26,6 +26,7 @@ import httpx
 from llmflow.aio import run_sync
 from llmflow.auth import bearer
 from llmflow.batch.jsonl import (
+    EMBEDDINGS_URL,
     JsonlAppender,
     count_lines,
     errors_path_for,
@@ -192,10 +193,15 @@ class _BatchPass:
         overrides: dict[str, Any],
         progress: ProgressFn | None,
         progress_every_s: float,
+        served_name: str | None = None,
     ) -> None:
         self.config = config
         self.pool = pool
-        self.overrides = overrides
+        # merged into each body (one dict copy, made only when there is something to merge);
+        # output-length fields mean nothing to an embedding, the served name means the same
+        renamed = {"model": served_name} if config.rewrite_model_to_served_name else {}
+        self.overrides = {**overrides, **renamed}
+        self.embeddings_overrides = renamed
         self.progress = progress
         self.progress_every_s = progress_every_s
         self.errors_path = errors_path_for(config.output_path)
@@ -291,7 +297,7 @@ class _BatchPass:
         tally.succeeded += 1
         body = result.body if isinstance(result.body, dict) else {}
         prompt = completion = 0
-        if usage := body.get("usage"):
+        if isinstance(usage := body.get("usage"), dict):  # embeddings: prompt_tokens and total_tokens only
             prompt = usage.get("prompt_tokens") or 0
             completion = usage.get("completion_tokens") or 0
             tally.prompt_tokens += prompt
@@ -316,7 +322,8 @@ class _BatchPass:
             if req.custom_id in self.finished:
                 self.tick()
                 continue
-            body = {**req.body, **self.overrides} if self.overrides else req.body
+            overrides = self.embeddings_overrides if req.url == EMBEDDINGS_URL else self.overrides
+            body = {**req.body, **overrides} if overrides else req.body
             payload = json.dumps(body).encode()
             await self.gate.acquire()
             if tally.stopped_early:
@@ -388,6 +395,7 @@ async def run_batch(
     *,
     replicas: ReplicaSource | None = None,
     body_overrides: dict[str, Any] | None = None,
+    served_name: str | None = None,
     transport: Transport = "aiohttp",
     progress: ProgressFn | None = None,
     progress_every_s: float = 0.5,
@@ -400,12 +408,17 @@ async def run_batch(
         api_key: bearer key, or None when the server has none.
         replicas: instead of ``base_url``: the replicas of a session, spread over (least
             outstanding requests first) as they become ready.
-        body_overrides: fields merged into every request body (e.g. ``min_tokens``).
+        body_overrides: fields merged into every completion and chat body (e.g. ``min_tokens``);
+            /v1/embeddings bodies have no output to shape.
+        served_name: the session's served model name; with ``config.rewrite_model_to_served_name``
+            every body's ``model`` is replaced by it.
         transport: ``aiohttp`` (default) or ``httpx``.
         progress: called with (finished, total) at most every ``progress_every_s`` and at the end.
     """
     if (base_url is None) == (replicas is None):
         raise ValueError("run_batch takes a base_url or replicas, one of the two")
+    if config.rewrite_model_to_served_name and not served_name:
+        raise ValueError("rewrite_model_to_served_name needs the served_name to send")
     pool = EndpointPool(
         lambda url, key: make_sender(transport, url, key, config.timeouts, config.concurrency), watcher=replicas
     )
@@ -414,7 +427,7 @@ async def run_batch(
     else:
         pool.add("server", base_url, api_key)
     try:
-        return await _BatchPass(config, pool, body_overrides or {}, progress, progress_every_s).run()
+        return await _BatchPass(config, pool, body_overrides or {}, progress, progress_every_s, served_name).run()
     finally:
         if replicas is not None:
             replicas.detach(pool)

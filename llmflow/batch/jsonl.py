@@ -17,9 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
-SUPPORTED_URLS = ("/v1/completions", "/v1/chat/completions")
+EMBEDDINGS_URL = "/v1/embeddings"
+SUPPORTED_URLS = ("/v1/completions", "/v1/chat/completions", EMBEDDINGS_URL)
 
 
 class BatchRequest(BaseModel):
@@ -29,20 +30,39 @@ class BatchRequest(BaseModel):
 
     custom_id: str = Field(min_length=1)
     method: Literal["POST"]
-    url: Literal["/v1/completions", "/v1/chat/completions"]
+    url: Literal["/v1/completions", "/v1/chat/completions", "/v1/embeddings"]
     body: dict[str, Any]
 
     @field_validator("body")
     @classmethod
-    def _as_openai_means_it(cls, body: dict[str, Any]) -> dict[str, Any]:
+    def _as_openai_means_it(cls, body: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
         """Bodies written for OpenAI's Batch API mean the same here: a streamed answer cannot be
         stored as a line's result, and ``max_completion_tokens`` (OpenAI's newer name) is also
-        given as ``max_tokens``, which llama-cpp-python needs (it ignores the newer name)."""
+        given as ``max_tokens``, which llama-cpp-python needs (it ignores the newer name). An
+        embeddings line without ``input`` would only be refused by the server, after its start."""
         if body.get("stream"):
             raise ValueError("stream: true is not allowed in a batch (each line's answer is stored whole)")
+        if info.data.get("url") == EMBEDDINGS_URL:
+            if "input" not in body:
+                raise ValueError("a /v1/embeddings line needs input: a string or a list of strings or token ids")
+            if not isinstance(text := body["input"], (str, list)) or not text:
+                raise ValueError(
+                    f"input: expected a non-empty string or list (of strings or token ids), got {_json_kind(text)}"
+                )
+            return body
         if body.get("max_completion_tokens") is not None and body.get("max_tokens") is None:
             body = {**body, "max_tokens": body["max_completion_tokens"]}
         return body
+
+
+def _json_kind(value: Any) -> str:
+    """What a JSON value is, in JSON's words: ``an empty string``, ``a number``, ``null``."""
+    if value is None:
+        return "null"
+    if isinstance(value, (str, list)) and not value:
+        return f"an empty {'string' if isinstance(value, str) else 'list'}"
+    kinds = {bool: "a boolean", int: "a number", float: "a number", dict: "an object"}
+    return kinds.get(type(value), type(value).__name__)
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
-from llmflow.batch.jsonl import load_finished, parse_lines
+from llmflow.batch.jsonl import EMBEDDINGS_URL, load_finished, parse_lines
 
 
 class Pending(BaseModel):
@@ -22,6 +22,9 @@ class Pending(BaseModel):
     invalid_lines: int = Field(description="Malformed lines and duplicate custom_ids: never sent.")
     finished: int = Field(description="custom_ids in the output (the checkpoint), the client's ``already_done``.")
     to_send: int = Field(description="Valid custom_ids of the input not yet in the output.")
+    embeddings_to_send: int = Field(
+        default=0, description="Of ``to_send``, the /v1/embeddings lines: the server must be started to answer them."
+    )
 
 
 def count_pending(input_path: Path, output_path: Path) -> Pending:
@@ -31,17 +34,20 @@ def count_pending(input_path: Path, output_path: Path) -> Pending:
     lines count as to send. Like the client, a torn last output line is cut off.
     """
     finished = load_finished(output_path)
-    requests = invalid = to_send = 0
+    requests = invalid = to_send = embeddings = 0
     for parsed in parse_lines(input_path):
         if parsed.request is None:
             invalid += 1
             continue
         requests += 1
-        to_send += parsed.request.custom_id not in finished
+        if parsed.request.custom_id not in finished:
+            to_send += 1
+            embeddings += parsed.request.url == EMBEDDINGS_URL
     return Pending(
         input_lines=requests + invalid,
         requests=requests,
         invalid_lines=invalid,
         finished=len(finished),
         to_send=to_send,
+        embeddings_to_send=embeddings,
     )

@@ -8,17 +8,16 @@ checked by the same rules and an error names the field (``campaign.context_sizes
 from __future__ import annotations
 
 import itertools
-import tomllib
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, ValidationError, field_validator
 
 from llmflow import paths
 from llmflow.bench.metrics import Outcome
 from llmflow.config import PROJECT_ROOT
+from llmflow.config_files import read_table
 from llmflow.errors import CampaignFileError
 from llmflow.results import CellResult
 from llmflow.validation import config_problems
@@ -171,18 +170,7 @@ def load_campaign(path: Path) -> tuple[CampaignConfig, dict[str, Any] | None]:
     paths on this machine) are taken from the file's own folder (``llmflow.paths``), so a file
     means the same thing whatever folder the command runs in.
     """
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise CampaignFileError(f"campaign file {path}: {exc.strerror}") from exc
-    try:
-        data = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
-    except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
-        raise CampaignFileError(
-            f"campaign file {path}: not valid {'TOML' if path.suffix == '.toml' else 'YAML'}: {exc}"
-        ) from exc
-    if not isinstance(data, dict):
-        raise CampaignFileError(f"campaign file {path}: expected a table of settings at the top")
+    data = read_table(path, "campaign file", CampaignFileError)
     session = data.pop("session", None)
     if session is not None and not isinstance(session, dict):
         raise CampaignFileError(f"campaign file {path}: session: expected a table")

@@ -39,6 +39,9 @@ class EngineSpec(Protocol):
     readiness_path: str  # GET path that answers 2xx once the server can serve
     api_key_env: str | None  # environment variable the server reads its key from; None: no key
     metrics_path: str | None  # Prometheus counters, if the server publishes them
+    # can one server answer /v1/embeddings beside generation (its config's ``embeddings`` turns it
+    # on)? False: never; None: unknown (a command), lines are sent as they are
+    embeddings_beside_generation: bool | None
 
     def launch(self, model: ModelConfig, host: str, api_key: str | None) -> LaunchSpec: ...
 

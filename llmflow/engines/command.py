@@ -19,6 +19,7 @@ class CommandSpec(BinaryEngine):
         self.readiness_path = engine.readiness_path
         self.api_key_env = engine.api_key_env
         self.metrics_path = engine.metrics_path
+        self.embeddings_beside_generation = None  # unknown: /v1/embeddings lines are sent as they are
 
     def check_program(self) -> None:
         if shutil.which(self.engine.argv[0]) is None:

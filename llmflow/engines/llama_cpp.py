@@ -17,6 +17,7 @@ class LlamaCppSpec(VenvEngine):
     readiness_path = "/v1/models"
     api_key_env = "API_KEY"
     metrics_path = None  # llama-cpp-python's server has no /metrics
+    embeddings_beside_generation = True  # --embedding True; completions and chat still answered
 
     def check_model(self, path: Path) -> None:
         check_gguf(path)
@@ -36,6 +37,8 @@ class LlamaCppSpec(VenvEngine):
         # fmt: on
         if engine.n_threads is not None:
             argv += ["--n_threads", str(engine.n_threads)]
+        if engine.embeddings:  # /v1/embeddings beside generation, same server
+            argv += ["--embedding", "True"]
         argv += engine.extra_args
         return LaunchSpec(argv=argv, env=key_env(self.api_key_env, api_key), setup=list(engine.setup))
 

@@ -20,6 +20,7 @@ class LlamaServerSpec(BinaryEngine):
 
     readiness_path = "/health"
     api_key_env = "LLAMA_API_KEY"
+    embeddings_beside_generation = True  # --embeddings (and a --pooling other than none)
 
     def __init__(self, engine: Any) -> None:
         super().__init__(engine)
@@ -49,6 +50,10 @@ class LlamaServerSpec(BinaryEngine):
             argv += ["--parallel", str(engine.parallel)]
         if engine.metrics:
             argv.append("--metrics")
+        if engine.embeddings:  # completions and chat still answered (unlike what --help suggests)
+            argv.append("--embeddings")
+        if engine.pooling is not None:
+            argv += ["--pooling", engine.pooling]
         argv += engine.extra_args
         return LaunchSpec(argv=argv, env=key_env(self.api_key_env, api_key), setup=list(engine.setup))
 

@@ -19,6 +19,8 @@ class VllmSpec(VenvEngine):
     readiness_path = "/health"
     api_key_env = "VLLM_API_KEY"
     metrics_path = "/metrics"  # Prometheus text; token counters are vllm:*_tokens_total
+    # one --runner per server: generate (no /v1/embeddings: 404) or pooling (no completions: 404)
+    embeddings_beside_generation = False
 
     def check_model(self, path: Path) -> None:
         """A checkpoint folder, or a Hugging Face model name (``org/name``) that vLLM loads itself:

@@ -343,3 +343,79 @@ def test_an_openai_batch_file_runs_unchanged(session_config: SessionConfig, tmp_
     assert all(r["response"]["body"]["usage"]["completion_tokens"] <= 8 for r in records.values())
     errors = [json.loads(x) for x in out.with_name("o.errors.jsonl").read_text().splitlines()]
     assert [e.get("custom_id") for e in errors] == ["s0"] and "stream" in json.dumps(errors)
+
+
+def _request(cid: str, url: str, body: dict) -> dict:
+    return {"custom_id": cid, "method": "POST", "url": url, "body": body}
+
+
+def test_embeddings_lines_beside_chat_and_completions_of_one_model(session_config: SessionConfig, tmp_path: Path):
+    """The input has /v1/embeddings lines, so the flow starts llama-cpp-python with --embedding True
+    (the session asked for nothing); one server answers all three kinds. An embedding's usage has
+    no completion_tokens: the output token count is the generations' alone."""
+    assert session_config.engine.embeddings is False
+    lines = []
+    for i in range(4):
+        lines += [
+            _request(f"c{i}", "/v1/completions", {"model": "tiny-llama", "prompt": f"hi {i}", "max_tokens": 4}),
+            _request(f"h{i}", "/v1/chat/completions", {"model": "tiny-llama", "messages": [{"role": "user", "content": f"hey {i}"}]}),
+            _request(f"e{i}", "/v1/embeddings", {"model": "tiny-llama", "input": f"embed me {i}"}),
+        ]  # fmt: skip
+    lines.append(_request("l", "/v1/embeddings", {"model": "tiny-llama", "input": ["one", "two"]}))
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    out = tmp_path / "out.jsonl"
+    result = batch_inference(
+        session=session_config, batch=BatchConfig(input_path=src, output_path=out, concurrency=3, fixed_output_tokens=4)
+    )
+
+    records = {r["custom_id"]: r for r in _records(out)}
+    assert set(records) == {line["custom_id"] for line in lines}
+    assert {r["response"]["status_code"] for r in records.values()} == {200}
+    embeddings = [r["response"]["body"] for cid, r in records.items() if cid.startswith(("e", "l"))]
+    assert all(b["object"] == "list" and b["data"][0]["embedding"] for b in embeddings)
+    assert len(records["l"]["response"]["body"]["data"]) == 2  # one embedding per input
+    assert all("completion_tokens" not in b["usage"] for b in embeddings)
+    report = result.report
+    assert (report.sent, report.succeeded, report.failed_http, report.invalid_lines) == (13, 13, 0, 0)
+    assert report.completion_tokens == 8 * 4  # fixed output length on the 8 generations, none on embeddings
+    assert report.prompt_tokens == sum(r["response"]["body"]["usage"]["prompt_tokens"] for r in records.values())
+    summary = json.loads(out.with_name("out.summary.json").read_text())
+    assert summary["throughput"]["requests"] == 13 and summary["batch"]["completion_tokens"] == 32
+    assert _wait_no_processes(str(tmp_path)) == []
+
+
+def test_catalog_model_serves_lines_naming_another_model(session_config: SessionConfig, tmp_path: Path, cli_env):
+    """`llmflow batch --catalog FILE --model tiny`: the lines name gpt-4o-mini, the catalog entry's
+    session serves them, each sent under its served name (llama-cpp-python echoes the name it got)."""
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    session = {
+        "engine": {"venv": str(session_config.engine.venv)},
+        "model": {"path": "../model/tiny.gguf", "served_name": "tiny-llama"},  # from the config file's folder
+        "runs_dir": "../runs",
+    }
+    (configs / "tiny.json").write_text(json.dumps({"session": session}))
+    catalog = tmp_path / "catalog.toml"
+    catalog.write_text('[models.tiny]\nconfig = "configs/tiny.json"\n[models.big]\nmodel_server_block = "nope"\n')
+    src = tmp_path / "in.jsonl"
+    lines = [
+        _request(f"g{i}", "/v1/chat/completions", {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3})
+        for i in range(6)
+    ]  # fmt: skip
+    src.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    out = tmp_path / "out.jsonl"
+    proc = _cli(
+        ["batch", str(src), "-o", str(out), "--catalog", str(catalog), "--model", "tiny"],
+        cli_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    stdout, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stdout
+    records = _records(out)
+    assert sorted(r["custom_id"] for r in records) == [f"g{i}" for i in range(6)]
+    assert {r["response"]["status_code"] for r in records} == {200}
+    assert {r["response"]["body"]["model"] for r in records} == {"tiny-llama"}
+    assert (tmp_path / "runs").is_dir() and _wait_no_processes(str(tmp_path)) == []

@@ -106,6 +106,36 @@ def test_llama_server_batch_fixed_length_and_its_own_counters(llama_server_sessi
     assert _wait_no_processes(str(tmp_path)) == []
 
 
+def test_llama_server_embeddings_beside_completions(llama_server_session: SessionConfig, tmp_path: Path):
+    """With /v1/embeddings lines in the input the flow adds --embeddings; completions and chat still
+    answer (llama-server's --help says the flag restricts it to embeddings: it does not). The tiny
+    generative model has no pooling of its own, so the session sets one."""
+    session = llama_server_session.model_copy(
+        update={"engine": llama_server_session.engine.model_copy(update={"pooling": "mean"})}
+    )
+    lines = []
+    for i in range(3):
+        lines += [
+            {"custom_id": f"c{i}", "method": "POST", "url": "/v1/completions", "body": {"prompt": f"hi {i}", "max_tokens": 4}},
+            {"custom_id": f"h{i}", "method": "POST", "url": "/v1/chat/completions", "body": {"messages": [{"role": "user", "content": "hey"}], "max_tokens": 4}},
+            {"custom_id": f"e{i}", "method": "POST", "url": "/v1/embeddings", "body": {"input": [f"embed {i}", "and this"]}},
+        ]  # fmt: skip
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    out = tmp_path / "out.jsonl"
+    result = batch_inference(session=session, batch=BatchConfig(input_path=src, output_path=out, concurrency=3))
+    records = {r["custom_id"]: r for r in _records(out)}
+    assert len(records) == 9 == result.report.succeeded
+    assert {r["response"]["status_code"] for r in records.values()} == {200}
+    for cid in ("e0", "e1", "e2"):
+        data = records[cid]["response"]["body"]["data"]
+        assert len(data) == 2 and all(isinstance(x, float) for x in data[0]["embedding"])  # one pooled vector each
+    assert result.report.completion_tokens == sum(
+        r["response"]["body"]["usage"].get("completion_tokens", 0) for r in records.values()
+    )
+    assert _wait_no_processes(str(tmp_path)) == []
+
+
 def test_llama_server_key_is_enforced(llama_server_session: SessionConfig, tmp_path: Path):
     assert _key_probe(llama_server_session) == (401, 200)
     assert _wait_no_processes(str(tmp_path)) == []

@@ -143,3 +143,72 @@ def test_connection_refused_is_retried_then_reported(tmp_path: Path):
     report = asyncio.run(run_batch(cfg, "http://127.0.0.1:9"))  # discard port: nothing listens
     assert report.unfinished == 2 and report.retries == 2
     assert not cfg.output_path.read_text()
+
+
+class MixedServer:
+    """Answers completions, chat and embeddings as llama.cpp does (an embedding's usage has no
+    completion_tokens), and keeps every body it was sent."""
+
+    def __init__(self) -> None:
+        self.bodies: dict[str, dict] = {}
+
+    async def handle(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        self.bodies[body["cid"]] = body
+        if request.path == "/v1/embeddings":
+            usage = {"prompt_tokens": 4, "total_tokens": 4}
+            return web.json_response({"object": "list", "data": [{"embedding": [0.5, -0.5]}], "usage": usage})
+        usage = {"prompt_tokens": 3, "completion_tokens": body.get("max_tokens", 5), "total_tokens": 8}
+        return web.json_response({"choices": [{"text": "ok"}], "usage": usage, "model": body.get("model")})
+
+
+def _mixed_input(path: Path) -> None:
+    lines = [
+        ("c", "/v1/completions", {"prompt": "p", "model": "gpt-4o-mini"}),
+        ("h", "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "model": "gpt-4o-mini"}),
+        ("e", "/v1/embeddings", {"input": ["a", "b"], "model": "text-embedding-3-small"}),
+        ("n", "/v1/completions", {"prompt": "no model named"}),
+    ]
+    path.write_text(
+        "".join(
+            json.dumps({"custom_id": cid, "method": "POST", "url": url, "body": {**body, "cid": cid}}) + "\n"
+            for cid, url, body in lines
+        )
+    )
+
+
+@pytest.mark.parametrize("rewrite", [False, True])
+def test_embeddings_lines_get_no_output_fields_and_the_served_name_when_asked(tmp_path: Path, rewrite: bool):
+    _mixed_input(tmp_path / "in.jsonl")
+    cfg = BatchConfig(
+        input_path=tmp_path / "in.jsonl", output_path=tmp_path / "out.jsonl", rewrite_model_to_served_name=rewrite
+    )
+    fake = MixedServer()
+
+    async def scenario():
+        runner, url = await _serve(fake.handle, paths=("/v1/completions", "/v1/chat/completions", "/v1/embeddings"))
+        try:
+            return await run_batch(cfg, url, body_overrides={"max_tokens": 2, "min_tokens": 2}, served_name="tiny")
+        finally:
+            await runner.cleanup()
+
+    report = asyncio.run(scenario())
+    assert report.succeeded == 4 and report.failed_http == 0
+    assert report.prompt_tokens == 3 * 3 + 4 and report.completion_tokens == 3 * 2  # the embedding adds no output
+    assert "max_tokens" not in fake.bodies["e"] and fake.bodies["c"]["min_tokens"] == 2
+    models = {cid: body.get("model") for cid, body in fake.bodies.items()}
+    if rewrite:
+        assert models == {"c": "tiny", "h": "tiny", "e": "tiny", "n": "tiny"}
+    else:
+        assert models == {"c": "gpt-4o-mini", "h": "gpt-4o-mini", "e": "text-embedding-3-small", "n": None}
+    out = {r["custom_id"]: r for r in map(json.loads, cfg.output_path.read_text().splitlines())}
+    assert out["e"]["response"]["body"]["data"][0]["embedding"] == [0.5, -0.5]
+
+
+def test_rewriting_needs_the_served_name(tmp_path: Path):
+    _mixed_input(tmp_path / "in.jsonl")
+    cfg = BatchConfig(
+        input_path=tmp_path / "in.jsonl", output_path=tmp_path / "out.jsonl", rewrite_model_to_served_name=True
+    )
+    with pytest.raises(ValueError, match="served_name"):
+        asyncio.run(run_batch(cfg, "http://127.0.0.1:9"))

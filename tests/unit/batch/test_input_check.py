@@ -49,7 +49,7 @@ def test_empty_and_all_invalid_files(tmp_path: Path):
     empty.write_text("\n\n")
     assert "empty" in refused(empty)
     bad = tmp_path / "bad.jsonl"
-    bad.write_text(json.dumps({**REQUEST, "url": "/v1/embeddings"}) + "\n" + json.dumps({"custom_id": "b"}) + "\n")
+    bad.write_text(json.dumps({**REQUEST, "url": "/v1/moderations"}) + "\n" + json.dumps({"custom_id": "b"}) + "\n")
     assert "no valid request line (first problem: line 1: url:" in refused(bad)
 
 

@@ -30,7 +30,7 @@ def test_per_line_errors_with_line_numbers(tmp_path: Path):
     assert ok == ["a", "d"]
     assert set(errors) == {2, 3, 5, 6}
     assert "not valid JSON" in errors[2]
-    assert errors[3].startswith("url:")
+    assert errors[3].startswith("body: a /v1/embeddings line needs input")  # its body is a completion's
     assert "duplicate custom_id 'a'" in errors[5]
     assert errors[6].startswith("body:")
     assert count_lines(src) == 6  # blank line not counted
@@ -143,3 +143,34 @@ def test_a_file_written_for_openais_batch_api_means_the_same_here(tmp_path: Path
     )
     explicit = BatchRequest.model_validate_json(_chat_line(max_completion_tokens=8, max_tokens=4))
     assert explicit.body["max_tokens"] == 4  # an explicit max_tokens is kept
+
+
+def _embeddings_line(cid: str, **body) -> str:
+    return json.dumps({"custom_id": cid, "method": "POST", "url": "/v1/embeddings", "body": {"model": "m", **body}})
+
+
+def test_embeddings_lines_need_a_non_empty_string_or_list_input(tmp_path: Path):
+    src = tmp_path / "in.jsonl"
+    lines = [
+        _embeddings_line("s", input="hello"),
+        _embeddings_line("l", input=["a", "b"]),
+        _embeddings_line("t", input=[1, 2, 3]),
+        _embeddings_line("missing"),
+        _embeddings_line("empty", input=""),
+        _embeddings_line("number", input=3),
+        _embeddings_line("null", input=None),
+        _embeddings_line("max", input="x", max_completion_tokens=4),
+        _line("other", url="/v1/nope"),
+    ]
+    src.write_text("\n".join(lines) + "\n")
+    parsed = {p.custom_id or p.request.custom_id: p for p in parse_lines(src)}
+    assert {cid for cid, p in parsed.items() if p.request} == {"s", "l", "t", "max"}
+    assert parsed["missing"].error == (
+        "body: a /v1/embeddings line needs input: a string or a list of strings or token ids"
+    )
+    expected = "body: input: expected a non-empty string or list (of strings or token ids), got "
+    assert parsed["empty"].error == expected + "an empty string"
+    assert parsed["number"].error == expected + "a number"
+    assert parsed["null"].error == expected + "null"
+    assert "max_tokens" not in parsed["max"].request.body  # an embedding has no output length
+    assert parsed["other"].error == "url: Input should be '/v1/completions', '/v1/chat/completions' or '/v1/embeddings'"

@@ -47,3 +47,16 @@ def test_error_records_taken_out_by_retry_errors_count_as_to_send(tmp_path: Path
     assert count_pending(_input(tmp_path), out).to_send == 0  # without retry_errors an error answer is final
     assert drop_error_records(out) == 2
     assert count_pending(_input(tmp_path), out).to_send == 2
+
+
+def test_embeddings_lines_to_send_are_counted(tmp_path: Path):
+    src = tmp_path / "in.jsonl"
+    emb = [
+        json.dumps({"custom_id": c, "method": "POST", "url": "/v1/embeddings", "body": {"input": c}}) + "\n"
+        for c in ("e1", "e2", "e3")
+    ]
+    src.write_text(_line("a") + "".join(emb) + json.dumps({"custom_id": "bad", "url": "/v1/embeddings"}) + "\n")
+    out = tmp_path / "out.jsonl"
+    out.write_text(_record("e1"))
+    p = count_pending(src, out)
+    assert (p.to_send, p.embeddings_to_send, p.invalid_lines) == (3, 2, 1)

@@ -196,3 +196,30 @@ def test_server_timings_are_summed_and_turned_into_rates():
         "decode_tok_per_s": 200.0,
     }
     assert timings_summary({}) is None
+
+
+def test_embeddings_flags_of_the_engines_that_serve_them_beside_generation():
+    from llmflow.config import LlamaServerEngine
+
+    off = engines.spec_for(LlamaCppEngine()).launch(ModelConfig(), "h", None).argv
+    on = engines.spec_for(LlamaCppEngine(embeddings=True)).launch(ModelConfig(), "h", None).argv
+    assert "--embedding" not in off and on[on.index("--embedding") + 1] == "True"
+    server = engines.spec_for(LlamaServerEngine(embeddings=True, pooling="mean")).launch(ModelConfig(), "h", None)
+    assert "--embeddings" in server.argv and server.argv[server.argv.index("--pooling") + 1] == "mean"
+    plain = engines.spec_for(LlamaServerEngine()).launch(ModelConfig(), "h", None).argv
+    assert "--embeddings" not in plain and "--pooling" not in plain
+    assert engines.spec_for(LlamaCppEngine()).embeddings_beside_generation is True
+    assert engines.spec_for(LlamaServerEngine()).embeddings_beside_generation is True
+
+
+def test_vllm_refuses_embeddings_beside_generation_naming_the_field():
+    import pytest
+
+    from llmflow.config import SessionConfig, VllmEngine
+    from llmflow.validation import config_problems
+
+    assert engines.spec_for(VllmEngine()).embeddings_beside_generation is False
+    with pytest.raises(Exception) as exc:
+        SessionConfig.model_validate({"engine": {"kind": "vllm", "embeddings": True}})
+    (problem,) = config_problems(exc.value, SessionConfig, "session.")
+    assert problem.startswith("session.engine.embeddings: vLLM serves generation or embeddings, never both")
