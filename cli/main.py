@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
+from cli import api as api_cli
 from cli.prefect_api import connect
 from llmflow import paths
 from llmflow.batch import progress
@@ -92,7 +93,7 @@ def _catalog_entry(args: argparse.Namespace) -> CatalogEntry | None:
             f"--config {args.config}: has a session table, and --catalog gives the session; leave one out"
         )
     try:
-        return load_catalog(args.catalog).lookup(args.model, strict=True)[1]
+        return load_catalog(args.catalog).lookup(args.model)[1]
     except UnknownModel as exc:
         raise ConfigError(f"--catalog {args.catalog}, --model: {exc}") from None
 
@@ -422,6 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--list", action="store_true", help="only list leases (a table), release nothing")
     p.add_argument("--json", action="store_true", help="with --list: the leases as JSON, for scripts")
 
+    api_cli.add_parser(sub)
     return parser
 
 
@@ -480,6 +482,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command == "server":
         return _server(args)
+    if args.command == "api":
+        return api_cli.run(args)
     if args.command == "hold":
         return _hold(args)
     if args.command == "bench":

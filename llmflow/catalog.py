@@ -110,17 +110,15 @@ class Catalog(BaseModel):
     def names(self) -> list[str]:
         return sorted(self.models)
 
-    def lookup(self, name: str | None, *, strict: bool = False) -> tuple[str, CatalogEntry]:
-        """The catalog name and entry that serve ``name``.
-
-        A name in the catalog: its entry. No name (a request without ``model``): the default.
-        A name the catalog has not: the default too (requests written for OpenAI name OpenAI's
-        models), unless ``strict`` (an operator's ``--model``: a typo must not run another model).
-        Raises ``UnknownModel`` when that leaves nothing, listing the names, with a did-you-mean.
-        """
+    def lookup(self, name: str | None) -> tuple[str, CatalogEntry]:
+        """The catalog name and entry that serve ``name``: a name in the catalog, its entry; no
+        name (a request without ``model``), the default. A name the catalog has not is an error
+        even when there is a default, so a typo never runs another model (to serve requests
+        written for OpenAI, give ``gpt-4o-mini`` an entry of its own). Raises ``UnknownModel``,
+        listing the names, with a did-you-mean."""
         if name is not None and name in self.models:
             return name, self.models[name]
-        if self.default is not None and (name is None or not strict):
+        if name is None and self.default is not None:
             return self.default, self.models[self.default]
         names = ", ".join(self.names)
         if name is None:

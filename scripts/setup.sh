@@ -14,7 +14,7 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 # (re)install when a package or tool is missing: an older checkout's install lacks cli/ and ruff
-if ! .venv/bin/python -c 'import llmflow, cli, prefect, pytest' 2>/dev/null || [ ! -x .venv/bin/ruff ]; then
+if ! .venv/bin/python -c 'import llmflow, cli, prefect, pytest, python_multipart, uvicorn, openai' 2>/dev/null || [ ! -x .venv/bin/ruff ]; then
   .venv/bin/pip install --quiet --disable-pip-version-check -e '.[test,bench]'
 fi
 

@@ -7,176 +7,37 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from uuid import UUID
 
 import httpx
 import pytest
-from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterDeploymentId, FlowRunFilterId
-from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.states import Cancelling
 
 from llmflow.config import PROJECT_ROOT, SAMPLE_INPUT
 from llmflow.remote.leases import read_lease
 from tests import fault_matrix
 from tests.conftest import llama_processes
+from tests.integration.prefect_stack import (
+    deploy,
+    postgres,
+    prefect_client,
+    prefect_server_and_worker,
+    wait_state,
+)
 
 pytestmark = pytest.mark.integration
-
-PREFECT = str(Path(sys.executable).parent / "prefect")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-
-@contextmanager
-def _prefect_server_and_worker(home: Path, extra_env: dict[str, str] | None = None) -> Iterator[dict[str, str]]:
-    """`prefect server start` on a free loopback port with its own home, a process work pool and a
-    worker on it; yields the environment that points a client or CLI at it. Stops both after."""
-    url = f"http://127.0.0.1:{_free_port()}/api"
-    env = {
-        **os.environ,
-        "PREFECT_HOME": str(home),
-        "PREFECT_API_URL": url,
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2",
-        **(extra_env or {}),
-    }
-    port = url.rsplit(":", 1)[1].split("/")[0]
-    logs = home / "logs"
-    logs.mkdir()
-    server = subprocess.Popen(
-        [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", port],
-        env=env,
-        stdout=(logs / "server.log").open("wb"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    worker = None
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert server.poll() is None, (logs / "server.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "prefect server did not come up in 120 s"
-            time.sleep(0.5)
-        subprocess.run(
-            [PREFECT, "work-pool", "create", "llmflow", "--type", "process"],
-            env=env,
-            check=True,
-            capture_output=True,
-            cwd=PROJECT_ROOT,
-        )
-        worker = subprocess.Popen(
-            [PREFECT, "worker", "start", "--pool", "llmflow", "--prefetch-seconds", "1"],
-            env=env,
-            cwd=PROJECT_ROOT,
-            stdout=(logs / "worker.log").open("wb"),
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        yield env
-    finally:
-        if worker is not None:
-            _stop(worker)
-        _stop(server)
 
 
 @pytest.fixture(scope="module")
 def prefect_server(tmp_path_factory) -> Iterator[dict[str, str]]:
     """A Prefect server on SQLite, with a work pool and a worker."""
-    with _prefect_server_and_worker(tmp_path_factory.mktemp("prefect-home")) as env:
+    with prefect_server_and_worker(tmp_path_factory.mktemp("prefect-home")) as env:
         yield env
-
-
-@contextmanager
-def _postgres() -> Iterator[tuple[str, list[str]]]:
-    """A private PostgreSQL instance (Debian's packages, run as the postgres user) on a free
-    loopback port; yields its asyncpg URL and a psql command line for it. Removed after."""
-    (bindir,) = sorted(Path("/usr/lib/postgresql").glob("*/bin"))[-1:]
-    root = Path(tempfile.mkdtemp(prefix="llmflow-pg-"))  # not under pytest's 0700 root-only tmp
-    data, port = root / "pgdata", _free_port()
-    shutil.chown(root, "postgres")
-    as_postgres = ["runuser", "-u", "postgres", "--"]
-    subprocess.run(
-        [*as_postgres, str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres"],
-        check=True,
-        capture_output=True,
-    )
-    subprocess.run(
-        [
-            *as_postgres,
-            str(bindir / "pg_ctl"),
-            "-D",
-            str(data),
-            "-l",
-            str(root / "pg.log"),
-            "-w",
-            "-o",
-            f"-p {port} -k {root} -c listen_addresses=127.0.0.1",
-            "start",
-        ],
-        check=True,
-        capture_output=True,
-    )
-    try:
-        subprocess.run(
-            [*as_postgres, str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "prefect"],
-            check=True,
-            capture_output=True,
-        )
-        psql = [str(bindir / "psql"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "-d", "prefect", "-tAc"]
-        yield f"postgresql+asyncpg://postgres@127.0.0.1:{port}/prefect", psql
-    finally:
-        subprocess.run(
-            [*as_postgres, str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"], capture_output=True
-        )
-        shutil.rmtree(root, ignore_errors=True)
-
-
-@contextmanager
-def _client(env: dict[str, str]):
-    """A client of this module's server (settings are read once per process: override them here)."""
-    with temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}), get_client(sync_client=True) as client:
-        yield client
-
-
-def _deploy(env: dict[str, str]) -> subprocess.CompletedProcess:
-    """What a user runs from a fresh clone (see deployments/deploy.py for why not `prefect deploy`)."""
-    return subprocess.run(
-        [sys.executable, "deployments/deploy.py"],
-        env=env,
-        cwd=PROJECT_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
 
 
 def _parameters(tmp_path: Path, lines: int, concurrency: int = 4) -> dict:
@@ -198,16 +59,6 @@ def _parameters(tmp_path: Path, lines: int, concurrency: int = 4) -> dict:
     }
 
 
-def _wait_state(client, flow_run_id: UUID, done: set[str], timeout: float) -> str:
-    deadline = time.monotonic() + timeout
-    while True:
-        state = client.read_flow_run(flow_run_id).state
-        if state is not None and state.type.value in done:
-            return state.type.value
-        assert time.monotonic() < deadline, f"flow run still {state.type.value if state else None} after {timeout:.0f}s"
-        time.sleep(1)
-
-
 def test_deploy_schedule_trigger_from_the_api_and_read_the_artifacts(prefect_server, server_env, tmp_path: Path):
     _deploy_trigger_and_check(prefect_server, tmp_path)
 
@@ -216,8 +67,8 @@ def test_the_same_on_a_prefect_server_backed_by_postgresql(server_env, tmp_path:
     """Teams that schedule every night outgrow SQLite: the whole path once on PostgreSQL."""
     (tmp_path / "prefect-home").mkdir()
     with (
-        _postgres() as (db_url, psql),
-        _prefect_server_and_worker(tmp_path / "prefect-home", {"PREFECT_API_DATABASE_CONNECTION_URL": db_url}) as env,
+        postgres() as (db_url, psql),
+        prefect_server_and_worker(tmp_path / "prefect-home", {"PREFECT_API_DATABASE_CONNECTION_URL": db_url}) as env,
     ):
         _deploy_trigger_and_check(env, tmp_path / "run")
         # the runs, their artifacts and the deployments' schedules are rows in PostgreSQL
@@ -233,9 +84,9 @@ def test_the_same_on_a_prefect_server_backed_by_postgresql(server_env, tmp_path:
 
 def _deploy_trigger_and_check(prefect_server: dict[str, str], tmp_path: Path) -> None:
     tmp_path.mkdir(exist_ok=True)
-    res = _deploy(prefect_server)
+    res = deploy(prefect_server)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    with _client(prefect_server) as client:
+    with prefect_client(prefect_server) as client:
         nightly = client.read_deployment_by_name("batch-inference/nightly-batch")
         schedule = nightly.schedules[0].schedule
         assert (schedule.cron, schedule.timezone) == ("0 2 * * *", "Europe/Berlin")
@@ -255,7 +106,7 @@ def _deploy_trigger_and_check(prefect_server: dict[str, str], tmp_path: Path) ->
 
         on_demand = client.read_deployment_by_name("batch-inference/batch")
         run = client.create_flow_run_from_deployment(on_demand.id, parameters=_parameters(tmp_path, 40))
-        assert _wait_state(client, run.id, {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}, 300) == "COMPLETED"
+        assert wait_state(client, run.id, {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}, 300) == "COMPLETED"
         artifacts = {
             a.key: a for a in client.read_artifacts(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])))
         }
@@ -285,9 +136,9 @@ def _deploy_trigger_and_check(prefect_server: dict[str, str], tmp_path: Path) ->
 def test_cancel_from_the_api_mid_batch_tears_the_server_down(prefect_server, server_env, tmp_path: Path, replicas):
     params = _parameters(tmp_path, 5000, concurrency=1)
     params["session"]["replicas"] = replicas
-    with _client(prefect_server) as client:
+    with prefect_client(prefect_server) as client:
         if not client.read_deployments():
-            assert _deploy(prefect_server).returncode == 0
+            assert deploy(prefect_server).returncode == 0
         deployment = client.read_deployment_by_name("batch-inference/batch")
         run = client.create_flow_run_from_deployment(deployment.id, parameters=params)
         out = tmp_path / "out.jsonl"
@@ -298,7 +149,7 @@ def test_cancel_from_the_api_mid_batch_tears_the_server_down(prefect_server, ser
         assert llama_processes(str(tmp_path)), "the server should be running mid-batch"
         client.set_flow_run_state(run.id, Cancelling(), force=True)
         cancelled_at = time.monotonic()
-        assert _wait_state(client, run.id, {"CANCELLED", "COMPLETED", "FAILED", "CRASHED"}, 90) == "CANCELLED"
+        assert wait_state(client, run.id, {"CANCELLED", "COMPLETED", "FAILED", "CRASHED"}, 90) == "CANCELLED"
     while llama_processes(str(tmp_path)) and time.monotonic() - cancelled_at < 30:
         time.sleep(0.5)
     assert llama_processes(str(tmp_path)) == [], "the server outlived the cancellation by 30 s"
@@ -311,7 +162,7 @@ def test_node_limit_lets_one_session_at_a_time_hold_a_node(prefect_server, serve
     after the first released its server. A limit that does not exist fails at once, clearly."""
     from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 
-    with _client(prefect_server) as client:
+    with prefect_client(prefect_server) as client:
         client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name="test-nodes", limit=1))
     params = _parameters(tmp_path, 40, concurrency=1)
     procs = []
@@ -388,9 +239,9 @@ def test_node_limit_lets_one_session_at_a_time_hold_a_node(prefect_server, serve
 def test_campaign_deployment_run_from_the_api_writes_its_table_and_report(prefect_server, server_env, tmp_path: Path):
     """What pressing Run on benchmark-campaign/campaign does: the worker runs the campaign
     given as a form (here: the API), and its artifacts are there for the UI."""
-    with _client(prefect_server) as client:
+    with prefect_client(prefect_server) as client:
         if not {d.name for d in client.read_deployments()} >= {"nightly-campaign", "campaign"}:
-            assert _deploy(prefect_server).returncode == 0
+            assert deploy(prefect_server).returncode == 0
         nightly = client.read_deployment_by_name("benchmark-campaign/nightly-campaign")
         assert nightly.schedules and nightly.parameters == {"campaign_file": "benchmarks/campaigns/tiny-llama-cpp.toml"}
         deployment = client.read_deployment_by_name("benchmark-campaign/campaign")
@@ -405,7 +256,7 @@ def test_campaign_deployment_run_from_the_api_writes_its_table_and_report(prefec
             "output_dir": str(tmp_path / "campaign"),
         }
         run = client.create_flow_run_from_deployment(deployment.id, parameters=params)
-        assert _wait_state(client, run.id, {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}, 300) == "COMPLETED"
+        assert wait_state(client, run.id, {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}, 300) == "COMPLETED"
         artifacts = {
             a.key: a for a in client.read_artifacts(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])))
         }
@@ -440,9 +291,9 @@ def test_cancel_a_replicated_hold_on_slurm_from_the_api_leaves_nothing(
         "runs_dir": str(tmp_path / "runs"),
         "replicas": 2,
     }
-    with _client(prefect_server) as client:
+    with prefect_client(prefect_server) as client:
         if not client.read_deployments():
-            assert _deploy(prefect_server).returncode == 0
+            assert deploy(prefect_server).returncode == 0
         deployment = client.read_deployment_by_name("hold-session/hold")
         run = client.create_flow_run_from_deployment(
             deployment.id, parameters={"session": session, "hours": 1, "check_every_s": 2}
@@ -450,5 +301,5 @@ def test_cancel_a_replicated_hold_on_slurm_from_the_api_leaves_nothing(
         serving = _until(lambda: any(_upstreams_if(c, 2) for c in (tmp_path / "runs").glob("*/nginx.conf")), 300, 0.5)
         assert serving, "both replicas behind nginx"
         client.set_flow_run_state(run.id, Cancelling(), force=True)
-        assert _wait_state(client, run.id, {"CANCELLED", "COMPLETED", "FAILED", "CRASHED"}, 120) == "CANCELLED"
+        assert wait_state(client, run.id, {"CANCELLED", "COMPLETED", "FAILED", "CRASHED"}, 120) == "CANCELLED"
     _nothing_left(tmp_path, test_cluster["LLMFLOW_TEST_SSH_PORT"])

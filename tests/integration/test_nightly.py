@@ -18,13 +18,8 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFi
 from prefect.states import Scheduled
 
 from tests.conftest import llama_processes
-from tests.integration.test_deployments import (
-    _client,
-    _deploy,
-    _parameters,
-    _prefect_server_and_worker,
-    _wait_state,
-)
+from tests.integration.prefect_stack import deploy, prefect_client, prefect_server_and_worker, wait_state
+from tests.integration.test_deployments import _parameters
 
 pytestmark = pytest.mark.integration
 
@@ -41,7 +36,7 @@ SAME_NIGHT_AGAIN = datetime(2026, 3, 1, 23, 45, tzinfo=UTC)  # 00:45 on 2026-03-
 @pytest.fixture(scope="module")
 def prefect_server(tmp_path_factory) -> Iterator[dict[str, str]]:
     """A Prefect server of this module's own, with the llmflow work pool and a worker."""
-    with _prefect_server_and_worker(tmp_path_factory.mktemp("prefect-home")) as env:
+    with prefect_server_and_worker(tmp_path_factory.mktemp("prefect-home")) as env:
         yield env
 
 
@@ -56,7 +51,7 @@ def _run_on(client, deployment_id, parameters: dict, scheduled: datetime) -> tup
         deployment_id, parameters=parameters, state=Scheduled(scheduled_time=scheduled)
     )
     assert client.read_flow_run(run.id).expected_start_time == scheduled
-    final = _wait_state(client, run.id, {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}, 300)
+    final = wait_state(client, run.id, {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}, 300)
     run = client.read_flow_run(run.id)
     logs = _flow_logs(client, run.id, "Finished in state")
     assert final == "COMPLETED", "\n".join(logs)[-3000:]
@@ -76,12 +71,12 @@ def _flow_logs(client, flow_run_id, last: str, timeout_s: float = 30) -> list[st
 def test_the_nightly_deployment_writes_each_night_to_its_own_file_and_a_rerun_sends_nothing(
     prefect_server, server_env, tmp_path: Path
 ):
-    res = _deploy(prefect_server)
+    res = deploy(prefect_server)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     params = _parameters(tmp_path, LINES)
     expected_ids = _custom_ids(Path(params["batch"]["input_path"]))
     runs_dir = Path(params["session"]["runs_dir"])
-    with _client(prefect_server) as client:
+    with prefect_client(prefect_server) as client:
         nightly = client.read_deployment_by_name("batch-inference/nightly-batch")
         template = nightly.parameters["batch"]["output_path"]
         assert "{date}" in template

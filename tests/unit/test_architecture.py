@@ -17,7 +17,7 @@ import llmflow
 from llmflow.config import PROJECT_ROOT
 
 CORE = PROJECT_ROOT / "llmflow"
-APPLICATION = ("flows", "tasks", "blocks", "cli", "deployments")
+APPLICATION = ("flows", "tasks", "blocks", "cli", "deployments", "api")
 
 
 def _module_name(path: Path) -> str:

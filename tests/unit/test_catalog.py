@@ -63,13 +63,13 @@ def test_yaml_and_json_catalogs_mean_the_same(tmp_path: Path, suffix: str):
 def test_lookup_names_default_and_unknown_names(tmp_path: Path):
     catalog = load_catalog(_catalog(tmp_path))
     assert catalog.lookup("big")[0] == "big"
-    assert catalog.lookup("gpt-4o-mini")[0] == "tiny"  # requests written for OpenAI: the default serves them
-    assert catalog.lookup(None)[0] == "tiny"
+    assert catalog.lookup(None)[0] == "tiny"  # a request without a model: the default
     with pytest.raises(
         UnknownModel, match=r"^model 'bgi' is not in the catalog \(one of big, tiny\); did you mean 'big'\?$"
     ):
-        catalog.lookup("bgi", strict=True)  # an operator's --model: a typo is an error
-    assert catalog.lookup(None, strict=True)[0] == "tiny"
+        catalog.lookup("bgi")  # a typo is an error, default or not: it must not run another model
+    with pytest.raises(UnknownModel, match="'gpt-4o-mini' is not in the catalog"):
+        catalog.lookup("gpt-4o-mini")
 
     no_default = Catalog.model_validate(
         {"models": {"a": {"model_server_block": "x"}, "b": {"model_server_block": "y"}}}
