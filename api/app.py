@@ -47,6 +47,8 @@ from api.schemas import (
     ErrorDetail,
     File,
     FileDeleted,
+    Model,
+    ModelList,
     Page,
     batch_object,
     file_object,
@@ -225,6 +227,17 @@ def _log_supervisor_end(task: asyncio.Task) -> None:
         log.error("the batch supervisor stopped: no batch will progress until a restart", exc_info=exc)
 
 
+def _catalog_models(settings: ApiSettings) -> ModelList:
+    """What ``/v1/models`` lists: the catalog's names (the file's time as ``created``); none
+    without a catalog (every line is then served by the deployment's own session)."""
+    if settings.catalog is None:
+        return ModelList(data=[])
+    from llmflow.catalog import load_catalog
+
+    created = int(settings.catalog.stat().st_mtime)
+    return ModelList(data=[Model(id=name, created=created) for name in load_catalog(settings.catalog).names])
+
+
 def create_app(settings: ApiSettings, *, supervise: bool = True) -> FastAPI:
     """The API service.
 
@@ -242,6 +255,7 @@ def create_app(settings: ApiSettings, *, supervise: bool = True) -> FastAPI:
         await create_tables(engine)
         app.state.settings = settings
         app.state.sessions = sessions(engine)
+        app.state.models = _catalog_models(settings)
         stop = asyncio.Event()
         task: asyncio.Task | None = None
         if supervise:
@@ -457,6 +471,11 @@ def _add_batch_routes(app: FastAPI) -> None:
     @app.get("/v1/batches/{batch_id}", response_model=Batch)
     async def retrieve_batch(batch_id: str, owner: Owner, session: Db) -> Batch:
         return batch_object(await _batch(session, owner, batch_id))
+
+    @app.get("/v1/models", response_model=ModelList)
+    async def list_models(owner: Owner, request: Request) -> ModelList:
+        """The names a batch line's ``model`` may take."""
+        return request.app.state.models
 
     @app.post("/v1/batches/{batch_id}/cancel", response_model=Batch)
     async def cancel_batch(batch_id: str, owner: Owner, session: Db) -> Batch:

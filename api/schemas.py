@@ -87,6 +87,20 @@ class Page(BaseModel, Generic[T]):
     has_more: bool = False
 
 
+class Model(BaseModel):
+    """A model a batch line may name: a catalog entry (``client.models.list()``)."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "llmflow"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Model]
+
+
 class ErrorDetail(BaseModel):
     message: str
     type: str

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -78,10 +79,9 @@ def _serve(settings: ApiSettings, *, supervise: bool) -> int:
     import uvicorn
     from sqlalchemy.engine import make_url
 
-    if supervise:
-        from cli.prefect_api import connect
-
-        connect(lambda text: print(text, file=sys.stderr))  # before the supervisor imports Prefect
+    if supervise and (problem := _supervisor_problem(settings)):
+        print(f"llmflow api serve: {problem}", file=sys.stderr)
+        return EXIT_INVALID
     from api.app import create_app
 
     database = make_url(settings.db_url).render_as_string(hide_password=True)
@@ -90,6 +90,41 @@ def _serve(settings: ApiSettings, *, supervise: bool) -> int:
         print("llmflow api: --no-supervisor: batches stay as they are created", file=sys.stderr)
     uvicorn.run(create_app(settings, supervise=supervise), host=settings.host, port=settings.port, log_level="info")
     return 0
+
+
+def _supervisor_problem(settings: ApiSettings) -> str | None:
+    """Why batches could not run, checked before serving: a catalog that does not load, no
+    Prefect server (a temporary one has no worker: every batch would wait for ever), or no
+    deployment to run them as."""
+    from llmflow.errors import ConfigError
+
+    if settings.catalog is not None:
+        from llmflow.catalog import load_catalog
+
+        try:
+            load_catalog(settings.catalog)
+        except ConfigError as exc:
+            return str(exc)
+    from cli.prefect_api import local_server
+
+    url = os.environ.get("PREFECT_API_URL") or (local_server() or {}).get("api_url")
+    if not url:
+        return (
+            "batches run on a Prefect server with a worker: set PREFECT_API_URL to one, or start one with "
+            "`llmflow server start` (the README's 'In the Prefect UI' section has the worker and deploy steps)"
+        )
+    os.environ["PREFECT_API_URL"] = url  # before Prefect is imported
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    try:
+        with get_client(sync_client=True) as client:
+            client.read_deployment_by_name(settings.deployment)
+    except ObjectNotFound:
+        return f"the Prefect server at {url} has no deployment {settings.deployment}: run deployments/deploy.py"
+    except Exception as exc:  # refused, timed out, not a Prefect API
+        return f"the Prefect API at {url} does not answer ({type(exc).__name__}: {exc})"
+    return None
 
 
 def _when(ts: int | None) -> str:

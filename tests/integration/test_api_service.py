@@ -193,6 +193,7 @@ def _no_server_left(stack: Stack, timeout: float = 30) -> None:
 
 def test_round_trip_with_the_openai_sdk(stack: Stack, tmp_path: Path):
     a = stack.client("a")
+    assert [m.id for m in a.models.list()] == ["tiny-a", "tiny-b"]  # the catalog's names
     lines = _lines(30)
     input_id = _upload(a, tmp_path, lines)
     batch = a.batches.create(

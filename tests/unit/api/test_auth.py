@@ -68,3 +68,8 @@ def test_another_keys_files_and_batches_are_not_found(service, tmp_path: Path):
     # A's things are untouched by B's attempts
     assert a.files.content(file.id).content == (tmp_path / "in.jsonl").read_bytes()
     assert a.batches.retrieve(batch.id).status == "validating"
+
+
+def test_models_lists_nothing_without_a_catalog_and_needs_a_key(service, client):
+    assert client.models.list().data == []
+    assert service.http().get("/v1/models").status_code == 401
