@@ -1,5 +1,5 @@
 # Two commands: `make demo` (set up, then run the demo) and `make test` (set up, then the tests).
-.PHONY: setup cluster demo test test-unit lint format bench bench-tunnel bench-replicas bench-startup
+.PHONY: setup cluster demo test test-unit lint format bench bench-tunnel bench-replicas bench-startup bench-api
 
 setup:
 	./scripts/setup.sh
@@ -39,3 +39,7 @@ bench-replicas: setup
 
 bench-startup: setup
 	.venv/bin/python benchmarks/cli_startup.py
+
+# the OpenAI-compatible API service: upload memory, retrieve latency idle and with 20 batches running
+bench-api: setup
+	.venv/bin/python benchmarks/api_service.py

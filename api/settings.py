@@ -48,6 +48,11 @@ class ApiSettings(BaseSettings):
     max_attempts: int = Field(
         default=3, ge=1, description="Flow runs per model share of a batch; a failed run is resumed by the next."
     )
+    cancel_grace_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="A flow run still Cancelling this long after a cancel or expiry is marked Cancelled.",
+    )
     poll_s: float = Field(default=2.0, gt=0, description="Seconds between the supervisor's passes over active batches.")
 
     @field_validator("min_completion_window", "max_completion_window")

@@ -16,13 +16,14 @@ import asyncio
 import logging
 import uuid
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from prefect.client.orchestration import PrefectClient, get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
 from prefect.client.schemas.objects import StateType
-from prefect.states import Cancelling
+from prefect.states import Cancelled, Cancelling
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm.exc import StaleDataError
@@ -54,6 +55,13 @@ TERMINAL = {StateType.COMPLETED, StateType.FAILED, StateType.CRASHED, StateType.
 RETRYABLE = {StateType.FAILED, StateType.CRASHED}
 API_TAG = "llmflow-api"
 DEFAULT_SHARE = "default"  # the share's name when there is no catalog: the deployment's own session
+
+
+def stuck_cancelling(since: datetime | None, grace_s: float) -> bool:
+    """A flow run Cancelling for longer than ``grace_s``: no process is there to end it. (A run
+    cancelled just as the worker starts its process exits without taking the Cancelled state,
+    and Prefect's own timeout for that is 5 minutes: the batch would wait that long.)"""
+    return since is not None and (datetime.now(UTC) - since).total_seconds() > grace_s
 
 
 def output_file_id(batch_id: str, kind: str) -> str:
@@ -239,6 +247,13 @@ class Supervisor:
             for fr in running:
                 if fr.state is None or fr.state.type != StateType.CANCELLING:
                     await client.set_flow_run_state(fr.id, Cancelling(message=f"batch {batch.id} {final}"), force=True)
+                elif stuck_cancelling(fr.state.timestamp, self.settings.cancel_grace_s):
+                    await client.set_flow_run_state(
+                        fr.id,
+                        Cancelled(message=f"no flow process ended it within {self.settings.cancel_grace_s:.0f} s"),
+                        force=True,
+                    )
+                    log.warning("batch %s: flow run %s stayed Cancelling; marked Cancelled", batch.id, fr.id)
         await self.count(batch)
         if running:
             return

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -27,6 +28,7 @@ class FakePrefect:
         self.keys: dict[str, uuid.UUID] = {}
         self.parameters: dict[uuid.UUID, dict] = {}
         self.tags: dict[uuid.UUID, list[str]] = {}
+        self.stuck_since: datetime | None = None  # set: a cancel leaves runs Cancelling since then
 
     async def read_deployment_by_name(self, name: str):
         return SimpleNamespace(id=uuid.uuid4())
@@ -47,11 +49,16 @@ class FakePrefect:
     async def read_flow_runs(self, flow_run_filter):
         tag = flow_run_filter.tags.all_[0]
         return [
-            SimpleNamespace(id=i, state=SimpleNamespace(type=self.runs[i])) for i in self.runs if tag in self.tags[i]
+            SimpleNamespace(id=i, state=SimpleNamespace(type=self.runs[i], timestamp=self.stuck_since))
+            for i in self.runs
+            if tag in self.tags[i]
         ]
 
     async def set_flow_run_state(self, run_id, state, force):
-        self.runs[run_id] = StateType.CANCELLED  # as the worker ends it
+        if state.type == StateType.CANCELLING and self.stuck_since is not None:
+            self.runs[run_id] = StateType.CANCELLING  # no process to end it
+        else:
+            self.runs[run_id] = StateType.CANCELLED  # as the worker ends it
 
 
 @pytest.fixture
@@ -231,3 +238,26 @@ def test_a_pass_that_read_the_batch_before_a_cancel_cannot_undo_it(world):
     assert prefect.runs[orphan] == StateType.CANCELLED  # found by its tag although never saved
     batch = _step(world, batch_id)
     assert batch.status == "cancelled" and batch.failed == 2
+
+
+def test_a_flow_run_stuck_in_cancelling_is_marked_cancelled_after_the_grace(world):
+    settings, sessions, _, prefect = world
+    batch_id = _new_batch(settings, sessions, 2)
+    _step(world, batch_id)
+    _step(world, batch_id)
+    (run_id,) = prefect.runs
+    prefect.runs[run_id] = StateType.RUNNING
+
+    async def cancel() -> None:
+        async with sessions() as s, s.begin():
+            row = await s.get(db.BatchRow, batch_id)
+            row.status = "cancelling"
+
+    asyncio.run(cancel())
+    prefect.stuck_since = datetime.now(UTC)
+    assert _step(world, batch_id).status == "cancelling" and prefect.runs[run_id] == StateType.CANCELLING
+    assert _step(world, batch_id).status == "cancelling"  # within the grace: it waits
+    prefect.stuck_since = datetime.now(UTC) - timedelta(seconds=settings.cancel_grace_s + 1)
+    _step(world, batch_id)
+    assert prefect.runs[run_id] == StateType.CANCELLED
+    assert _step(world, batch_id).status == "cancelled"
