@@ -155,7 +155,7 @@ async def llmflow_client(url: str, texts: list[str], out: int, concurrency: int)
     results, wall = await run_requests(url, None, reqs, concurrency, 60.0)
     bad = [t for _, t in results if t.outcome != "ok"]
     assert not bad, bad[0]
-    return [t.text_chunk_times[0] for _, t in results], wall
+    return [t.chunk_times[0] for _, t in results], wall
 
 
 async def httpx_client(url: str, texts: list[str], out: int, concurrency: int) -> tuple[list[float], float]:

@@ -297,6 +297,7 @@ def _bench(args: argparse.Namespace) -> int:
     from prefect.exceptions import TerminationSignal
 
     from flows.campaign import benchmark_campaign
+    from llmflow.bench.compare import describe
     from llmflow.bench.report import output_names
 
     _quiet_prefect_console()
@@ -323,7 +324,7 @@ def _bench(args: argparse.Namespace) -> int:
         print(f"{c.key:<24} {c.status:<16} {rates}")
     print(f"outputs:  {result.output_dir}  ({', '.join(output_names(result.output_dir))})")
     for r in result.regressions:
-        print(f"regression: {r['key']} {r['metric']}: {r['baseline']} -> {r['current']}")
+        print(f"regression: {describe(r)}")
     return EXIT_REGRESSION if result.regressions and args.fail_on_regression else 0
 
 

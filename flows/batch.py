@@ -25,6 +25,7 @@ from llmflow.batch.pending import Pending, count_pending
 from llmflow.batch.report import batch_markdown, batch_summary, failure_warning, merge_reports
 from llmflow.config import BatchConfig, SessionConfig
 from llmflow.errors import ServerDied, UnfinishedRequests
+from llmflow.readiness import with_deep_gate
 from llmflow.results import Allocation, BatchReport, Ready, Teardown, TokPS
 from tasks import record_tok_s, recover_session, run_batch_inference
 
@@ -148,6 +149,7 @@ def batch_inference(
     """
     logger = get_run_logger()
     session = with_blocks(session, cluster_block, model_server_block)
+    session = with_deep_gate(session, output_tokens=batch.fixed_output_tokens)  # deep gate "auto"
     batch = resolve_output_path(batch)
     check_input(batch.input_path)  # a missing or non-JSONL input fails here, before any server starts
     if batch.retry_errors and (dropped := drop_error_records(batch.output_path)):

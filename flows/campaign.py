@@ -1,5 +1,6 @@
 """Benchmark campaign flow: a grid of context sizes x concurrency x output length, measured
-on one model session, with a new session after the server crashes."""
+on one model session, with a new session after the server crashes; or, with
+``campaign.capacity``, a search per context size for the highest load that holds."""
 
 from __future__ import annotations
 
@@ -18,12 +19,14 @@ from prefect.artifacts import (
 from prefect.events import emit_event
 
 from flows.session import Session, model_session, release_session, with_blocks
+from llmflow.bench import capacity as cap
+from llmflow.bench.capacity_report import capacity_markdown, capacity_records, write_capacity
 from llmflow.bench.cells import CellBook
-from llmflow.bench.config import CampaignConfig, campaign_path, cell_result, grid, load_campaign, skip_reason
+from llmflow.bench.compare import compare_with_baseline, describe
+from llmflow.bench.config import CampaignConfig, Cell, campaign_path, cell_result, grid, load_campaign, skip_reason
 from llmflow.bench.report import (
     cell_record,
     cells_table,
-    compare,
     load_baseline,
     markdown_report,
     table_records,
@@ -33,7 +36,7 @@ from llmflow.bench.report import (
 from llmflow.config import SessionConfig
 from llmflow.errors import CampaignIncomplete, ServerDied
 from llmflow.placements import driver_for
-from llmflow.readiness import answers
+from llmflow.readiness import answers, with_deep_gate
 from llmflow.results import CampaignResult, CellResult, ServerHandle, Tunnel
 from tasks.benchmark import run_benchmark_cell
 
@@ -63,22 +66,39 @@ def benchmark_campaign(
     """
     logger = get_run_logger()
     session, campaign = _resolve(session, campaign, campaign_file, cluster_block, model_server_block)
+    session = with_deep_gate(session, largest_context=max(campaign.context_sizes, default=None))  # deep gate "auto"
     out_dir = campaign.resolved_output_dir(utc_stamp())
     baseline_path = campaign.resolved_baseline(out_dir)
     baseline = load_baseline(baseline_path) if baseline_path else None
     out_dir.mkdir(parents=True, exist_ok=True)
     if baseline_path:
         logger.info("comparing with %s", baseline_path)
-    cells = grid(campaign)
-    logger.info("campaign %s: %d cells, output in %s", campaign.name, len(cells), out_dir)
+    cells = [] if campaign.capacity else grid(campaign)
+    if campaign.capacity:
+        logger.info(
+            "campaign %s: capacity search over %s (%s), at most %d cells, output in %s",
+            campaign.name,
+            campaign.capacity.dimension,
+            ", ".join(f"{x:g}" for x in campaign.capacity.bracket()),
+            _most_cells(campaign),
+            out_dir,
+        )
+    else:
+        logger.info("campaign %s: %d cells, output in %s", campaign.name, len(cells), out_dir)
     progress = create_progress_artifact(
         progress=0.0, key=artifact_key(campaign.name, "progress"), description=f"cells of {campaign.name}"
     )
     book = CellBook.open(
-        campaign, cells, out_dir, lambda done, total: update_progress_artifact(progress, progress=100.0 * done / total)
+        campaign,
+        cells,
+        out_dir,
+        lambda done, total: update_progress_artifact(
+            progress, progress=100.0 * done / max(total, _most_cells(campaign) if campaign.capacity else 0)
+        ),
     )
     if book.results:
         logger.info("resuming: %d cells already measured in %s", len(book.results), book.path)
+    _plan(campaign, book)
     sessions, node, failure = _run_cells(session, campaign, book)
 
     ordered = book.ordered()
@@ -95,13 +115,37 @@ def benchmark_campaign(
         "campaign": campaign.model_dump(mode="json"),
         "baseline": str(baseline_path) if baseline_path else None,
     }
-    regressions = (
-        compare([cell_record(c) for c in ordered], baseline, campaign.regression_threshold) if baseline else []
+    comparison = (  # judged against the runs' own noise (llmflow/bench/compare.py)
+        compare_with_baseline(
+            [cell_record(c) for c in ordered],
+            book.rows_path,
+            baseline_path,
+            baseline,
+            campaign.regression_threshold,
+            campaign.regression_confidence,
+        )
+        if baseline and baseline_path
+        else None
     )
-    paths = write_outputs(out_dir, ordered, book.rows_path, meta, regressions)
-    publish_campaign(meta, ordered, regressions, paths, campaign)
+    meta["comparison"] = comparison.summary() if comparison else None
+    regressions = comparison.regressions if comparison else []
+    table = _capacity_table(campaign, ordered)
+    paths = write_outputs(
+        out_dir,
+        ordered,
+        book.rows_path,
+        meta,
+        regressions,
+        extra=None if table is None else {"capacity": capacity_records(table)},
+    )
+    if table is not None:
+        paths.update(write_capacity(out_dir, table, f"{campaign.name}: {meta['engine']} {meta['model']}"))
+        for line in capacity_markdown(table).splitlines():
+            if line.startswith("| ") and not line.startswith("| context"):
+                logger.info("capacity %s", line)
+    publish_campaign(meta, ordered, regressions, paths, campaign, table)
     for r in regressions:
-        logger.warning("regression in %s: %s %s -> %s", r["key"], r["metric"], r["baseline"], r["current"])
+        logger.warning("regression: %s", describe(r))
     logger.info("campaign %s done: %s; outputs in %s", campaign.name, _tally(ordered), out_dir)
     result = CampaignResult(
         name=campaign.name, output_dir=out_dir, cells=ordered, sessions=sessions, regressions=regressions
@@ -141,7 +185,7 @@ def _run_cells(
     sessions = book.last_session()
     first_session = sessions + 1
     node = "-"
-    while book.pending():
+    while _plan(campaign, book):
         if sessions - first_session + 1 > campaign.max_restarts:
             reason = f"the server crashed {campaign.max_restarts + 1} times (max_restarts {campaign.max_restarts})"
             for cell in book.pending():
@@ -168,10 +212,11 @@ def _run_cells(
 def _cells_on_one_server(
     session: SessionConfig, campaign: CampaignConfig, book: CellBook, s: Session, session_no: int
 ) -> None:
-    """Run (or skip) pending cells in order on the session's server until none is left or the
-    server died during a cell."""
+    """Run (or skip) pending cells in order on the session's server until none is left (a
+    capacity search plans its next cell from each result) or the server died during a cell."""
     logger = get_run_logger()
-    for cell in book.pending():
+    while pending := _plan(campaign, book):
+        cell = pending[0]
         reason = skip_reason(cell, book.results.values(), campaign.skip_larger_on)
         if reason:
             book.record(cell_result(cell, "skipped", reason=reason, session=session_no))
@@ -179,9 +224,57 @@ def _cells_on_one_server(
         else:
             book.record(run_benchmark_cell(session, campaign, cell, s.handle, s.tunnel, book.rows_path, session_no))
         if book.results[cell.key].status == "crashed" and not _server_usable(session, s.handle, s.tunnel):
-            left = len(book.pending())
+            left = len(_plan(campaign, book))
             logger.warning("the server died during cell %s; starting a new one for the %d cells left", cell.key, left)
             return
+
+
+def _most_cells(campaign: CampaignConfig) -> int:
+    """The most cells a capacity search can need: every context and output length's worst case."""
+    search = campaign.capacity
+    return search.most_cells() * len(campaign.context_sizes) * len(campaign.output_tokens) if search else 0
+
+
+def _capacity_cell(campaign: CampaignConfig, output_tokens: int, context: int, load: float) -> Cell:
+    """The cell a capacity search measures ``load`` with; the grid's first concurrency (and
+    rate, if any) for the dimension not searched."""
+    fields: dict = {"context": context, "concurrency": campaign.concurrencies[0], "output_tokens": output_tokens}
+    if campaign.rates:
+        fields["rate"] = campaign.rates[0]
+    fields[campaign.capacity.dimension] = load
+    return Cell(**fields)
+
+
+def _plan(campaign: CampaignConfig, book: CellBook) -> list[Cell]:
+    """The cells still to run. A grid's are all known at the start; a capacity search's next
+    cell is planned from the results so far: per output length, then context (smallest first,
+    so a rejected context spares the larger ones), the search's next load; the
+    cells a resumed campaign recorded (``cells.jsonl``, in run order) taken into the book first."""
+    pending = book.pending()
+    if pending or campaign.capacity is None:
+        return pending
+    known = {c.key for c in book.cells}
+    for done in book.results.values():
+        if done.key not in known:
+            book.cells.append(Cell(**{k: v for k, v in done.model_dump().items() if k in Cell.model_fields}))
+            known.add(done.key)
+    for out in campaign.output_tokens:
+        for ctx in campaign.context_sizes:
+            held = cap.measured(book.results.values(), campaign.capacity.dimension, out, ctx)
+            load = cap.next_load(campaign.capacity, held)
+            if load is not None:
+                cell = _capacity_cell(campaign, out, ctx, load)
+                if cell.key in known:  # a load the search measured under another key: stop, not loop
+                    continue
+                book.cells.append(cell)
+                return [cell]
+    return []
+
+
+def _capacity_table(campaign: CampaignConfig, cells: list[CellResult]) -> list[dict] | None:
+    if campaign.capacity is None:
+        return None
+    return cap.capacity_table(campaign.capacity, cells, campaign.context_sizes, campaign.output_tokens)
 
 
 def _server_usable(session: SessionConfig, handle: ServerHandle, tunnel: Tunnel, settle_s: float = 3.0) -> bool:
@@ -217,22 +310,40 @@ def artifact_key(name: str, kind: str = "") -> str:
 
 
 def publish_campaign(
-    meta: dict, cells: list[CellResult], regressions: list[dict], paths: dict[str, Path], campaign: CampaignConfig
+    meta: dict,
+    cells: list[CellResult],
+    regressions: list[dict],
+    paths: dict[str, Path],
+    campaign: CampaignConfig,
+    capacity: list[dict] | None = None,
 ) -> None:
-    """Table and markdown artifacts, the plot as an image artifact when its folder has a URL,
-    and an ``llmflow.campaign.finished`` event for automations."""
+    """Table and markdown artifacts (and the capacity table's, for a capacity search), the plot
+    as an image artifact when its folder has a URL, and an ``llmflow.campaign.finished`` event
+    for automations."""
     key = artifact_key(campaign.name)
     create_table_artifact(
         table=table_records(cells_table(cells)), key=key, description=f"campaign {campaign.name}: one row per cell"
     )
-    create_markdown_artifact(
-        markdown=markdown_report(meta, cells, regressions, paths), key=f"{key}-report", description="campaign report"
-    )
+    report = markdown_report(meta, cells, regressions, paths)
+    if capacity is not None:
+        create_table_artifact(
+            table=capacity_records(capacity),
+            key=artifact_key(campaign.name, "capacity"),
+            description=f"campaign {campaign.name}: the highest {campaign.capacity.dimension} that held, per context",
+        )
+        report += "\n" + capacity_markdown(capacity)
+    create_markdown_artifact(markdown=report, key=f"{key}-report", description="campaign report")
     if campaign.publish_url and "plot" in paths:
         create_image_artifact(
             image_url=f"{campaign.publish_url.rstrip('/')}/{paths['plot'].name}",
             key=f"{key}-plot",
             description="tok/s, TTFT and survival against context",
+        )
+    if campaign.publish_url and "capacity_plot" in paths:
+        create_image_artifact(
+            image_url=f"{campaign.publish_url.rstrip('/')}/{paths['capacity_plot'].name}",
+            key=f"{key}-capacity-plot",
+            description="the highest load that held against context",
         )
     emit_event(
         event="llmflow.campaign.finished",

@@ -431,6 +431,15 @@ class GateConfig(_Strict):
 
     deadline_s: PositiveFloat = Field(default=600.0, description="Give up after this many seconds.")
     interval_s: PositiveFloat = Field(default=0.5, description="Seconds between polls.")
+    deep_context: Annotated[int, Field(ge=1)] | Literal["auto"] | None = Field(
+        default=None,
+        description=(
+            "The deep gate: once the server is ready, one completion with a prompt of this many tokens, so a "
+            "server that answers short prompts but cannot hold long ones fails at the gate, naming the size. "
+            "'auto': a campaign's largest context size; elsewhere the engine's context length (n_ctx, "
+            "max_model_len) minus the batch's fixed_output_tokens (or 1). None: no deep gate."
+        ),
+    )
 
 
 class SessionConfig(_Strict):

@@ -5,6 +5,11 @@ completion succeeds: some servers open their port (or answer /v1/models) before 
 generate. ``answers`` is the single probe a running session uses to tell a server that still
 serves from one that has gone quiet.
 
+The deep gate (``gate.deep_context``, off by default) then sends one completion with a prompt
+of the largest context the session will use, made to the exact token count as campaign prompts
+are: a server that answers "ping" but cannot hold a long prompt fails here, naming the size,
+rather than hours later in a campaign or batch.
+
 A model can take minutes to load (vLLM: 40-70 s even for a tiny one); the gate reports every
 ``report_every_s`` what it saw last and the server log's last line, so the wait is not silent.
 """
@@ -12,6 +17,7 @@ A model can take minutes to load (vLLM: 40-70 s even for a tiny one); the gate r
 from __future__ import annotations
 
 import re
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,7 +26,8 @@ from typing import Any, Literal
 import httpx
 
 from llmflow import engines
-from llmflow.errors import GateFailed
+from llmflow.bench.prompts import PromptError, PromptFactory
+from llmflow.errors import ConfigError, GateFailed
 from llmflow.placements import driver_for
 from llmflow.placements.base import tail_note
 from llmflow.results import Ready, ServerHandle
@@ -141,11 +148,13 @@ def wait_ready(
     log: ServerLog | None = None,
     report: Callable[[str], None] | None = None,
     report_every_s: float = 15.0,
+    deep_context: int | None = None,
 ) -> Ready:
     """Poll until ready; ``check_alive`` raises as soon as the process or job is gone.
 
     Every ``report_every_s`` (one log read each time) ``report`` gets a progress line; errors
-    that end the wait carry the log's tail and where it is."""
+    that end the wait carry the log's tail and where it is. With ``deep_context``, a ready
+    server must also answer one prompt of that many tokens (``deep_check``)."""
     path = engines.spec_for(engine).readiness_path
     started = last_report = time.monotonic()
     polls = 0
@@ -167,6 +176,13 @@ def wait_ready(
                     "/v1/completions", json={"model": handle.served_name, "prompt": "ping", "max_tokens": 1}
                 )
                 if test.status_code == 200:
+                    if deep_context is not None:
+                        try:
+                            n = deep_check(client, handle.served_name, engine, deep_context, deadline_s)
+                        except GateFailed as exc:
+                            raise GateFailed(ending(str(exc))) from exc
+                        if report is not None:
+                            report(f"deep gate: a {n}-token prompt answered")
                     return Ready(
                         seconds_to_ready=round(time.monotonic() - started, 3), polls=polls, models=_models(client)
                     )
@@ -208,4 +224,81 @@ def gate_server(
         log=log,
         report=report,
         report_every_s=report_every_s,
+        deep_context=deep_gate_size(config),
     )
+
+
+def engine_context_length(engine: Any) -> int | None:
+    """The context length an engine's config states (``n_ctx``, ``max_model_len``); None when it
+    states none (a ``command`` server, vLLM left to the model's own length)."""
+    for name in ("n_ctx", "max_model_len"):
+        value = getattr(engine, name, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def deep_gate_size(config: Any, largest_context: int | None = None, output_tokens: int | None = None) -> int | None:
+    """The prompt length the deep gate sends, or None when it is off.
+
+    ``gate.deep_context`` as a number is that size. ``"auto"`` is the largest context the
+    session will use: ``largest_context`` when the caller knows it (a campaign: its largest
+    context size), else the engine's context length minus ``output_tokens`` (a batch's fixed
+    output length; 1 when unknown: the gate asks for one token)."""
+    deep = config.gate.deep_context
+    if deep is None or isinstance(deep, int):
+        return deep
+    if largest_context is not None:
+        return largest_context
+    length = engine_context_length(config.engine)
+    if length is None:
+        raise ConfigError(
+            f"gate.deep_context: 'auto' needs the engine's context length, which the {config.engine.kind} engine's "
+            "settings do not state; give the size (gate.deep_context = 4096, say)"
+        )
+    return max(1, length - (output_tokens or 1))
+
+
+def with_deep_gate(config: Any, largest_context: int | None = None, output_tokens: int | None = None) -> Any:
+    """The session with an ``"auto"`` deep gate fixed to a size for this run (a campaign passes its
+    largest context); unchanged otherwise."""
+    if config.gate.deep_context != "auto":
+        return config
+    size = deep_gate_size(config, largest_context, output_tokens)
+    return config.model_copy(update={"gate": config.gate.model_copy(update={"deep_context": size})})
+
+
+def deep_check(client: httpx.Client, served_name: str, engine: Any, size: int, timeout_s: float) -> int:
+    """One completion with a prompt of exactly ``size`` tokens (as the server counts them) and one
+    output token; its prompt length. ``GateFailed`` naming the size when the server refuses it,
+    fails on it, cuts it short, or when no such prompt can be made."""
+    what = f"deep gate (gate.deep_context = {size})"
+    try:
+        factory = PromptFactory(client, engine, served_name)
+        [(text, n)] = factory.prompts([secrets.token_hex(4)], size)
+    except PromptError as exc:
+        raise GateFailed(f"{what}: {exc}") from exc
+    except httpx.HTTPStatusError as exc:
+        code, body = exc.response.status_code, exc.response.text[:300]
+        raise GateFailed(f"{what}: the server refused to measure a {size}-token prompt: HTTP {code}: {body}") from exc
+    except httpx.TransportError as exc:
+        raise GateFailed(f"{what}: measuring a {size}-token prompt: {transport_error_text(exc)}") from exc
+    timeout = httpx.Timeout(10.0, read=timeout_s)
+    try:
+        resp = client.post(
+            "/v1/completions", json={"model": served_name, "prompt": text, "max_tokens": 1}, timeout=timeout
+        )
+    except httpx.TransportError as exc:
+        raise GateFailed(f"{what}: a {n}-token prompt got no answer: {transport_error_text(exc)}") from exc
+    if resp.status_code != 200:
+        raise GateFailed(
+            f"{what}: the server answers short prompts but not a {n}-token prompt: "
+            f"HTTP {resp.status_code}: {resp.text[:300]}"
+        )
+    try:
+        counted = resp.json()["usage"]["prompt_tokens"]
+    except (ValueError, KeyError, TypeError):
+        counted = None
+    if isinstance(counted, int) and counted < n:
+        raise GateFailed(f"{what}: the server cut a {n}-token prompt to {counted} tokens")
+    return n

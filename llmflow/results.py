@@ -183,11 +183,16 @@ class Teardown(BaseModel):
 class CellResult(BaseModel):
     """One campaign cell: its verdict, the client's and the server's figures, peak memory."""
 
-    key: str = Field(description="ctx<prompt tokens>-c<concurrency>-out<output tokens>")
+    key: str = Field(
+        description="ctx<prompt tokens>-c<concurrency>-out<output tokens>; open loop ctx<>-r<rate>-c<cap>-out<>"
+    )
     context: int
-    concurrency: int
+    concurrency: int = Field(description="Requests in flight (closed loop), or the cap on them (open loop).")
     output_tokens: int
-    status: CellStatus = Field(description="ok, rejected, crashed, timed_out, length_mismatch, skipped or not_run.")
+    rate: float | None = Field(default=None, description="Requests per second of an open-loop cell; None: closed loop.")
+    status: CellStatus = Field(
+        description="ok, rejected, crashed, timed_out, length_mismatch, saturated, skipped or not_run."
+    )
     reason: str | None = Field(default=None, description="Why it was skipped or not run, or the first error seen.")
     requests: int = Field(default=0, description="Timed requests sent (warm-up not counted).")
     summary: CellSummary = Field(

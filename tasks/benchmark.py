@@ -2,11 +2,16 @@
 
 Every request's row is appended to the campaign's ``requests.jsonl`` as it finishes, so a
 crash loses nothing that was measured; the cell's summary is the task's persisted result.
+The warm-up requests all finish before the first timed one is sent (rows carry wall-clock
+``sent_at``/``ended_at`` to show it). A cell with a ``rate`` is open loop: its requests go
+out on an arrival schedule (``stream.arrival_schedule``), and the saturation rule may end it
+early as ``saturated``.
 """
 
 from __future__ import annotations
 
 import secrets
+import time
 from pathlib import Path
 from typing import Any
 
@@ -30,26 +35,43 @@ from llmflow.bench.metrics import (
 )
 from llmflow.bench.prompts import PromptFactory
 from llmflow.bench.report import fmt
-from llmflow.bench.stream import StreamRequest, completion_body, run_requests
+from llmflow.bench.stream import StreamRequest, arrival_schedule, completion_body, run_open_loop, run_requests
 from llmflow.config import SessionConfig
 from llmflow.engines.figures import add_timings, counter_delta, read_counters, timings_summary
 from llmflow.placements import driver_for
 from llmflow.results import CellResult, ServerHandle, Tunnel
 
 
-def request_row(cell: Cell, repeat: int, index: int, warmup: bool, start_s: float, t: RequestTiming) -> dict[str, Any]:
-    """One row of requests.parquet."""
+def request_row(
+    cell: Cell,
+    repeat: int,
+    index: int,
+    warmup: bool,
+    start_s: float | None,
+    t: RequestTiming,
+    scheduled_s: float | None = None,
+    ended_at: float | None = None,
+) -> dict[str, Any]:
+    """One row of requests.parquet. ``start_s``: when it was sent, ``scheduled_s``: when it
+    was due (open loop; closed loop: the same), both from the start of its repeat;
+    ``ended_at``: wall-clock (unix) time it ended, now when not given."""
     m = request_metrics(t)
     timings = t.server_timings or {}
+    ended_at = time.time() if ended_at is None else ended_at
     return {
         "cell": cell.key,
         "context": cell.context,
         "concurrency": cell.concurrency,
+        "rate": cell.rate,
         "output_tokens": cell.output_tokens,
         "repeat": repeat,
         "index": index,
         "warmup": warmup,
         "start_s": start_s,
+        "scheduled_s": start_s if scheduled_s is None else scheduled_s,
+        "send_delay_s": t.send_delay,
+        "sent_at": ended_at - t.end_s if t.end_s is not None else None,
+        "ended_at": ended_at,
         "outcome": t.outcome,
         "status_code": t.status_code,
         "error": t.error,
@@ -113,7 +135,7 @@ def run_benchmark_cell(
     api_key = handle.api_key()
     spec = engines.spec_for(session.engine)
     fixed = spec.fixed_length_fields(cell.output_tokens)
-    n = cell.concurrency * campaign.rounds
+    n = cell.concurrency * campaign.rounds if cell.rate is None else max(1, round(cell.rate * campaign.open_loop_s))
     pgid = driver_for(session).memory_group(handle)  # None where this machine cannot see the server
     with httpx.Client(
         base_url=tunnel.base_url, headers=handle.auth_headers(), timeout=campaign.request_timeout_s
@@ -146,19 +168,30 @@ def run_benchmark_cell(
 
         timings: list[RequestTiming] = []
         duration = 0.0
+        saturated: str | None = None
         with JsonlAppender(rows_path) as rows:
-            if warm:
+            if warm:  # closed loop, run to its end before anything is timed
                 _send(tunnel.base_url, api_key, warm, min(cell.concurrency, len(warm)), campaign, cell, rows, -1)
             before = read_counters(spec.metrics_path, tunnel.base_url, api_key, BENCH_COUNTERS)
             with PeakSampler(pgid) as memory:
                 for r in range(campaign.repeats):
                     batch = timed[r * n : (r + 1) * n]
-                    done, wall = _send(tunnel.base_url, api_key, batch, cell.concurrency, campaign, cell, rows, r)
+                    if cell.rate is None:
+                        done, wall = _send(tunnel.base_url, api_key, batch, cell.concurrency, campaign, cell, rows, r)
+                    else:
+                        done, wall, saturated = _send_open_loop(
+                            tunnel.base_url, api_key, batch, campaign, cell, rows, r
+                        )
                     timings += done
                     duration += wall
+                    if saturated:
+                        logger.info("cell %s: %s", cell.key, saturated)
+                        break
             after = read_counters(spec.metrics_path, tunnel.base_url, api_key, BENCH_COUNTERS)
 
-    result = _verdict(cell, timings, duration, counter_delta(before, after), memory, session_no)
+    result = _verdict(
+        cell, timings, duration, counter_delta(before, after), memory, session_no, campaign.slo, saturated
+    )
     summary = result.summary
     logger.info(
         "cell %s: %s; %d/%d ok, %s output tok/s, mean TTFT %s ms",
@@ -197,6 +230,37 @@ def _send(
     return [t for _, t in results], wall
 
 
+def _send_open_loop(
+    base_url: str,
+    api_key: str | None,
+    requests: list[StreamRequest],
+    campaign: CampaignConfig,
+    cell: Cell,
+    rows: JsonlAppender,
+    repeat: int,
+) -> tuple[list[RequestTiming], float, str | None]:
+    """``requests`` on the arrival schedule of ``cell.rate`` (seeded by the campaign's seed and
+    the repeat), at most ``cell.concurrency`` in flight, each row appended as it ends; their
+    timings in order, the wall time, and why it stopped saturated (None if it did not)."""
+    assert cell.rate is not None
+    schedule = arrival_schedule(
+        len(requests), cell.rate, campaign.burstiness, campaign.arrival, (campaign.seed, repeat)
+    )
+    run = run_sync(
+        lambda: run_open_loop(
+            base_url,
+            api_key,
+            requests,
+            schedule,
+            cell.concurrency,
+            campaign.request_timeout_s,
+            campaign.saturation,
+            on_done=lambda i, due, sent, t: rows.write(request_row(cell, repeat, i, False, sent, t, due)),
+        )
+    )
+    return [t for _, _, t in run.results], run.wall, run.saturated
+
+
 def _verdict(
     cell: Cell,
     timings: list[RequestTiming],
@@ -204,20 +268,22 @@ def _verdict(
     counters: dict[str, float] | None,
     memory: PeakSampler,
     session_no: int,
+    slo: Any = None,
+    saturated: str | None = None,
 ) -> CellResult:
     """The cell's result: the client's summary, the server's figures, its status and why."""
-    summary = cell_summary(timings, duration)
+    summary = cell_summary(timings, duration, slo)
     sums: dict[str, float] = {}
     for t in timings:
         if t.outcome == "ok" and t.server_timings:
             add_timings(sums, t.server_timings)
-    status = cell_status(summary)
-    first_error = next((t.error for t in timings if t.error), None)
+    status = cell_status(summary, saturated=bool(saturated))
+    first_error = saturated if status == "saturated" else next((t.error for t in timings if t.error), None)
     return cell_result(
         cell,
         status,
         reason=first_error[:500] if first_error and status != "ok" else None,
-        requests=len(timings),
+        requests=sum(1 for t in timings if t.outcome != "cancelled" or t.end_s is not None),
         summary=summary,
         server=server_figures(counters, timings_summary(sums)),
         peak_rss_mib=memory.peak_rss_mib,

@@ -10,12 +10,13 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, ValidationError, field_validator
 
 from llmflow import paths
-from llmflow.bench.metrics import Outcome
+from llmflow.bench.capacity import CapacitySearch
+from llmflow.bench.metrics import SLO, Outcome, Saturation
 from llmflow.config import PROJECT_ROOT
 from llmflow.config_files import read_table
 from llmflow.errors import CampaignFileError
@@ -36,7 +37,37 @@ class CampaignConfig(BaseModel):
     context_sizes: list[int] = Field(
         default=[32, 64, 128, 240], min_length=1, description="Prompt lengths in tokens, one cell row each."
     )
-    concurrencies: list[int] = Field(default=[1, 4], min_length=1, description="Requests in flight at once.")
+    concurrencies: list[int] = Field(
+        default=[1, 4],
+        min_length=1,
+        description="Requests in flight at once; with rates, the cap on requests in flight of each open-loop cell.",
+    )
+    rates: list[float] | None = Field(
+        default=None,
+        description=(
+            "Requests per second: when set, cells are open loop, one per rate x concurrency (as the in-flight "
+            "cap) x context x output length; each request is sent at its scheduled time, latency counts from it."
+        ),
+    )
+    open_loop_s: PositiveFloat = Field(
+        default=10.0, description="Open-loop schedule length: requests per cell = max(1, round(rate x open_loop_s))."
+    )
+    arrival: Literal["poisson", "constant"] = Field(
+        default="poisson",
+        description="Open-loop gaps: poisson = gamma with shape burstiness and mean 1/rate (vLLM's); constant = 1/rate.",
+    )
+    burstiness: PositiveFloat = Field(
+        default=1.0, description="Gamma shape of the gaps: 1 is a Poisson process, below 1 burstier, above 1 more even."
+    )
+    seed: int = Field(default=0, description="Seeds the arrival schedules (with the repeat), so runs are reproducible.")
+    saturation: Saturation = Field(
+        default_factory=Saturation,
+        description="When an open-loop cell stops early as saturated: the backlog grew every window (windows 0: never).",
+    )
+    slo: SLO | None = Field(
+        default=None,
+        description="Latency limits (ttft_ms, tpot_ms, e2el_ms; percentile, default 99) for goodput and slo_met.",
+    )
     output_tokens: list[int] = Field(
         default=[8], min_length=1, description="Completion length each request is forced to."
     )
@@ -44,7 +75,7 @@ class CampaignConfig(BaseModel):
         default=2,
         ge=1,
         le=1000,
-        description="Requests per cell = concurrency x rounds, so every level is loaded as long.",
+        description="Closed-loop requests per cell = concurrency x rounds, so every level is loaded as long.",
     )
     repeats: int = Field(default=1, ge=1, le=100, description="Times each cell is run; the summary pools all repeats.")
     warmup_requests: int = Field(
@@ -61,6 +92,14 @@ class CampaignConfig(BaseModel):
         description=(
             "Once a cell ends with one of these, larger contexts at the same concurrency and output length "
             "are certain to fail and are recorded as skipped instead of run."
+        ),
+    )
+    capacity: CapacitySearch | None = Field(
+        default=None,
+        description=(
+            "Search each context size (and output length) for the highest load that holds instead of running "
+            "the grid: the load (concurrency, or rate) goes start, start x factor ... up to max until a cell "
+            "fails, then bisect_steps cells between the last load that held and the first that failed."
         ),
     )
     max_restarts: int = Field(
@@ -83,7 +122,19 @@ class CampaignConfig(BaseModel):
         description="Without a baseline, compare against the newest earlier campaign of this name in the default output folder.",
     )
     regression_threshold: float = Field(
-        default=0.10, gt=0, lt=10, description="Relative change counted as a regression (0.10: 10% worse)."
+        default=0.10,
+        gt=0,
+        lt=10,
+        description="Minimum effect: a figure must be worse by at least this much (0.10: 10%) to be a regression.",
+    )
+    regression_confidence: float = Field(
+        default=0.99,
+        gt=0.5,
+        lt=1,
+        description=(
+            "Confidence that a flagged figure really changed: its interval (bootstrap of the cells' requests, "
+            "simultaneous over all compared figures) must lie wholly on the worse side (llmflow/bench/compare.py)."
+        ),
     )
     publish_url: str | None = Field(
         default=None,
@@ -99,6 +150,17 @@ class CampaignConfig(BaseModel):
         if len(set(values)) != len(values):
             raise ValueError("values must be distinct")
         return sorted(values)
+
+    @field_validator("rates")
+    @classmethod
+    def _rates(cls, values: list[float] | None) -> list[float] | None:
+        if values is None:
+            return None
+        if not values or any(not v > 0 for v in values):
+            raise ValueError("give at least one rate, each above 0 (requests per second)")
+        if len(set(values)) != len(values):
+            raise ValueError("values must be distinct")
+        return sorted(float(v) for v in values)
 
     def resolved_output_dir(self, stamp: str) -> Path:
         return self.output_dir or DEFAULT_OUTPUT_ROOT / f"{self.name}-{stamp}"
@@ -120,12 +182,16 @@ class Cell(BaseModel):
     """One point of the grid, run ``repeats`` times."""
 
     context: int
-    concurrency: int
+    concurrency: int = Field(description="Requests in flight (closed loop), or the cap on them (open loop).")
     output_tokens: int
+    rate: float | None = Field(default=None, description="Requests per second of an open-loop cell; None: closed loop.")
 
     @property
     def key(self) -> str:
-        return f"ctx{self.context}-c{self.concurrency}-out{self.output_tokens}"
+        """``ctx128-c4-out8`` closed loop; ``ctx128-r4.0-c64-out8`` open loop at 4 req/s, 64 in flight at most."""
+        if self.rate is None:
+            return f"ctx{self.context}-c{self.concurrency}-out{self.output_tokens}"
+        return f"ctx{self.context}-r{self.rate:g}-c{self.concurrency}-out{self.output_tokens}"
 
 
 def cell_result(cell: Cell, status: str, **fields: Any) -> CellResult:
@@ -134,11 +200,14 @@ def cell_result(cell: Cell, status: str, **fields: Any) -> CellResult:
 
 
 def grid(campaign: CampaignConfig) -> list[Cell]:
-    """Cells in run order: for each output length and concurrency, contexts smallest first, so a
-    context that fails can spare the larger ones."""
+    """Cells in run order: for each output length and concurrency (and rate, lowest first, when
+    the campaign has rates), contexts smallest first, so a context that fails can spare the
+    larger ones."""
     return [
-        Cell(context=ctx, concurrency=conc, output_tokens=out)
-        for out, conc, ctx in itertools.product(campaign.output_tokens, campaign.concurrencies, campaign.context_sizes)
+        Cell(context=ctx, concurrency=conc, output_tokens=out, rate=rate)
+        for out, conc, rate, ctx in itertools.product(
+            campaign.output_tokens, campaign.concurrencies, campaign.rates or [None], campaign.context_sizes
+        )
     ]
 
 
@@ -151,6 +220,7 @@ def skip_reason(cell: Cell, finished: Iterable[Any], skip_on: list[str]) -> str 
             done.status in skip_on
             and done.concurrency == cell.concurrency
             and done.output_tokens == cell.output_tokens
+            and getattr(done, "rate", None) == cell.rate
             and done.context < cell.context
         ):
             return f"context {done.context} was {done.status}"

@@ -2,8 +2,10 @@
 
 Pure functions on timings a streaming client recorded, so every rule is unit-tested:
 
-* TTFT: from sending the request to the first chunk that carries text.
-* E2EL: from sending to the last chunk with a token.
+* TTFT: from sending the request to the first chunk that carries text. Open-loop cells count
+  from the request's *scheduled* send time (``send_delay`` is added), so a client or a
+  server that falls behind the schedule shows in the latency (no coordinated omission).
+* E2EL: from sending (open loop: the scheduled time) to the last chunk with a token.
 * TPOT: (E2EL - TTFT) / (output tokens - 1), for requests with more than one output token.
 * ITL: the gaps between successive chunks with text.
 * Throughput over the cell's wall time; mean, median, std and p50/p90/p99 of each latency.
@@ -28,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from llmflow.engines.figures import SERVER_COUNTERS
 
-Outcome = Literal["ok", "rejected", "crashed", "timed_out"]
+Outcome = Literal["ok", "rejected", "crashed", "timed_out", "cancelled"]
 PERCENTILES = (50, 90, 99)
 
 
@@ -38,7 +40,10 @@ class RequestTiming(BaseModel):
     outcome: Outcome
     status_code: int | None = None
     error: str | None = None
-    text_chunk_times: list[float] = Field(default_factory=list, description="Arrival of each chunk that carried text.")
+    chunk_times: list[float] = Field(
+        default_factory=list,
+        description="Arrival of each streamed chunk of a choice, with text or without (vllm bench serve's rule).",
+    )
     prompt_tokens: int | None = Field(default=None, description="From the server's usage.")
     completion_tokens: int | None = Field(default=None, description="From the server's usage.")
     requested_prompt_tokens: int | None = None
@@ -49,6 +54,30 @@ class RequestTiming(BaseModel):
     server_timings: dict[str, Any] | None = Field(
         default=None, description="llama-server's own timings of the request."
     )
+    send_delay: float = Field(
+        default=0.0, description="Seconds from the scheduled send time to the actual send (open loop; 0 closed loop)."
+    )
+    end_s: float | None = Field(default=None, description="When the request ended (any outcome), from sending.")
+
+
+class SLO(BaseModel):
+    """Service-level objectives of a cell; each stated limit applies per request (goodput) and
+    to the cell's ``percentile`` of that latency (``slo_met``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ttft_ms: float | None = Field(default=None, gt=0, description="Time to first token, from the scheduled send.")
+    tpot_ms: float | None = Field(default=None, gt=0, description="Time per output token after the first.")
+    e2el_ms: float | None = Field(default=None, gt=0, description="End-to-end latency, from the scheduled send.")
+    percentile: float = Field(default=99, gt=0, le=100, description="The cell's percentile held to each limit.")
+
+    def limits_s(self) -> dict[str, float]:
+        """The stated limits in seconds, by latency name (ttft, tpot, e2el)."""
+        return {
+            name: value / 1000.0
+            for name, value in (("ttft", self.ttft_ms), ("tpot", self.tpot_ms), ("e2el", self.e2el_ms))
+            if value is not None
+        }
 
 
 def classify(status_code: int | None, error: BaseException | None = None, timed_out: bool = False) -> Outcome:
@@ -65,10 +94,10 @@ def classify(status_code: int | None, error: BaseException | None = None, timed_
 
 def request_metrics(t: RequestTiming) -> dict[str, float | list[float] | None]:
     """TTFT, E2EL and TPOT in seconds, and the ITL gaps, for one ok request."""
-    if t.outcome != "ok" or not t.text_chunk_times:
+    if t.outcome != "ok" or not t.chunk_times:
         return {"ttft": None, "e2el": None, "tpot": None, "itl": []}
-    times = t.text_chunk_times
-    ttft, e2el = times[0], times[-1]
+    times = t.chunk_times
+    ttft, e2el = t.send_delay + times[0], t.send_delay + times[-1]
     out = t.completion_tokens or 0
     tpot = (e2el - ttft) / (out - 1) if out > 1 else None
     return {"ttft": ttft, "e2el": e2el, "tpot": tpot, "itl": [b - a for a, b in zip(times, times[1:])]}
@@ -92,7 +121,7 @@ class Metric:
     better: Literal["higher", "lower"] | None = None
     regression: bool = False
     column: bool = False
-    value_type: type = float
+    value_type: type = float  # bool for a verdict (slo_met): shown, never compared by size
 
 
 def _latency(name: str, what: str, compared: tuple[str, ...] = (), shown: tuple[str, ...] = ()) -> tuple[Metric, ...]:
@@ -112,7 +141,11 @@ def _latency(name: str, what: str, compared: tuple[str, ...] = (), shown: tuple[
 
 # The cell summary, in order; key names are vllm bench serve's where the metric is the same.
 CELL_METRICS: tuple[Metric, ...] = (
-    Metric("duration", "s", "wall time of the timed requests, first send to last answer"),
+    Metric(
+        "duration",
+        "s",
+        "wall time of the timed requests, first send (open loop: the schedule's start) to last answer or the stop",
+    ),
     Metric("completed", "requests", "requests answered in full", column=True, value_type=int),
     Metric("failed", "requests", "requests not answered in full", value_type=int),
     Metric("rejected", "requests", "requests the server refused (4xx)", value_type=int),
@@ -152,6 +185,25 @@ CELL_METRICS: tuple[Metric, ...] = (
         better="higher",
         regression=True,
         column=True,
+    ),
+    Metric("cancelled", "requests", "requests cut off or never sent because the cell saturated", value_type=int),
+    Metric("mean_send_delay_ms", "ms", "mean delay from a request's scheduled send to its send", better="lower"),
+    Metric(
+        "p99_send_delay_ms", "ms", "p99 delay from a request's scheduled send to its send", better="lower", column=True
+    ),
+    Metric(
+        "request_goodput",
+        "req/s",
+        "requests that met every stated SLO, per second of duration",
+        better="higher",
+        column=True,
+    ),
+    Metric(
+        "slo_met",
+        "",
+        "every request ok and the SLO percentile of each stated latency within its limit",
+        column=True,
+        value_type=bool,
     ),
     Metric(
         "length_mismatches",
@@ -213,9 +265,55 @@ def _stats(name: str, values_s: list[float]) -> dict[str, float | None]:
     return out
 
 
-def cell_summary(timings: list[RequestTiming], duration_s: float) -> CellSummary:
+def is_good(m: dict[str, Any], limits_s: dict[str, float]) -> bool:
+    """A request met every stated limit (``SLO.limits_s``), as ``vllm bench serve --goodput``
+    judges it: a request with one output token has no TPOT and counts as TPOT 0."""
+    for name, limit in limits_s.items():
+        value = m.get(name)
+        if value is None and name == "tpot":
+            value = 0.0
+        if value is None or value > limit:
+            return False
+    return True
+
+
+def goodput(per: list[dict[str, Any]], slo: SLO | None, duration_s: float) -> float | None:
+    """Requests per second of ``duration_s`` that met every stated SLO; ``per``: the
+    ``request_metrics`` of the cell's ok requests. None without an SLO."""
+    if slo is None or duration_s <= 0:
+        return None
+    limits = slo.limits_s()
+    return sum(1 for m in per if is_good(m, limits)) / duration_s
+
+
+def slo_met(timings: list[RequestTiming], slo: SLO | None) -> bool | None:
+    """The cell met its SLO: every request ok, and the ``slo.percentile`` of each stated
+    latency over them within its limit (TPOT over requests with more than one token). None
+    without an SLO; False for a cell with no ok request."""
+    if slo is None:
+        return None
+    if not timings or any(t.outcome != "ok" for t in timings):
+        return False
+    per = [request_metrics(t) for t in timings]
+    for name, limit in slo.limits_s().items():
+        values = [m[name] for m in per if m[name] is not None]
+        if not values:
+            if name == "tpot":
+                continue
+            return False
+        if float(np.percentile(values, slo.percentile)) > limit:
+            return False
+    return True
+
+
+def cell_summary(timings: list[RequestTiming], duration_s: float, slo: SLO | None = None) -> CellSummary:
     """One cell of a campaign: counts per outcome, throughput over ``duration_s``, latency
-    statistics, client-side prefill and decode tok/s, and whether the lengths came out as asked."""
+    statistics, client-side prefill and decode tok/s, whether the lengths came out as asked,
+    send delays, and goodput against ``slo``. Requests ``cancelled`` (a saturated cell's cut
+    ones) are counted apart, not as failed."""
+    cancelled = [t for t in timings if t.outcome == "cancelled"]
+    all_timings = timings
+    timings = [t for t in timings if t.outcome != "cancelled"]
     ok = [t for t in timings if t.outcome == "ok"]
     per = [request_metrics(t) for t in ok]
     latencies = {
@@ -237,6 +335,8 @@ def cell_summary(timings: list[RequestTiming], duration_s: float) -> CellSummary
         or (t.requested_prompt_tokens is not None and t.prompt_tokens != t.requested_prompt_tokens)
     )
     per_s = (lambda n: n / duration_s) if duration_s > 0 else (lambda n: None)
+    # over every request sent, the cancelled ones in flight too: a saturated cell's delays
+    delays_ms = [t.send_delay * 1000.0 for t in all_timings if t.outcome != "cancelled" or t.end_s is not None]
     return CellSummary(
         duration=duration_s,
         completed=len(ok),
@@ -254,22 +354,71 @@ def cell_summary(timings: list[RequestTiming], duration_s: float) -> CellSummary
         prefill_tok_per_s=prefill_tokens / prefill_time if prefill_time > 0 else None,
         decode_tok_per_s=decode_tokens / decode_time if decode_time > 0 else None,
         length_mismatches=mismatched,
+        cancelled=len(cancelled),
+        mean_send_delay_ms=float(np.mean(delays_ms)) if delays_ms else None,
+        p99_send_delay_ms=float(np.percentile(delays_ms, 99)) if delays_ms else None,
+        request_goodput=goodput(per, slo, duration_s),
+        slo_met=slo_met(all_timings, slo),
     )
 
 
-CellStatus = Literal["ok", "rejected", "crashed", "timed_out", "length_mismatch", "skipped", "not_run"]
+CellStatus = Literal["ok", "rejected", "crashed", "timed_out", "length_mismatch", "saturated", "skipped", "not_run"]
 
 
-def cell_status(summary: CellSummary) -> CellStatus:
+def cell_status(summary: CellSummary, saturated: bool = False) -> CellStatus:
     """A cell's verdict: the worst thing that happened to any request; ``length_mismatch`` when
     all were answered but some prompt or completion came out another length than asked (a
-    context too small for prompt + output truncates the completion, for one)."""
-    for outcome in ("crashed", "timed_out", "rejected"):
+    context too small for prompt + output truncates the completion, for one). ``saturated``
+    (an open-loop cell stopped by the saturation rule) outranks all but ``crashed``, which
+    makes the campaign check the server."""
+    if summary.crashed:
+        return "crashed"
+    if saturated:
+        return "saturated"
+    for outcome in ("timed_out", "rejected"):
         if getattr(summary, outcome):
             return outcome  # type: ignore[return-value]
     if summary.length_mismatches:
         return "length_mismatch"
     return "ok"
+
+
+class Saturation(BaseModel):
+    """When an open-loop cell stops early as ``saturated``: the server is not keeping up.
+
+    Every ``window_s`` the client counts the requests that have fallen due (their scheduled
+    send time passed) and those that have finished; the backlog is the difference (in flight,
+    or waiting for a slot under the in-flight cap). The cell is saturated when, over the last
+    ``windows`` windows, the server finished fewer than ``keep_up`` of the requests that fell
+    due in them (throughput below ``keep_up`` x the offered rate, so the backlog, and with it
+    the latency counted from the scheduled time, grows without bound) and the backlog is at
+    least ``min_backlog``. Counts over several windows, not window by window, so a server that
+    answers in batches (vLLM) is judged by its rate. ``windows`` 0 never stops a cell."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    window_s: float = Field(default=1.0, gt=0, description="Seconds between counts.")
+    windows: int = Field(default=5, ge=0, description="Windows the rate is judged over; 0: never stop a cell.")
+    keep_up: float = Field(
+        default=0.8, gt=0, le=1, description="Fraction of the requests falling due that must finish in the windows."
+    )
+    min_backlog: int = Field(default=16, ge=1, description="Backlog below which a cell is never saturated.")
+
+
+def saturation_reason(counts: list[tuple[int, int]], rule: Saturation) -> str | None:
+    """Why the cell is saturated, or None. ``counts``: (requests due, requests finished) so
+    far, taken at the end of each window (``Saturation``), oldest first."""
+    if rule.windows < 1 or len(counts) < rule.windows + 1:
+        return None
+    (due0, done0), (due, done) = counts[-(rule.windows + 1)], counts[-1]
+    arrived, finished, backlog = due - due0, done - done0, due - done
+    if backlog >= rule.min_backlog and arrived > 0 and finished < rule.keep_up * arrived:
+        trail = " -> ".join(str(a - b) for a, b in counts[-(rule.windows + 1) :])
+        return (
+            f"saturated: {finished} of the {arrived} requests due in the last {rule.windows} x {rule.window_s:g} s "
+            f"finished (under {rule.keep_up:g}); backlog {trail}"
+        )
+    return None
 
 
 # Prometheus series a campaign reads before and after each cell: the token counters a batch

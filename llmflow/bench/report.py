@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
+from llmflow.bench.compare import describe
+from llmflow.bench.compare import note as comparison_note
 from llmflow.bench.metrics import METRICS, column_metrics, regression_metrics
 from llmflow.results import CellResult
 
@@ -22,6 +24,7 @@ CELL_COLUMNS = (
     "key",
     "context",
     "concurrency",
+    "rate",
     "output_tokens",
     "status",
     "session",
@@ -103,7 +106,7 @@ def vllm_result(cell: CellResult, rows: pd.DataFrame, meta: dict[str, Any]) -> d
         "model_id": meta.get("model"),
         "tokenizer_id": meta.get("model"),
         "num_prompts": cell.requests,
-        "request_rate": "inf",
+        "request_rate": cell.rate if cell.rate is not None else "inf",
         "max_concurrency": cell.concurrency,
         **cell.summary.model_dump(exclude={"rejected", "crashed", "timed_out", "length_mismatches"}),
         "input_lens": per("prompt_tokens"),
@@ -129,6 +132,7 @@ STATUS_MARKERS: dict[str, str] = {
     "timed_out": "v",
     "length_mismatch": "d",
     "skipped": ">",
+    "saturated": "^",
     "not_run": "s",
 }
 
@@ -148,12 +152,14 @@ def campaign_figure(cells: pd.DataFrame, title: str) -> Figure:
 
     fig = Figure(figsize=(13, 8), layout="constrained")
     axes = fig.subplots(2, 2).flatten()
-    series = list(cells.groupby(["concurrency", "output_tokens"]))
+    rates = cells["rate"] if "rate" in cells else pd.Series(dtype=float)
+    series = list(cells.assign(rate=rates).groupby(["concurrency", "output_tokens", "rate"], dropna=False))
     several_outputs = cells["output_tokens"].nunique() > 1
     colors = [f"C{i % 10}" for i in range(len(series))]
     handles: list[Line2D] = []
-    for i, ((conc, out), group) in enumerate(series):
-        label = f"concurrency {conc}" + (f", output {out}" if several_outputs else "")
+    for i, ((conc, out, rate), group) in enumerate(series):
+        load = f"concurrency {conc}" if pd.isna(rate) else f"{rate:g} req/s (cap {conc})"
+        label = load + (f", output {out}" if several_outputs else "")
         handles.append(Line2D([], [], color=colors[i], marker="o", label=label))
         for ax, (col, _) in zip(axes, PANELS):
             _draw_series(ax, group.sort_values("context"), col, colors[i], STATUS_ROW * (i + 0.5))
@@ -222,7 +228,8 @@ def plot(cells: pd.DataFrame, path: Path, title: str) -> Path | None:
 
 def compare(current: list[dict[str, Any]], baseline: list[dict[str, Any]], threshold: float) -> list[dict[str, Any]]:
     """Cells worse than the same cell of ``baseline`` by more than ``threshold`` (relative),
-    and cells that ran ok before and do not now."""
+    and cells that ran ok before and do not now: the threshold rule alone, blind to noise
+    (``llmflow.bench.compare`` judges a campaign against its baseline's requests)."""
     before = {c["key"]: c for c in baseline}
     found: list[dict[str, Any]] = []
     for cell in current:
@@ -258,10 +265,16 @@ def _number(x: Any) -> bool:
 
 
 def write_outputs(
-    out_dir: Path, cells: list[CellResult], rows_path: Path, meta: dict[str, Any], regressions: list[dict[str, Any]]
+    out_dir: Path,
+    cells: list[CellResult],
+    rows_path: Path,
+    meta: dict[str, Any],
+    regressions: list[dict[str, Any]],
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Path]:
     """requests.parquet, cells.csv, vllm/<cell>.json, plot.png and summary.json in ``out_dir``;
-    returns the ones written (no requests sent: no parquet and no vllm folder)."""
+    returns the ones written (no requests sent: no parquet and no vllm folder). ``extra``: more
+    top-level keys of summary.json (a capacity search's table)."""
     rows = read_rows(rows_path)
     paths: dict[str, Path] = {}
     if not rows.empty:
@@ -283,7 +296,7 @@ def write_outputs(
     if picture:
         paths["plot"] = picture
     paths["summary"] = out_dir / "summary.json"
-    summary = {"meta": meta, "cells": [cell_record(c) for c in cells], "regressions": regressions}
+    summary = {"meta": meta, "cells": [cell_record(c) for c in cells], "regressions": regressions, **(extra or {})}
     tmp = paths["summary"].with_suffix(".tmp")
     tmp.write_text(json.dumps(summary, indent=1, default=str) + "\n")
     tmp.replace(paths["summary"])
@@ -291,7 +304,15 @@ def write_outputs(
 
 
 # What ``write_outputs`` may leave in a campaign folder, in the order a reader wants them.
-OUTPUT_NAMES = ("summary.json", "cells.csv", "requests.parquet", "plot.png", "vllm/")
+OUTPUT_NAMES = (
+    "summary.json",
+    "capacity.csv",
+    "cells.csv",
+    "requests.parquet",
+    "capacity.png",
+    "plot.png",
+    "vllm/",
+)
 
 
 def output_names(out_dir: Path) -> list[str]:
@@ -323,7 +344,9 @@ def markdown_report(
         f"{meta.get('engine')} serving {meta.get('model')} on {meta.get('placement')} ({meta.get('node')}); "
         f"{meta.get('sessions')} server session(s); finished {meta.get('finished')}.",
         "",
-        "| cell | status | ok/sent | " + " | ".join(f"{m.name} ({m.unit})" for m in shown) + " | peak RSS MiB |",
+        "| cell | status | ok/sent | "
+        + " | ".join(f"{m.name} ({m.unit})" if m.unit else m.name for m in shown)
+        + " | peak RSS MiB |",
         "|---|---|---|" + "---|" * len(shown) + "---|",
     ]
     for c in cells:
@@ -337,18 +360,18 @@ def markdown_report(
         lines += ["", "## Why cells did not run ok", ""] + [
             f"- `{c.key}` ({c.status}): {c.reason.splitlines()[0][:300]}" for c in notes
         ]
-    if regressions:
-        lines += ["", "## Regressions against the baseline", ""] + [
-            f"- `{r['key']}` {r['metric']}: {r['baseline']} → {r['current']}"
-            + (f" ({r['change']:+.1%})" if r["change"] is not None else "")
-            for r in regressions
-        ]
+    judged = comparison_note(meta.get("comparison"))
+    if regressions or judged:
+        lines += ["", "## Regressions against the baseline", ""] + ([judged, ""] if judged else [])
+        lines += [f"- {describe(r)}" for r in regressions] or ["None."]
     lines += ["", "## Files", ""] + [f"- {name}: `{path}`" for name, path in paths.items()]
     return "\n".join(lines) + "\n"
 
 
 def fmt(x: Any) -> str:
-    """A figure for a report or log line: one decimal, or '-' when there is none."""
+    """A figure for a report or log line: one decimal, yes/no for a verdict, or '-' when there is none."""
+    if isinstance(x, bool):
+        return "yes" if x else "no"
     return f"{x:,.1f}" if _number(x) else "-"
 
 

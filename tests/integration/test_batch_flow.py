@@ -419,3 +419,21 @@ def test_catalog_model_serves_lines_naming_another_model(session_config: Session
     assert {r["response"]["status_code"] for r in records} == {200}
     assert {r["response"]["body"]["model"] for r in records} == {"tiny-llama"}
     assert (tmp_path / "runs").is_dir() and _wait_no_processes(str(tmp_path)) == []
+
+
+def test_the_deep_gate_of_a_batch_holds_the_engines_context_or_stops_before_any_line(session_config, tmp_path: Path):
+    """ "auto" for a batch: the engine's n_ctx minus the fixed output, which a server started
+    with that n_ctx holds; a size past it fails at the gate, and no line is sent."""
+    from llmflow.config import GateConfig
+    from llmflow.errors import GateFailed
+
+    engine = session_config.engine.model_copy(update={"n_ctx": 256})
+    out = tmp_path / "auto.jsonl"
+    batch = BatchConfig(input_path=SAMPLE_INPUT, output_path=out, fixed_output_tokens=8)
+    auto = session_config.model_copy(update={"engine": engine, "gate": GateConfig(deep_context="auto")})
+    assert batch_inference(session=auto, batch=batch).report.succeeded == 240
+    too_deep = auto.model_copy(update={"gate": GateConfig(deep_context=512)})
+    with pytest.raises(GateFailed, match=r"deep gate \(gate.deep_context = 512\)"):
+        batch_inference(session=too_deep, batch=batch.model_copy(update={"output_path": tmp_path / "deep.jsonl"}))
+    assert not (tmp_path / "deep.jsonl").exists()
+    assert _wait_no_processes(str(tmp_path)) == []

@@ -12,7 +12,7 @@ def _ok(times: list[float], prompt: int = 100, out: int | None = None, **kw) -> 
     return RequestTiming(
         outcome="ok",
         status_code=200,
-        text_chunk_times=times,
+        chunk_times=times,
         prompt_tokens=prompt,
         completion_tokens=len(times) if out is None else out,
         **kw,
