@@ -179,8 +179,8 @@ def read_run_rows(folder: Path) -> pd.DataFrame:
 
 
 def read_jsonl_rows(path: Path) -> pd.DataFrame:
-    """requests.jsonl as a frame, a torn last line of a killed run dropped (as
-    ``report.read_rows``, which imports this module, so it is not imported from there)."""
+    """requests.jsonl as a frame (empty when no request was sent), a torn last line of a killed
+    run dropped."""
     if not path.exists() or path.stat().st_size == 0:
         return pd.DataFrame()
     records = []

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from llmflow.bench.compare import describe
+from llmflow.bench.compare import describe, read_jsonl_rows
 from llmflow.bench.compare import note as comparison_note
 from llmflow.bench.metrics import METRICS, column_metrics, regression_metrics
 from llmflow.results import CellResult
@@ -74,20 +74,6 @@ def cells_table(cells: list[CellResult]) -> pd.DataFrame:
 def table_records(table: pd.DataFrame) -> list[dict[str, Any]]:
     """Rows of ``cells_table`` as JSON-ready dicts: Python ints and floats, None where empty."""
     return table.astype(object).where(table.notna(), None).to_dict("records")
-
-
-def read_rows(rows_path: Path) -> pd.DataFrame:
-    """requests.jsonl as a frame (empty frame when no request was sent); a torn last line of a
-    killed run is dropped."""
-    if not rows_path.exists() or rows_path.stat().st_size == 0:
-        return pd.DataFrame()
-    records = []
-    for line in rows_path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except ValueError:
-            continue
-    return pd.DataFrame(records)
 
 
 def vllm_result(cell: CellResult, rows: pd.DataFrame, meta: dict[str, Any]) -> dict[str, Any]:
@@ -275,7 +261,7 @@ def write_outputs(
     """requests.parquet, cells.csv, vllm/<cell>.json, plot.png and summary.json in ``out_dir``;
     returns the ones written (no requests sent: no parquet and no vllm folder). ``extra``: more
     top-level keys of summary.json (a capacity search's table)."""
-    rows = read_rows(rows_path)
+    rows = read_jsonl_rows(rows_path)
     paths: dict[str, Path] = {}
     if not rows.empty:
         paths["requests"] = out_dir / "requests.parquet"

@@ -23,7 +23,8 @@ import asyncio
 import bisect
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -62,6 +63,21 @@ def parse_event(line: bytes) -> dict[str, Any] | None:
     except ValueError:
         return None
     return obj if isinstance(obj, dict) else None
+
+
+@asynccontextmanager
+async def _sessions(
+    headers: dict[str, str], timeout: aiohttp.ClientTimeout, limit: int
+) -> AsyncIterator[tuple[aiohttp.ClientSession, aiohttp.ClientSession]]:
+    """A pooled session for the requests and one that never reuses a connection (``stream_one``'s
+    ``fresh``), both with ``limit`` connections."""
+    async with (
+        aiohttp.ClientSession(headers=headers, timeout=timeout, connector=aiohttp.TCPConnector(limit=limit)) as pooled,
+        aiohttp.ClientSession(
+            headers=headers, timeout=timeout, connector=aiohttp.TCPConnector(limit=limit, force_close=True)
+        ) as fresh,
+    ):
+        yield pooled, fresh
 
 
 async def stream_one(
@@ -163,14 +179,7 @@ async def run_requests(
     url = base_url.rstrip("/") + "/v1/completions"
     slots = asyncio.Semaphore(concurrency)
     results: list[tuple[float, RequestTiming] | None] = [None] * len(requests)
-    async with (
-        aiohttp.ClientSession(
-            headers=headers, timeout=timeout, connector=aiohttp.TCPConnector(limit=concurrency)
-        ) as session,
-        aiohttp.ClientSession(
-            headers=headers, timeout=timeout, connector=aiohttp.TCPConnector(limit=concurrency, force_close=True)
-        ) as fresh,
-    ):
+    async with _sessions(headers, timeout, concurrency) as (session, fresh):
         start = time.perf_counter()
 
         async def one(i: int, req: StreamRequest) -> None:
@@ -249,14 +258,7 @@ async def run_open_loop(
         if on_done is not None:
             on_done(i, schedule[i], sent, timing)
 
-    async with (
-        aiohttp.ClientSession(
-            headers=headers, timeout=timeout, connector=aiohttp.TCPConnector(limit=max_in_flight)
-        ) as session,
-        aiohttp.ClientSession(
-            headers=headers, timeout=timeout, connector=aiohttp.TCPConnector(limit=max_in_flight, force_close=True)
-        ) as fresh,
-    ):
+    async with _sessions(headers, timeout, max_in_flight) as (session, fresh):
         start = time.perf_counter()
 
         async def one(i: int, req: StreamRequest) -> None:

