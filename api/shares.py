@@ -207,3 +207,10 @@ def merge_outputs(
         if path.stat().st_size == 0:
             path.unlink()
     return counts
+
+
+def remove_copies(folder: Path) -> None:
+    """Once a batch is final, its shares' inputs and outputs (copies of what the input file and
+    the merged files hold) go; the flow runs' summaries and error lists stay for a post-mortem."""
+    for path in [*folder.glob("*.input.jsonl"), *folder.glob("*.output.jsonl")]:
+        path.unlink(missing_ok=True)

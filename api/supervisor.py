@@ -36,6 +36,7 @@ from api.db import (
     COMPLETED,
     EXPIRED,
     FAILED,
+    FINAL_STATES,
     FINALIZING,
     IN_PROGRESS,
     VALIDATING,
@@ -131,6 +132,8 @@ class Supervisor:
                 await self.follow(db, batch, client)
             elif batch.status in (CANCELLING, FINALIZING):
                 await self.wind_down(db, batch, client)
+        if batch.status in FINAL_STATES:  # committed: the merged files are the batch's now
+            await asyncio.to_thread(shares.remove_copies, self.folder(batch))
 
     def folder(self, batch: BatchRow) -> Path:
         return self.settings.batches_dir / batch.id

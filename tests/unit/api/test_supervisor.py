@@ -140,6 +140,7 @@ def test_a_batch_from_validating_to_completed(world):
     assert (batch.status, batch.completed, batch.failed, len(prefect.runs)) == ("completed", 4, 1, 1)
     assert len((settings.files_dir / batch.output_file_id).read_text().splitlines()) == 4
     assert json.loads((settings.files_dir / batch.error_file_id).read_text())["custom_id"] == "c4"
+    assert list((settings.batches_dir / batch_id).glob("*.jsonl")) == []  # the shares' copies are gone
 
 
 def test_a_failed_flow_run_is_resumed_then_given_up_with_its_reason(world):
