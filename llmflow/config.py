@@ -56,6 +56,25 @@ class LocalPlacement(_Strict):
         default="127.0.0.1",
         description="Interface the server listens on; loopback keeps it private to this machine.",
     )
+    server_cpus: list[int] | None = Field(
+        default=None,
+        min_length=1,
+        description=(
+            "CPUs the model server may use (Linux CPU numbers); the orchestrator's own process is kept off them "
+            "while the session runs, where the machine has others. None: no pinning."
+        ),
+    )
+
+    @field_validator("server_cpus")
+    @classmethod
+    def _distinct_cpus(cls, cpus: list[int] | None) -> list[int] | None:
+        if cpus is None:
+            return None
+        if any(c < 0 for c in cpus):
+            raise ValueError(f"CPU numbers are 0 or more, not {[c for c in cpus if c < 0]}")
+        if len(set(cpus)) != len(cpus):
+            raise ValueError(f"each CPU once: {cpus}")
+        return sorted(cpus)
 
 
 class SSHLogin(_Strict):

@@ -168,6 +168,7 @@ def run_benchmark_cell(
 
         timings: list[RequestTiming] = []
         duration = 0.0
+        cpu_s = 0.0  # the orchestrator's process, every thread: the client's CPU on this machine
         saturated: str | None = None
         with JsonlAppender(rows_path) as rows:
             if warm:  # closed loop, run to its end before anything is timed
@@ -176,12 +177,14 @@ def run_benchmark_cell(
             with PeakSampler(pgid) as memory:
                 for r in range(campaign.repeats):
                     batch = timed[r * n : (r + 1) * n]
+                    cpu0 = time.process_time()
                     if cell.rate is None:
                         done, wall = _send(tunnel.base_url, api_key, batch, cell.concurrency, campaign, cell, rows, r)
                     else:
                         done, wall, saturated = _send_open_loop(
                             tunnel.base_url, api_key, batch, campaign, cell, rows, r
                         )
+                    cpu_s += time.process_time() - cpu0
                     timings += done
                     duration += wall
                     if saturated:
@@ -190,17 +193,18 @@ def run_benchmark_cell(
             after = read_counters(spec.metrics_path, tunnel.base_url, api_key, BENCH_COUNTERS)
 
     result = _verdict(
-        cell, timings, duration, counter_delta(before, after), memory, session_no, campaign.slo, saturated
+        cell, timings, duration, counter_delta(before, after), memory, session_no, campaign.slo, saturated, cpu_s
     )
     summary = result.summary
     logger.info(
-        "cell %s: %s; %d/%d ok, %s output tok/s, mean TTFT %s ms",
+        "cell %s: %s; %d/%d ok, %s output tok/s, mean TTFT %s ms, client CPU %s",
         cell.key,
         result.status,
         summary.completed,
         len(timings),
         fmt(summary.output_throughput),
         fmt(summary.mean_ttft_ms),
+        "-" if summary.client_cpu_share is None else f"{summary.client_cpu_share:.2f} CPUs",
     )
     return result
 
@@ -270,9 +274,10 @@ def _verdict(
     session_no: int,
     slo: Any = None,
     saturated: str | None = None,
+    client_cpu_s: float | None = None,
 ) -> CellResult:
     """The cell's result: the client's summary, the server's figures, its status and why."""
-    summary = cell_summary(timings, duration, slo)
+    summary = cell_summary(timings, duration, slo, client_cpu_s)
     sums: dict[str, float] = {}
     for t in timings:
         if t.outcome == "ok" and t.server_timings:

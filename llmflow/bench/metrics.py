@@ -212,6 +212,19 @@ CELL_METRICS: tuple[Metric, ...] = (
         column=True,
         value_type=int,
     ),
+    Metric(
+        "client_cpu_s",
+        "s",
+        "CPU time (user + system) of the orchestrator's whole process over the timed requests: the client's share "
+        "of the machine, with whatever else that process runs (Prefect's threads) counted in",
+    ),
+    Metric(
+        "client_cpu_share",
+        "CPUs",
+        "client_cpu_s per second of duration: cores the client kept busy; on a machine it shares with the server, "
+        "taken from the server",
+        column=True,
+    ),
 )
 
 # The server's own view of the cell (its counters, histograms or per-response timings).
@@ -306,11 +319,14 @@ def slo_met(timings: list[RequestTiming], slo: SLO | None) -> bool | None:
     return True
 
 
-def cell_summary(timings: list[RequestTiming], duration_s: float, slo: SLO | None = None) -> CellSummary:
+def cell_summary(
+    timings: list[RequestTiming], duration_s: float, slo: SLO | None = None, client_cpu_s: float | None = None
+) -> CellSummary:
     """One cell of a campaign: counts per outcome, throughput over ``duration_s``, latency
     statistics, client-side prefill and decode tok/s, whether the lengths came out as asked,
-    send delays, and goodput against ``slo``. Requests ``cancelled`` (a saturated cell's cut
-    ones) are counted apart, not as failed."""
+    send delays, goodput against ``slo``, and the client's own CPU seconds (``client_cpu_s``,
+    measured by the caller over the same timed part) and their share of the wall time.
+    Requests ``cancelled`` (a saturated cell's cut ones) are counted apart, not as failed."""
     cancelled = [t for t in timings if t.outcome == "cancelled"]
     all_timings = timings
     timings = [t for t in timings if t.outcome != "cancelled"]
@@ -359,6 +375,8 @@ def cell_summary(timings: list[RequestTiming], duration_s: float, slo: SLO | Non
         p99_send_delay_ms=float(np.percentile(delays_ms, 99)) if delays_ms else None,
         request_goodput=goodput(per, slo, duration_s),
         slo_met=slo_met(all_timings, slo),
+        client_cpu_s=client_cpu_s,
+        client_cpu_share=client_cpu_s / duration_s if client_cpu_s is not None and duration_s > 0 else None,
     )
 
 

@@ -14,6 +14,7 @@ from llmflow import engines, secret_env
 from llmflow.config import SessionConfig
 from llmflow.errors import ServerDied
 from llmflow.paths import local_server_paths
+from llmflow.placements import cpus
 from llmflow.placements.base import PLACEMENTS, Driver, make_run_dir, mint_api_key, tail_note, wait_for_endpoint
 from llmflow.remote.leases import Lease, read_lease, remove_lease, write_lease
 from llmflow.remote.procs import group_alive, stop_group, tail
@@ -54,6 +55,12 @@ class LocalDriver(Driver):
         spec = engines.spec_for(self.config.engine)
         spec.check_installed()
         spec.check_model(self.config.model.path)
+        self._server_cpus()
+
+    def _server_cpus(self) -> set[int] | None:
+        """``placement.server_cpus`` checked against the CPUs this process may use; None if unset."""
+        wanted = self.placement.server_cpus
+        return None if wanted is None else cpus.check_server_cpus(wanted, cpus.available_cpus())
 
     def allocate(self, run_id: str, flow_run_id: str | None = None) -> Allocation:
         run_dir = make_run_dir(self.config.runs_dir, run_id)
@@ -76,9 +83,12 @@ class LocalDriver(Driver):
         launch = spec.launch(cfg.model, self.placement.bind_host, api_key)
         log_path = run_dir / "server.log"
         script = launch_script(launch, spec.server_python(), endpoint_file, self.placement.bind_host)
+        server_cpus = self._server_cpus()
+        # taskset, not a preexec_fn: that is unsafe in a process with threads (the flow's)
+        pin = [] if server_cpus is None else ["taskset", "--cpu-list", cpus.cpu_list(server_cpus)]
         with log_path.open("ab") as log:
             proc = subprocess.Popen(
-                ["bash", "-c", script],
+                [*pin, "bash", "-c", script],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -106,6 +116,9 @@ class LocalDriver(Driver):
         except TimeoutError as exc:
             self._stop(alloc)
             raise TimeoutError(f"{exc}; {tail_note(str(log_path), tail(log_path))}") from None
+        if server_cpus is not None:
+            self.log.info("server on CPUs %s", cpus.cpu_list(server_cpus))
+            cpus.keep_off(alloc.run_id, server_cpus, self.log)
         return ServerHandle(
             engine=cfg.engine.kind,
             run_id=alloc.run_id,
@@ -144,6 +157,7 @@ class LocalDriver(Driver):
     def teardown(self, alloc: Allocation) -> Teardown:
         """Stop the server's whole process group; a second call finds nothing and says so."""
         stopped = self._stop(alloc)
+        cpus.release(alloc.run_id, self.log)
         return Teardown(
             run_id=alloc.run_id,
             stopped_pids=stopped,

@@ -192,3 +192,67 @@ def test_a_stopped_campaign_resumes_where_it_stopped(server_env, prefect_api_url
         "ctx128-c1-out4": 3,
     }  # warm-up + 2
     assert len((out / "cells.jsonl").read_text().splitlines()) == 3
+
+
+def test_server_cpus_keep_the_orchestrator_off_the_servers_cpu_while_a_campaign_runs(
+    server_env, prefect_api_url, tmp_path: Path
+):
+    """``server_cpus=[1]``: the supervisor and the server run on CPU 1 only, the orchestrator
+    (this process, every thread) on CPU 0 while the session lasts and back on all after; the
+    cell reports the client's own CPU."""
+    import os
+    import threading
+
+    from llmflow.config import LocalPlacement
+    from llmflow.placements.cpus import allowed_cpus
+
+    before = os.sched_getaffinity(0)
+    if not {0, 1} <= before:
+        pytest.skip("needs CPUs 0 and 1")
+    venv, model = server_env
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    seen: dict[str, list] = {"server": [], "orchestrator": []}
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.wait(0.05):
+            for endpoint in runs.glob("*/endpoint.json"):
+                try:
+                    ep = json.loads(endpoint.read_text())
+                    seen["server"].append((allowed_cpus(ep["pid"]), allowed_cpus(ep["server_pid"])))
+                except (OSError, ValueError, KeyError):
+                    continue
+                tasks = Path("/proc/self/task").iterdir()
+                seen["orchestrator"].append({frozenset(allowed_cpus(int(t.name))) for t in tasks})
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    session = SessionConfig(
+        engine=LlamaCppEngine(venv=venv, n_ctx=256),
+        model=ModelConfig(path=model),
+        runs_dir=runs,
+        placement=LocalPlacement(server_cpus=[1]),
+    )
+    campaign = CampaignConfig(
+        name="it-cpus", context_sizes=[64], concurrencies=[2], output_tokens=[32], rounds=4, output_dir=out
+    )
+    try:
+        result = benchmark_campaign(session=session, campaign=campaign)
+    finally:
+        done.set()
+        watcher.join(5)
+    (cell,) = result.cells
+    assert cell.status == "ok", cell.reason
+    assert seen["server"] and all(s == ({1}, {1}) for s in seen["server"])
+    assert {frozenset({0})} in seen["orchestrator"]  # every thread off CPU 1 during the session
+    assert os.sched_getaffinity(0) == before == allowed_cpus(os.getpid())  # restored at teardown
+    assert cell.summary.client_cpu_s > 0 and 0 < cell.summary.client_cpu_share <= 1  # one CPU left to it
+    table = pd.read_csv(out / "cells.csv")
+    assert table["client_cpu_share"].iloc[0] == pytest.approx(
+        cell.summary.client_cpu_share, abs=5e-4
+    )  # cells.csv: 3 decimals
+    print(
+        f"client CPU share {cell.summary.client_cpu_share:.3f} ({cell.summary.client_cpu_s:.3f} s "
+        f"over {cell.summary.duration:.3f} s), {cell.summary.output_throughput:.1f} output tok/s"
+    )
+    assert not llama_processes(str(runs))

@@ -64,3 +64,14 @@ def test_classify():
     assert classify(500) == "crashed" and classify(None, ConnectionResetError()) == "crashed"
     assert classify(None, timed_out=True) == "timed_out"
     assert classify(200, RuntimeError("stream cut")) == "crashed"
+
+
+def test_client_cpu_is_a_figure_of_the_cell_not_a_regression():
+    from llmflow.bench.metrics import METRICS
+
+    s = cell_summary([_ok([0.1, 0.2])], 2.0, client_cpu_s=0.5)
+    assert s.client_cpu_s == 0.5 and s.client_cpu_share == 0.25
+    assert cell_summary([_ok([0.1, 0.2])], 2.0).client_cpu_share is None  # not measured
+    assert cell_summary([], 0.0, client_cpu_s=0.1).client_cpu_share is None
+    assert not METRICS["client_cpu_s"].regression and not METRICS["client_cpu_share"].regression
+    assert METRICS["client_cpu_share"].column
