@@ -65,6 +65,13 @@ def stuck_cancelling(since: datetime | None, grace_s: float) -> bool:
     return since is not None and (datetime.now(UTC) - since).total_seconds() > grace_s
 
 
+def note_state(run: BatchRun, state: Any) -> StateType | None:
+    """Keep a flow run's state (type and message) on its share's row; the state's type."""
+    run.state = state.type.value if state else None
+    run.message = state.message if state else None
+    return state.type if state else None
+
+
 def output_file_id(batch_id: str, kind: str) -> str:
     """The same id however often finalizing runs (a restart mid-way does not make a second file)."""
     return "file-" + uuid.uuid5(uuid.NAMESPACE_URL, f"{batch_id}/{kind}").hex
@@ -196,10 +203,7 @@ class Supervisor:
         if run.flow_run_id is None:
             return None
         flow_run = await client.read_flow_run(uuid.UUID(run.flow_run_id))
-        state = flow_run.state
-        run.state = state.type.value if state else None
-        run.message = state.message if state else None
-        return state.type if state else None
+        return note_state(run, flow_run.state)
 
     async def count(self, batch: BatchRow) -> None:
         """``request_counts`` from the shares' outputs so far."""
@@ -242,9 +246,11 @@ class Supervisor:
         write the output and error files and take the final state. The flow runs are found by
         the batch's tag, so one created by a pass whose commit lost to a cancel is cancelled too."""
         final = batch.final_status or (CANCELLED if batch.status == CANCELLING else COMPLETED)
-        for run in batch.runs:
-            await self.refresh(run, client)
         tagged = await client.read_flow_runs(flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[batch.id])))
+        states = {str(fr.id): fr.state for fr in tagged}
+        for run in batch.runs:  # the same read gives each share's last state, for the error records
+            if run.flow_run_id in states:
+                note_state(run, states[run.flow_run_id])
         running = [fr for fr in tagged if fr.state is None or fr.state.type not in TERMINAL]
         if final in (CANCELLED, EXPIRED):
             for fr in running:

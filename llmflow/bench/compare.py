@@ -419,15 +419,7 @@ def judge(
         if old is None:
             continue
         if old.get("status") == "ok" and cell.get("status") != "ok":
-            result.status_changes.append(
-                {
-                    "key": cell["key"],
-                    "metric": "status",
-                    "baseline": "ok",
-                    "current": cell.get("status"),
-                    "change": None,
-                }
-            )
+            result.status_changes.append(status_regression(cell))
             continue
         a_s, b_s = baseline_samples.get(cell["key"]), current_samples.get(cell["key"])
         enough = a_s is not None and b_s is not None and min(a_s.n, b_s.n) >= MIN_REQUESTS
@@ -540,6 +532,11 @@ def compare_with_baseline(
         threshold,
         confidence,
     )
+
+
+def status_regression(cell: dict[str, Any]) -> dict[str, Any]:
+    """The regression record of a cell that ran ok in the baseline and does not now."""
+    return {"key": cell["key"], "metric": "status", "baseline": "ok", "current": cell.get("status"), "change": None}
 
 
 def describe(r: dict[str, Any]) -> str:

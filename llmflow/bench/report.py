@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from llmflow.bench.compare import describe, read_jsonl_rows
+from llmflow.bench.compare import describe, read_jsonl_rows, status_regression
 from llmflow.bench.compare import note as comparison_note
 from llmflow.bench.metrics import METRICS, column_metrics, regression_metrics
 from llmflow.results import CellResult
@@ -223,15 +223,7 @@ def compare(current: list[dict[str, Any]], baseline: list[dict[str, Any]], thres
         if old is None:
             continue
         if old.get("status") == "ok" and cell.get("status") != "ok":
-            found.append(
-                {
-                    "key": cell["key"],
-                    "metric": "status",
-                    "baseline": "ok",
-                    "current": cell.get("status"),
-                    "change": None,
-                }
-            )
+            found.append(status_regression(cell))
             continue
         for metric in regression_metrics():
             a, b = old.get(metric.name), cell.get(metric.name)

@@ -49,7 +49,12 @@ class FakePrefect:
     async def read_flow_runs(self, flow_run_filter):
         tag = flow_run_filter.tags.all_[0]
         return [
-            SimpleNamespace(id=i, state=SimpleNamespace(type=self.runs[i], timestamp=self.stuck_since))
+            SimpleNamespace(
+                id=i,
+                state=SimpleNamespace(
+                    type=self.runs[i], message=f"state {self.runs[i].value}", timestamp=self.stuck_since
+                ),
+            )
             for i in self.runs
             if tag in self.tags[i]
         ]
