@@ -117,6 +117,13 @@ def _model_session(config: SessionConfig) -> Iterator[Session]:
         tunnel = open_tunnel(config, handle)
         ready = health_gate(config, handle, tunnel)
         logger.info("%s ready at %s after %.1fs", handle.engine, tunnel.base_url, ready.seconds_to_ready)
+        if handle.workers:
+            logger.info(
+                "the model is split over %d nodes: head %s, workers %s",
+                len(handle.workers) + 1,
+                handle.node,
+                ", ".join(handle.workers),
+            )
         yield Session(config, allocation, handle, tunnel, ready, outcome)
     finally:
         try:

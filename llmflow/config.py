@@ -26,6 +26,7 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_SERVER_VENV = PROJECT_ROOT / ".venvs" / "llama_cpp"
 DEFAULT_MODEL = PROJECT_ROOT / "models" / "tiny-llama.gguf"
 DEFAULT_LLAMA_SERVER = PROJECT_ROOT / "build" / "llama.cpp" / "bin" / "llama-server"  # scripts/build_llama_server.sh
+DEFAULT_RPC_SERVER = PROJECT_ROOT / "build" / "llama.cpp" / "bin" / "rpc-server"  # the same script
 TINY_HF_MODEL = PROJECT_ROOT / "models" / "tiny-llama-hf"  # for vLLM; scripts/make_tiny_hf_llama.py
 SAMPLE_INPUT = Path(__file__).resolve().parent / "data" / "sample_batch.jsonl"
 
@@ -147,6 +148,18 @@ class SlurmPlacement(_Strict):
         default=3600.0, description="Give up (and scancel) if still queued after this."
     )
     poll_interval_s: PositiveFloat = Field(default=2.0, description="Seconds between job-state polls.")
+    nodes: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description=(
+            "Nodes of the one job that serves the model: rank 0 runs the server, ranks 1..K-1 the engine's "
+            "workers (llama_server: rpc-server; vllm: Ray workers)."
+        ),
+    )
+    worker_start_timeout_s: PositiveFloat = Field(
+        default=300.0, description="On a multi-node job: seconds the head waits for every worker to listen."
+    )
 
 
 class SSHPlacement(_Strict):
@@ -336,6 +349,22 @@ class VllmEngine(_ServerEngine):
         return value
 
 
+KvCacheType = Literal["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1"]
+
+
+class LlamaRouter(_Strict):
+    """llama-server's router mode: one server loads models on demand by each request's `model`
+    and keeps at most `models_max` of them (seed 004's fast tier; 1 is seed 003's one-model GPU).
+    `model.path` is then the models folder (each `*.gguf` a model) or a presets `.ini` file."""
+
+    models_max: int | None = Field(
+        default=None,
+        ge=1,
+        description="--models-max: models loaded at once; the least recently used is unloaded first. None: llama-server's default.",
+    )
+    autoload: bool = Field(default=True, description="--models-autoload: load a model when a request names it.")
+
+
 class LlamaServerEngine(_ServerEngine):
     """llama.cpp's native HTTP server binary (`llama-server`)."""
 
@@ -372,6 +401,31 @@ class LlamaServerEngine(_ServerEngine):
             "refuses (400 'Pooling type none is not OAI compatible'): set mean or last for one."
         ),
     )
+    router: LlamaRouter | None = Field(
+        default=None, description="Router mode (several models, loaded on demand); None: one model, `model.path`."
+    )
+    # seed 004's tuning of a model split over nodes (placement.nodes > 1), usable on one node too
+    rpc_binary: Path = Field(
+        default=DEFAULT_RPC_SERVER,
+        description="Path of llama.cpp's rpc-server on the nodes; on a K-node job, ranks 1..K-1 run it as workers.",
+    )
+    rpc_threads: int | None = Field(default=None, ge=1, description="rpc-server --threads on each worker.")
+    n_gpu_layers: int | None = Field(
+        default=None,
+        ge=0,
+        description="--n-gpu-layers: layers offloaded to devices (GPUs, or the RPC workers); None: all on a K-node job, llama-server's default otherwise.",
+    )
+    split_mode: Literal["none", "layer", "row"] | None = Field(default=None, description="--split-mode")
+    tensor_split: list[PositiveFloat] | None = Field(
+        default=None,
+        min_length=1,
+        description="--tensor-split: each device's share of the layers, e.g. [26, 27, 27] (on a K-node job, one per worker).",
+    )
+    batch_size: int | None = Field(default=None, ge=1, description="--batch-size: logical batch (tokens).")
+    ubatch_size: int | None = Field(default=None, ge=1, description="--ubatch-size: physical batch (tokens).")
+    cache_type_k: KvCacheType | None = Field(default=None, description="--cache-type-k: KV cache type for K.")
+    cache_type_v: KvCacheType | None = Field(default=None, description="--cache-type-v: KV cache type for V.")
+    mlock: bool = Field(default=False, description="--mlock: keep the model in RAM (no swapping out).")
     extra_args: list[str] = Field(
         default_factory=list, description="Further server arguments, passed through unchanged."
     )

@@ -44,6 +44,10 @@ class ServerHandle(BaseModel):
     served_name: str
     job_id: str | None = None
     restarts: int = Field(default=0, description="How often the job was requeued before this server started.")
+    workers: list[str] = Field(
+        default_factory=list,
+        description="A model split over nodes: each worker as 'node host:port', in rank order (the head is `node`).",
+    )
 
     def api_key(self) -> str | None:
         """Read the per-run key from its private file (never stored on the model)."""
@@ -187,6 +191,10 @@ class CellResult(BaseModel):
         description="ctx<prompt tokens>-c<concurrency>-out<output tokens>; open loop ctx<>-r<rate>-c<cap>-out<>"
     )
     context: int
+    model: str | None = Field(
+        default=None,
+        description="The model the cell's requests named (a router tier's campaign); None: the served one.",
+    )
     concurrency: int = Field(description="Requests in flight (closed loop), or the cap on them (open loop).")
     output_tokens: int
     rate: float | None = Field(default=None, description="Requests per second of an open-loop cell; None: closed loop.")
@@ -204,6 +212,18 @@ class CellResult(BaseModel):
     peak_rss_mib: float | None = Field(default=None, description="Server process group, local placement only.")
     peak_gpu_mib: float | None = Field(default=None, description="nvidia-smi memory.used, when present.")
     session: int = Field(default=0, description="Which server (1 = first; a crash starts the next).")
+    model_state: str | None = Field(
+        default=None,
+        description="The cell's model as the router listed it before the cell (loaded, unloaded ...); None: no models.",
+    )
+    swap_ttft_ms: float | None = Field(
+        default=None,
+        description="TTFT of a 1-token probe sent first when the model was not loaded: the router's load (and eviction) included.",
+    )
+    warm_ttft_ms: float | None = Field(
+        default=None,
+        description="The same probe sent again at once, the model now loaded: what the swap is compared to.",
+    )
 
 
 class CampaignResult(BaseModel):

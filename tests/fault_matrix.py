@@ -25,6 +25,7 @@ MARKDOWN = PROJECT_ROOT / "docs" / "fault-matrix.md"
 # the order of the table; a fault a test records must be one of these
 FAULTS = (
     "server killed",
+    "worker of a multi-node model killed",
     "tunnel cut",
     "job requeued",
     "job cancelled outside",
@@ -39,7 +40,8 @@ FAULTS = (
     "busy machine",
 )
 PLACEMENTS = ("local", "ssh", "slurm")
-SLURM_ONLY = ("job requeued", "job cancelled outside", "pending past deadline")  # no job elsewhere
+# no job elsewhere; a model over several nodes is one Slurm job
+SLURM_ONLY = ("job requeued", "job cancelled outside", "pending past deadline", "worker of a multi-node model killed")
 REMOTE_ONLY = ("tunnel cut",)  # a local server is reached directly
 
 ROWS: list[dict] = []

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from llmflow.engines.base import ENGINES, PORT_PLACEHOLDER, EngineSpec, LaunchSpec
+from llmflow.engines.base import ENGINES, PORT_PLACEHOLDER, EngineSpec, LaunchSpec, MultiNodeLaunch
 from llmflow.registry import import_all
 
 import_all(__name__, __path__, skip=("base", "figures"))
@@ -18,4 +18,4 @@ def spec_for(engine: Any) -> EngineSpec:
     return ENGINES.get(getattr(engine, "kind", repr(engine)))(engine)
 
 
-__all__ = ["ENGINES", "PORT_PLACEHOLDER", "EngineSpec", "LaunchSpec", "spec_for"]
+__all__ = ["ENGINES", "PORT_PLACEHOLDER", "EngineSpec", "LaunchSpec", "MultiNodeLaunch", "spec_for"]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from llmflow.config import ModelConfig
 from llmflow.errors import ConfigError
@@ -33,6 +33,21 @@ class LaunchSpec:
     setup: list[str]
 
 
+@dataclass(frozen=True)
+class MultiNodeLaunch:
+    """How an engine serves one model over the K nodes of one job (``placement.nodes``).
+
+    ``style`` picks the job body (``llmflow.remote.multinode``): ``rpc``: ranks 1..K-1 start
+    ``worker_argv`` (``{port}``, ``{bind_host}`` filled on each node), then the head starts with
+    ``{workers}`` in its argv replaced by their ``host:port`` list; ``ray``: a Ray head on rank 0,
+    ``worker_argv`` joins it from each other rank, then the head's server starts.
+    """
+
+    style: Literal["rpc", "ray"]
+    head: LaunchSpec
+    worker_argv: list[str]
+
+
 class EngineSpec(Protocol):
     """What the rest of the project asks of an engine (one instance per engine config)."""
 
@@ -44,6 +59,8 @@ class EngineSpec(Protocol):
     embeddings_beside_generation: bool | None
 
     def launch(self, model: ModelConfig, host: str, api_key: str | None) -> LaunchSpec: ...
+
+    def launch_multinode(self, model: ModelConfig, host: str, api_key: str | None, nodes: int) -> MultiNodeLaunch: ...
 
     def fixed_length_fields(self, tokens: int) -> dict[str, Any]: ...
 
@@ -82,11 +99,22 @@ def key_env(name: str | None, api_key: str | None) -> dict[str, str]:
     return {name: api_key} if name and api_key else {}
 
 
+def one_node_only(engine: Any, nodes: int) -> ConfigError:
+    """The error for ``placement.nodes`` > 1 with an engine that serves a model on one node."""
+    return ConfigError(
+        f"placement.nodes: {nodes} nodes for one model needs an engine that splits a model over nodes "
+        f"(llama_server: rpc-server workers; vllm: Ray); engine {getattr(engine, 'kind', engine)!r} serves on one node"
+    )
+
+
 class VenvEngine:
     """An engine that is a Python package: its venv's ``bin/python`` runs supervisor and server."""
 
     def __init__(self, engine: Any) -> None:
         self.engine = engine
+
+    def launch_multinode(self, model: ModelConfig, host: str, api_key: str | None, nodes: int) -> MultiNodeLaunch:
+        raise one_node_only(self.engine, nodes)
 
     def server_python(self) -> Path:
         return self.engine.venv / "bin" / "python"
@@ -107,6 +135,9 @@ class BinaryEngine:
 
     def __init__(self, engine: Any) -> None:
         self.engine = engine
+
+    def launch_multinode(self, model: ModelConfig, host: str, api_key: str | None, nodes: int) -> MultiNodeLaunch:
+        raise one_node_only(self.engine, nodes)
 
     def server_python(self) -> Path:
         return Path(self.engine.launcher_python)

@@ -20,10 +20,18 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+from llmflow import engines
 from llmflow.config import SlurmPlacement
 from llmflow.errors import CommandFailed, JobRejected, QueueTimeout, ServerDied, is_permanent
 from llmflow.placements import slurm_jobs as slurm
-from llmflow.placements.base import PLACEMENTS, RemoteDriver, make_run_dir, mint_api_key, wait_for_endpoint
+from llmflow.placements.base import (
+    PLACEMENTS,
+    RemoteDriver,
+    make_run_dir,
+    mint_api_key,
+    registry_file,
+    wait_for_endpoint,
+)
 from llmflow.remote import heartbeat
 from llmflow.remote.connections import close_run, forward_for
 from llmflow.remote.leases import Lease, read_lease, remove_lease, write_lease
@@ -133,7 +141,10 @@ class SlurmDriver(RemoteDriver):
             shell.write_file(f"{remote_dir}/api_key", api_key, 0o600)
         self.write_secrets(shell, remote_dir)
         script = slurm.render_job_script(
-            opts=self.placement.slurm, job_name=f"llmflow-{run_id}", **self.start_args(remote_dir)
+            opts=self.placement.slurm,
+            job_name=f"llmflow-{run_id}",
+            **self.start_args(remote_dir),
+            **self.multinode_args(),
         )
         shell.write_file(f"{remote_dir}/job.sh", script, 0o700)
         (local_dir / "job.sh").write_text(script)
@@ -157,6 +168,16 @@ class SlurmDriver(RemoteDriver):
             self.located(self._log_path(remote_dir, job_id)),
         )
         return job_id, remote_dir
+
+    def multinode_args(self) -> dict:
+        """For ``placement.nodes`` > 1: the engine's head and workers (``remote.multinode``)."""
+        nodes = self.placement.nodes
+        if nodes == 1:
+            return {}
+        spec = engines.spec_for(self.config.engine)
+        bind = self.placement.bind_host
+        launch = spec.launch_multinode(self.config.model, "{bind_host}" if bind == "@node" else bind, None, nodes)
+        return {"multinode": launch, "nodes": nodes, "worker_timeout_s": self.placement.worker_start_timeout_s}
 
     def _log_path(self, remote_dir: str, job_id: str) -> str:
         return f"{remote_dir}/slurm-{job_id}.out"
@@ -234,6 +255,7 @@ class SlurmDriver(RemoteDriver):
             served_name=self.config.model.served_name,
             job_id=alloc.job_id,
             restarts=int(ep.get("restarts", 0)),
+            workers=[f"{w['node']} {w['host']}:{w['port']}" for w in ep.get("workers", [])],
         )
 
     # -- tunnel ------------------------------------------------------------------------
@@ -268,10 +290,46 @@ class SlurmDriver(RemoteDriver):
                 f"job {handle.job_id} ended {info.state} ({info.reason}); {self.log_note(shell, str(handle.log_path))}"
             )
         if info.running and info.restarts == handle.restarts:
-            return None  # same job, same server: the failures were not a requeue
+            if not self._server_ending(shell, alloc.remote_dir, handle):
+                return None  # same job, same server: the failures were not a requeue
+            info = self._job_after_server(shell, handle)
+            if info.terminal:
+                raise ServerDied(
+                    f"job {handle.job_id} ended {info.state} ({info.reason}); {self.log_note(shell, str(handle.log_path))}"
+                )
         self._wait_running(shell, handle.job_id, alloc.remote_dir)
         new = self.warm(alloc, min_restarts=max(info.restarts, handle.restarts + 1))
         return new, self.tunnel(new)
+
+    def _server_ending(self, shell: Shell, remote_dir: str, handle: ServerHandle, wait_s: float = 10.0) -> bool:
+        """Whether the job's supervisor says its server is gone or going (its registry record),
+        watched for ``wait_s``: a server that died takes its job a moment to end, and a client
+        that saw the failure first must not take the still-RUNNING job for a live server."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            text = shell.read_file(registry_file(remote_dir))
+            try:
+                record = json.loads(text) if text else {}
+            except ValueError:
+                record = {}
+            if record.get("restarts", handle.restarts) == handle.restarts and record.get("state") not in (
+                None,
+                "started",
+            ):
+                return True
+            if job_info(shell, handle.job_id or "").terminal or time.monotonic() > deadline:
+                return job_info(shell, handle.job_id or "").terminal
+            time.sleep(1.0)
+
+    def _job_after_server(self, shell: Shell, handle: ServerHandle, timeout_s: float = 60.0) -> slurm.JobInfo:
+        """The job once it ended (settled) or was requeued, after its server went away."""
+        assert handle.job_id
+        deadline = time.monotonic() + timeout_s
+        while True:
+            info = settled_info(shell, handle.job_id)
+            if info.terminal or info.restarts > handle.restarts or time.monotonic() > deadline:
+                return info
+            time.sleep(1.0)
 
     # -- teardown ----------------------------------------------------------------------
     def teardown(self, alloc: Allocation) -> Teardown:
@@ -291,14 +349,14 @@ class SlurmDriver(RemoteDriver):
         return result
 
     def _cancel(self, run_id: str, job_id: str, result: Teardown, started_at: datetime) -> Teardown:
-        """scancel and confirm; the job's node- and GPU-hours from Slurm's run time."""
+        """scancel and confirm; the job's node- and GPU-hours from Slurm's run time (× its nodes)."""
         shell = self.shell(run_id)
         before = job_info(shell, job_id)
         final = cancel_and_confirm(shell, job_id)
         elapsed = final.elapsed_s or before.elapsed_s
         if elapsed is None:
             elapsed = (datetime.now(UTC) - started_at).total_seconds()
-        node_hours = elapsed / 3600
+        node_hours = elapsed * self.placement.nodes / 3600  # a model over K nodes holds all K
         return result.model_copy(
             update={
                 "cancelled_job": job_id if not before.terminal else None,

@@ -13,7 +13,9 @@ from dataclasses import dataclass, field
 from pydantic import BaseModel
 
 from llmflow.config import SlurmOptions
+from llmflow.engines.base import MultiNodeLaunch
 from llmflow.errors import JobRejected
+from llmflow.remote.multinode import multinode_start_lines
 from llmflow.remote.start_script import server_start_lines
 
 # States after which the job will not run (again) on its own.
@@ -114,12 +116,15 @@ class QueueWatch:
         return None
 
 
-def sbatch_lines(opts: SlurmOptions, job_name: str, log_path: str) -> list[str]:
-    """``#SBATCH`` lines; every value is shell-quoted (sbatch parses these lines like a shell)."""
+def sbatch_lines(opts: SlurmOptions, job_name: str, log_path: str, nodes: int = 1) -> list[str]:
+    """``#SBATCH`` lines; every value is shell-quoted (sbatch parses these lines like a shell).
+    A job of several nodes runs one task per node (the head, or one worker)."""
     pairs: list[tuple[str, str | int | None]] = [
         ("job-name", job_name),
         ("output", log_path),
         ("error", log_path),
+        ("nodes", nodes if nodes > 1 else None),
+        ("ntasks-per-node", 1 if nodes > 1 else None),
         ("partition", opts.partition),
         ("account", opts.account),
         ("qos", opts.qos),
@@ -148,14 +153,33 @@ def render_job_script(
     api_key_env: str | None = "API_KEY",
     registry_file: str | None = None,
     lease_ttl_s: float | None = None,
+    multinode: MultiNodeLaunch | None = None,
+    nodes: int = 1,
+    worker_timeout_s: float = 300.0,
 ) -> str:
     """The batch script: resources, the user's setup lines, then the supervisor and server.
 
     The API key is read from the run folder's mode-0600 file into the environment, so it is
     never on a command line. The supervisor's source is embedded (a quoted here-document),
-    so nothing of this project has to be installed on the cluster.
+    so nothing of this project has to be installed on the cluster. Given ``multinode`` (and
+    ``nodes`` > 1), the head starts a worker on each other node first (``remote.multinode``).
     """
     log_path = f"{run_dir}/slurm-%j.out"
+    if multinode is not None:
+        body = multinode_start_lines(
+            run_dir=run_dir,
+            setup=setup,
+            server_python=server_python,
+            launch=multinode,
+            nodes=nodes,
+            bind_host=bind_host,
+            launcher_source=launcher_source,
+            api_key_env=api_key_env,
+            registry_file=registry_file,
+            lease_ttl_s=lease_ttl_s,
+            worker_timeout_s=worker_timeout_s,
+        )
+        return "\n".join(["#!/bin/bash", *sbatch_lines(opts, job_name, log_path, nodes), *body, ""])
     body = server_start_lines(
         run_dir=run_dir,
         setup=setup,

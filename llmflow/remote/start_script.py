@@ -23,6 +23,61 @@ def launcher_source() -> str:
     return SUPERVISOR.read_text()
 
 
+def supervisor_argv(
+    *,
+    run_dir: str,
+    server_python: str,
+    bind_host: str,
+    registry_file: str | None = None,
+    lease_ttl_s: float | None = None,
+    endpoint_file: str | None = None,
+) -> list[str]:
+    """The supervisor's command line up to (not including) ``--`` and the server's argv."""
+    return [
+        server_python,
+        f"{run_dir}/supervisor.py",
+        "--endpoint-file",
+        endpoint_file or f"{run_dir}/endpoint.json",
+        *(["--registry-file", registry_file] if registry_file else []),
+        *(
+            ["--heartbeat-file", f"{run_dir}/{HEARTBEAT_FILE}", "--lease-ttl", f"{lease_ttl_s:g}"]
+            + ["--secrets-file", f"{run_dir}/{SECRET_ENV_FILE}"]
+            if lease_ttl_s
+            else []
+        ),
+        "--host",
+        bind_host,
+    ]
+
+
+def preamble_lines(
+    *,
+    run_dir: str,
+    setup: list[str],
+    launcher_source: str,
+    api_key_env: str | None,
+    registry_file: str | None = None,
+) -> list[str]:
+    """Everything before the supervisor starts: the key and secrets into the environment, the
+    setup lines, and the supervisor's source written into the run folder."""
+    q = shlex.quote
+    return [
+        "set -eo pipefail",
+        f"cd {q(run_dir)}",
+        "rm -f endpoint.json  # a restarted (requeued) server writes a fresh one",
+        *([f"mkdir -p {q(registry_file.rsplit('/', 1)[0])}"] if registry_file and "/" in registry_file else []),
+        *([f'if [ -f api_key ]; then {api_key_env}="$(cat api_key)"; export {api_key_env}; fi'] if api_key_env else []),
+        f"if [ -f {SECRET_ENV_FILE} ]; then set -a; . ./{SECRET_ENV_FILE}; set +a; fi  # engine.secret_env (0600)",
+        "cd ~  # setup lines, engine and model paths: relative ones are taken from the home folder",
+        "# --- setup lines from the engine config ---",
+        *setup,
+        "# --- end of setup lines ---",
+        f"cat > {q(run_dir + '/supervisor.py')} <<'{LAUNCHER_DELIMITER}'",
+        launcher_source.rstrip("\n"),
+        LAUNCHER_DELIMITER,
+    ]
+
+
 def server_start_lines(
     *,
     run_dir: str,
@@ -39,40 +94,18 @@ def server_start_lines(
     and, given ``registry_file``, keeps the replica's record with its state there too. Given
     ``lease_ttl_s``, it stops the server once ``run_dir/heartbeat`` stops changing for that long
     (``remote.heartbeat`` renews it)."""
-    q = shlex.quote
-    launcher = f"{run_dir}/supervisor.py"
-    exec_line = shlex.join(
-        [
-            server_python,
-            launcher,
-            "--endpoint-file",
-            f"{run_dir}/endpoint.json",
-            *(["--registry-file", registry_file] if registry_file else []),
-            *(
-                ["--heartbeat-file", f"{run_dir}/{HEARTBEAT_FILE}", "--lease-ttl", f"{lease_ttl_s:g}"]
-                + ["--secrets-file", f"{run_dir}/{SECRET_ENV_FILE}"]
-                if lease_ttl_s
-                else []
-            ),
-            "--host",
-            bind_host,
-            "--",
-            *server_argv,
-        ]
+    supervisor = supervisor_argv(
+        run_dir=run_dir,
+        server_python=server_python,
+        bind_host=bind_host,
+        registry_file=registry_file,
+        lease_ttl_s=lease_ttl_s,
     )
-    return [
-        "set -eo pipefail",
-        f"cd {q(run_dir)}",
-        "rm -f endpoint.json  # a restarted (requeued) server writes a fresh one",
-        *([f"mkdir -p {q(registry_file.rsplit('/', 1)[0])}"] if registry_file and "/" in registry_file else []),
-        *([f'if [ -f api_key ]; then {api_key_env}="$(cat api_key)"; export {api_key_env}; fi'] if api_key_env else []),
-        f"if [ -f {SECRET_ENV_FILE} ]; then set -a; . ./{SECRET_ENV_FILE}; set +a; fi  # engine.secret_env (0600)",
-        "cd ~  # setup lines, engine and model paths: relative ones are taken from the home folder",
-        "# --- setup lines from the engine config ---",
-        *setup,
-        "# --- end of setup lines ---",
-        f"cat > {q(launcher)} <<'{LAUNCHER_DELIMITER}'",
-        launcher_source.rstrip("\n"),
-        LAUNCHER_DELIMITER,
-        f"exec {exec_line}",
-    ]
+    preamble = preamble_lines(
+        run_dir=run_dir,
+        setup=setup,
+        launcher_source=launcher_source,
+        api_key_env=api_key_env,
+        registry_file=registry_file,
+    )
+    return [*preamble, f"exec {shlex.join([*supervisor, '--', *server_argv])}"]

@@ -24,8 +24,15 @@ The node is Slurm's name for it (``SLURMD_NODENAME``) inside a job, else the hos
 test cluster's nodes on their own loopback addresses); ``{bind_host}`` in the server command
 becomes that address.
 
+On the head of a multi-node job (``--workers-dir D --workers N --worker-procs rank:node:pid,...``)
+it first waits for each worker's record ``D/<rank>.json`` and for its port to accept (a probe is
+right at start-up, before the head holds the worker's one connection), puts their ``host:port``
+list in for ``{workers}``, and then watches the workers' ``srun`` processes (its own children):
+one that ends stops the server and the job, with that worker's node and log tail (``D/<rank>.log``).
+
 Usage: python supervisor.py --endpoint-file F [--registry-file R] [--host H|@node] [--watch-parent]
-       [--heartbeat-file F --lease-ttl S] -- CMD ... {port} ...
+       [--heartbeat-file F --lease-ttl S] [--workers-dir D --workers N --worker-procs P]
+       -- CMD ... {port} ...
 """
 
 from __future__ import annotations
@@ -84,6 +91,97 @@ class Heartbeat:
         return now - self.changed_at > self.ttl_s
 
 
+class WorkerGone(Exception):
+    """A worker of a multi-node job ended (or never came up); the message names its node."""
+
+
+class Workers:
+    """The workers of a multi-node job, watched through their ``srun`` processes on this node."""
+
+    def __init__(self, folder: str, count: int, procs: str) -> None:
+        self.folder = folder
+        self.count = count
+        self.procs: dict[int, tuple[str, int]] = {}  # rank -> (node, srun pid)
+        for item in filter(None, procs.split(",")):
+            rank, node, pid = item.split(":")
+            self.procs[int(rank)] = (node, int(pid))
+        self.records: list[dict] = []
+
+    def log_tail(self, rank: int, lines: int = 10) -> str:
+        try:
+            with open(f"{self.folder}/{rank}.log", errors="replace") as f:
+                tail = f.read().splitlines()[-lines:]
+        except OSError:
+            return "(no log)"
+        return "\n".join("    " + line for line in tail) or "    (empty log)"
+
+    def check(self) -> None:
+        """Raise ``WorkerGone`` for the first worker whose ``srun`` has ended."""
+        for rank, (node, pid) in sorted(self.procs.items()):
+            try:
+                done, status = os.waitpid(pid, os.WNOHANG)
+                how = f"srun exit code {os.waitstatus_to_exitcode(status)}" if done else ""
+            except ChildProcessError:  # reaped before the exec made it ours: see if it still exists
+                try:
+                    os.kill(pid, 0)
+                    continue
+                except ProcessLookupError:
+                    done, how = pid, "its srun is gone"
+            if done:
+                who = "the Ray head (rank 0)" if rank == 0 else f"worker {rank}"  # rank 0: vLLM's Ray head
+                raise WorkerGone(
+                    f"{who} on node {node} ended ({how}); the model cannot be served "
+                    f"without it. Its log ({self.folder}/{rank}.log), last lines:\n{self.log_tail(rank)}"
+                )
+
+    def wait_ready(self, timeout_s: float) -> list[dict]:
+        """Each worker's record, once its port accepts a connection (rank order)."""
+        deadline = time.monotonic() + timeout_s
+        pending = set(range(1, self.count + 1))
+        records: dict[int, dict] = {}
+        while pending:
+            self.check()
+            for rank in sorted(pending):
+                try:
+                    with open(f"{self.folder}/{rank}.json") as f:
+                        record = json.load(f)
+                    with socket.create_connection((record["host"], int(record["port"])), timeout=2):
+                        pass
+                except (OSError, ValueError, KeyError):
+                    continue
+                records[rank] = {"rank": rank, **record}
+                pending.discard(rank)
+                print(
+                    f"[launcher] worker {rank} listens on {record['host']}:{record['port']} ({record['node']})",
+                    flush=True,
+                )
+            if pending and time.monotonic() > deadline:
+                ranks = ", ".join(f"{r} on {self.procs.get(r, ('?', 0))[0]}" for r in sorted(pending))
+                raise WorkerGone(f"worker(s) {ranks} not listening after {timeout_s:.0f}s")
+            if pending:
+                time.sleep(0.5)
+        self.records = [records[r] for r in sorted(records)]
+        return self.records
+
+    def stop(self, wait_s: float = 3.0) -> None:
+        """SIGTERM to every worker's srun (Slurm ends the steps with the job anyway), and wait a
+        little for them, so that their last words are in the job's log before ours."""
+        for _node, pid in self.procs.values():
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except OSError:
+                pass
+        deadline = time.monotonic() + wait_s
+        for _node, pid in self.procs.values():
+            while time.monotonic() < deadline:
+                try:
+                    if os.waitpid(pid, os.WNOHANG)[0]:
+                        break
+                except ChildProcessError:
+                    break
+                time.sleep(0.1)
+
+
 def stop(proc: subprocess.Popen, grace: float = GRACE_S) -> None:
     """SIGTERM, wait up to ``grace`` seconds, then SIGKILL."""
     if proc.poll() is not None:
@@ -105,6 +203,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--heartbeat-file", help="stop the server once this file stops changing (needs --lease-ttl)")
     parser.add_argument("--lease-ttl", type=float, default=600.0, help="seconds without a heartbeat before stopping")
     parser.add_argument("--secrets-file", help="removed when the lease expires (nobody will tear the run down)")
+    parser.add_argument("--workers-dir", help="multi-node head: the workers' records and logs")
+    parser.add_argument("--workers", type=int, default=0, help="multi-node head: how many workers to wait for")
+    parser.add_argument("--workers-timeout", type=float, default=300.0, help="seconds to wait for them to listen")
+    parser.add_argument("--worker-procs", default="", help="rank:node:pid of each worker's srun, comma-separated")
     parser.add_argument("cmd", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
@@ -115,6 +217,16 @@ def main(argv: list[str] | None = None) -> int:
     host = socket.gethostbyname(node) if args.host == "@node" else args.host
     port = free_port(host)
     cmd = [part.replace("{port}", str(port)).replace("{bind_host}", host) for part in cmd]
+    workers = Workers(args.workers_dir, args.workers, args.worker_procs) if args.workers_dir else None
+    if workers is not None:
+        try:
+            ready = workers.wait_ready(args.workers_timeout)
+        except WorkerGone as exc:
+            workers.stop()
+            print(f"[launcher] {exc}", file=sys.stderr, flush=True)
+            return 1
+        listing = ",".join(f"{w['host']}:{w['port']}" for w in ready)
+        cmd = [part.replace("{workers}", listing) for part in cmd]
     parent = os.getppid()
     heartbeat = Heartbeat(args.heartbeat_file, args.lease_ttl) if args.heartbeat_file else None
     check_every = min(10.0, max(0.5, args.lease_ttl / 10))
@@ -130,6 +242,10 @@ def main(argv: list[str] | None = None) -> int:
         "restarts": int(os.environ.get("SLURM_RESTART_COUNT") or 0),
         "job_id": os.environ.get("SLURM_JOB_ID"),
     }
+    if workers is not None:
+        record["workers"] = [
+            {k: w.get(k) for k in ("rank", "node", "host", "port", "pid", "server_pid")} for w in workers.records
+        ]
 
     def registry(state: str) -> None:
         if args.registry_file:
@@ -140,6 +256,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def on_signal(signum: int, _frame: object) -> None:
         stop(proc)
+        if workers is not None:
+            workers.stop()
         registry("stopped")
         sys.exit(128 + signum)
 
@@ -151,13 +269,30 @@ def main(argv: list[str] | None = None) -> int:
 
     while True:
         code = proc.poll()
+        if workers is not None:
+            try:
+                if code is not None:
+                    registry("stopping")
+                    time.sleep(1.0)  # a worker's death often takes the head down: name the worker if so
+                workers.check()
+            except WorkerGone as exc:
+                registry("stopping")  # at once: the orchestrator may be asking whether the server is gone
+                stop(proc)
+                workers.stop()
+                print(f"[launcher] {exc}", file=sys.stderr, flush=True)  # last, so the log's tail shows it
+                registry("worker-gone")
+                return 1
         if code is not None:
-            print(f"[launcher] server exited with code {code}", flush=True)
+            print(f"[launcher] server exited with code {code} on node {node}", flush=True)
+            if workers is not None:
+                workers.stop()
             registry("exited")
             return code
         if args.watch_parent and os.getppid() != parent:
             print("[launcher] the process that started the server is gone; stopping it", flush=True)
             stop(proc)
+            if workers is not None:
+                workers.stop()
             registry("stopped")
             return 1
         if heartbeat is not None and time.monotonic() >= next_check:
@@ -169,6 +304,8 @@ def main(argv: list[str] | None = None) -> int:
                     flush=True,
                 )
                 stop(proc)
+                if workers is not None:
+                    workers.stop()
                 if args.secrets_file:
                     try:
                         os.unlink(args.secrets_file)
