@@ -271,7 +271,7 @@ EXIT_REGRESSION = 4
 
 def _bench(args: argparse.Namespace) -> int:
     """Run a campaign file; print one line per cell and where the outputs are."""
-    from llmflow.bench.config import load_campaign
+    from llmflow.bench.config import check_models, load_campaign
     from llmflow.errors import CampaignFileError
 
     try:
@@ -289,6 +289,7 @@ def _bench(args: argparse.Namespace) -> int:
             from llmflow.tiny_model import write_tiny_llama
 
             write_tiny_llama(DEFAULT_MODEL)
+        check_models(campaign, session)
         _preflight(session)
     except (CampaignFileError, ValidationError, ConfigError) as exc:
         return _invalid(args.command, exc)

@@ -27,6 +27,7 @@ from llmflow.config import BatchConfig, SessionConfig
 from llmflow.errors import ServerDied, UnfinishedRequests
 from llmflow.readiness import with_deep_gate
 from llmflow.results import Allocation, BatchReport, Ready, Teardown, TokPS
+from llmflow.router import is_router
 from tasks import record_tok_s, recover_session, run_batch_inference
 
 FINISHED_WITH_FAILURES_STATE = "Finished with failures"  # a Completed state's name, shown in the UI
@@ -106,7 +107,8 @@ def publish_batch_report(
 ) -> dict:
     """Table and markdown artifacts for the UI, and an ``llmflow.batch.finished`` event whose
     payload is the summary, so automations can chain a benchmark or a notification."""
-    summary = batch_summary(report, tokps, allocation, teardown, session.engine.kind, session.model.served_name)
+    model = f"router: {session.model.path}" if is_router(session.engine) else session.model.served_name
+    summary = batch_summary(report, tokps, allocation, teardown, session.engine.kind, model)
     create_table_artifact(table=[summary], key="batch-summary", description=f"batch {report.input_path.name}")
     create_markdown_artifact(
         markdown=batch_markdown(summary, report), key="batch-report", description="batch run report"

@@ -23,7 +23,17 @@ from llmflow.bench import capacity as cap
 from llmflow.bench.capacity_report import capacity_markdown, capacity_records, write_capacity
 from llmflow.bench.cells import CellBook
 from llmflow.bench.compare import compare_with_baseline, describe
-from llmflow.bench.config import CampaignConfig, Cell, campaign_path, cell_result, grid, load_campaign, skip_reason
+from llmflow.bench.config import (
+    CampaignConfig,
+    Cell,
+    campaign_path,
+    cell_result,
+    check_models,
+    grid,
+    load_campaign,
+    skip_reason,
+)
+from llmflow.bench.model_report import models_markdown, models_summary, write_survival_tables
 from llmflow.bench.report import (
     cell_record,
     cells_table,
@@ -66,6 +76,7 @@ def benchmark_campaign(
     """
     logger = get_run_logger()
     session, campaign = _resolve(session, campaign, campaign_file, cluster_block, model_server_block)
+    check_models(campaign, session)
     session = with_deep_gate(session, largest_context=max(campaign.context_sizes, default=None))  # deep gate "auto"
     out_dir = campaign.resolved_output_dir(utc_stamp())
     baseline_path = campaign.resolved_baseline(out_dir)
@@ -105,7 +116,7 @@ def benchmark_campaign(
     meta = {
         "name": campaign.name,
         "engine": session.engine.kind,
-        "model": session.model.served_name,
+        "model": ", ".join(campaign.models) if campaign.models else session.model.served_name,
         "model_path": str(session.model.path),
         "placement": session.placement.kind,
         "node": node,
@@ -136,8 +147,9 @@ def benchmark_campaign(
         book.rows_path,
         meta,
         regressions,
-        extra=None if table is None else {"capacity": capacity_records(table)},
+        extra={**({} if table is None else {"capacity": capacity_records(table)}), **models_summary(ordered)},
     )
+    paths.update(write_survival_tables(out_dir, ordered))
     if table is not None:
         paths.update(write_capacity(out_dir, table, f"{campaign.name}: {meta['engine']} {meta['model']}"))
         for line in capacity_markdown(table).splitlines():
@@ -332,6 +344,8 @@ def publish_campaign(
             description=f"campaign {campaign.name}: the highest {campaign.capacity.dimension} that held, per context",
         )
         report += "\n" + capacity_markdown(capacity)
+    if by_model := models_markdown(cells):
+        report += "\n" + by_model
     create_markdown_artifact(markdown=report, key=f"{key}-report", description="campaign report")
     if campaign.publish_url and "plot" in paths:
         create_image_artifact(

@@ -5,6 +5,9 @@ completion succeeds: some servers open their port (or answer /v1/models) before 
 generate. ``answers`` is the single probe a running session uses to tell a server that still
 serves from one that has gone quiet.
 
+A llama-server router (``engine.router``) is ready when it answers and lists a model it can
+serve: it loads models only when a request names one (``router_ready``).
+
 The deep gate (``gate.deep_context``, off by default) then sends one completion with a prompt
 of the largest context the session will use, made to the exact token count as campaign prompts
 are: a server that answers "ping" but cannot hold a long prompt fails here, naming the size,
@@ -31,6 +34,7 @@ from llmflow.errors import ConfigError, GateFailed
 from llmflow.placements import driver_for
 from llmflow.placements.base import tail_note
 from llmflow.results import Ready, ServerHandle
+from llmflow.router import is_router, parse_models
 
 LOADING_STATUSES = {502, 503, 504}
 ProbeState = Literal["ready", "loading", "fatal"]
@@ -171,6 +175,8 @@ def wait_ready(
             resp, said = seen.resp, seen.text
             if seen.state == "fatal":
                 raise GateFailed(ending(f"GET {path} answered {resp.status_code}: {resp.text[:300]}"))  # type: ignore[union-attr]
+            if seen.state == "ready" and is_router(engine):
+                return router_ready(client, handle, engine, deep_context, deadline_s, started, polls, ending, report)
             if seen.state == "ready":
                 test = client.post(
                     "/v1/completions", json={"model": handle.served_name, "prompt": "ping", "max_tokens": 1}
@@ -199,6 +205,45 @@ def wait_ready(
                 last_report = now
                 report(gate_progress_line(now - started, path, said, last_log_line(log.read(5) if log else None)))
             time.sleep(interval_s)
+
+
+def router_model(served: list[str], served_name: str) -> str:
+    """The model a router's deep gate loads: ``model.served_name`` when the router has it, else the
+    first it lists (a router's lines name their own models; ``served_name`` may name none)."""
+    return served_name if served_name in served else served[0]
+
+
+def router_ready(
+    client: httpx.Client,
+    handle: ServerHandle,
+    engine: Any,
+    deep_context: int | None,
+    deadline_s: float,
+    started: float,
+    polls: int,
+    ending: Callable[[str], str],
+    report: Callable[[str], None] | None,
+) -> Ready:
+    """A router (``engine.router``) is ready when it answers and lists at least one model it can
+    serve. No test completion: it would load a model (each runs in a child server of its own, so
+    one answer proves one model) and count as a load before the batch; the deep gate, when on,
+    loads one model to send its long prompt."""
+    try:
+        states = parse_models(client.get("/v1/models").json())
+    except (httpx.HTTPError, ValueError) as exc:
+        raise GateFailed(ending(f"the router answers /health but not GET /v1/models: {exc}")) from exc
+    served = [s.model for s in states]
+    if not served:
+        raise GateFailed(ending("the router lists no models: model.path has no *.gguf file or preset it can serve"))
+    if deep_context is not None:
+        model = router_model(served, handle.served_name)
+        try:
+            n = deep_check(client, model, engine, deep_context, deadline_s)
+        except GateFailed as exc:
+            raise GateFailed(ending(str(exc))) from exc
+        if report is not None:
+            report(f"deep gate: a {n}-token prompt answered by {model}")
+    return Ready(seconds_to_ready=round(time.monotonic() - started, 3), polls=polls, models=served)
 
 
 def gate_server(

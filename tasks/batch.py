@@ -10,10 +10,15 @@ from prefect.cache_policies import NO_CACHE
 
 from llmflow import engines
 from llmflow.batch import progress
+from llmflow.batch.by_model import BatchReportByModel, with_load_counts
 from llmflow.batch.client import ReplicaSource, run_batch_sync
 from llmflow.config import BatchConfig, SessionConfig
 from llmflow.engines.figures import SERVER_COUNTERS, counter_delta, read_counters
 from llmflow.results import BatchReport, ServerHandle, Tunnel
+from llmflow.router import is_router, swapped_out
+from llmflow.router_watch import RouterWatch
+
+LOAD_COUNTS_FROM = "the router's /models/sse state changes"
 
 
 def server_counters(
@@ -40,7 +45,9 @@ def run_batch_inference(
 ) -> BatchReport:
     """One resumable pass over the input; progress goes to a Prefect artifact and listeners.
 
-    Sends to one server (``handle``, ``tunnel``) or spreads over the ready ``replicas``.
+    Sends to one server (``handle``, ``tunnel``) or spreads over the ready ``replicas``. A router
+    (``engine.router``) gets each line under the model it names, and the report counts per model,
+    with the router's loads and evictions during the pass.
     """
     logger = get_run_logger()
     artifact_id = create_progress_artifact(progress=0.0, description=f"batch {batch.input_path.name}")
@@ -59,24 +66,51 @@ def run_batch_inference(
         if batch.fixed_output_tokens
         else None
     )
+    router = is_router(session.engine)
+    if router and batch.rewrite_model_to_served_name:
+        logger.info("router mode: lines keep the model they name (rewrite_model_to_served_name does not apply)")
+        batch = batch.model_copy(update={"rewrite_model_to_served_name": False})
     if replicas is not None:  # the servers' own counters are per replica; the client's sums cover them all
         result = run_batch_sync(
-            batch, replicas=replicas, body_overrides=overrides, served_name=session.model.served_name, progress=report
+            batch,
+            replicas=replicas,
+            body_overrides=overrides,
+            served_name=session.model.served_name,
+            per_model=router,
+            retry_answer=swapped_out if router else None,
+            progress=report,
         )
     else:
         assert handle is not None and tunnel is not None
-        before = server_counters(session, tunnel, handle)
-        result = run_batch_sync(
-            batch,
-            tunnel.base_url,
-            handle.api_key(),
-            body_overrides=overrides,
-            served_name=session.model.served_name,
-            progress=report,
-        )
-        result = result.model_copy(
-            update={"server_counters": counter_delta(before, server_counters(session, tunnel, handle))}
-        )
+        before = None if router else server_counters(session, tunnel, handle)  # a router's /metrics is per model
+        watch = RouterWatch(tunnel.base_url, handle.api_key()).start() if router else None
+        try:
+            result = run_batch_sync(
+                batch,
+                tunnel.base_url,
+                handle.api_key(),
+                body_overrides=overrides,
+                served_name=session.model.served_name,
+                per_model=router,
+                retry_answer=swapped_out if router else None,
+                progress=report,
+            )
+        finally:
+            if watch is not None:
+                watch.stop()
+        if watch is not None and isinstance(result, BatchReportByModel):
+            if watch.error:
+                logger.warning("loads and evictions not counted: %s", watch.error)
+            result = result.model_copy(
+                update={
+                    "models": with_load_counts(result.models, watch.counts()),
+                    "load_counts_from": None if watch.error else LOAD_COUNTS_FROM,
+                }
+            )
+        else:
+            result = result.model_copy(
+                update={"server_counters": counter_delta(before, server_counters(session, tunnel, handle))}
+            )
     logger.info(
         "batch pass: %d sent, %d ok, %d non-2xx, %d unfinished, %d invalid lines, %d already done, %d moved; output %s",
         result.sent,
@@ -88,6 +122,11 @@ def run_batch_inference(
         result.moved,
         result.output_path,
     )
+    for m in getattr(result, "models", []):
+        logger.info(
+            "model %s: %d sent, %d ok, %d errors, %d completion tokens (%.1f tok/s); loaded %s, evicted %s times",
+            m.model, m.sent, m.succeeded, m.failed_http, m.completion_tokens, m.output_tok_per_s, m.loads, m.evictions,
+        )  # fmt: skip
     if result.invalid_lines or result.unfinished:
         logger.warning("per-line errors are in %s", result.errors_path)
     return result

@@ -36,6 +36,7 @@ from llmflow.bench.metrics import (
 from llmflow.bench.prompts import PromptFactory
 from llmflow.bench.report import fmt
 from llmflow.bench.stream import StreamRequest, arrival_schedule, completion_body, run_open_loop, run_requests
+from llmflow.bench.swap import SwapProbe, probe_swap
 from llmflow.config import SessionConfig
 from llmflow.engines.figures import add_timings, counter_delta, read_counters, timings_summary
 from llmflow.placements import driver_for
@@ -60,6 +61,7 @@ def request_row(
     ended_at = time.time() if ended_at is None else ended_at
     return {
         "cell": cell.key,
+        **({} if cell.model is None else {"model": cell.model}),
         "context": cell.context,
         "concurrency": cell.concurrency,
         "rate": cell.rate,
@@ -137,17 +139,32 @@ def run_benchmark_cell(
     fixed = spec.fixed_length_fields(cell.output_tokens)
     n = cell.concurrency * campaign.rounds if cell.rate is None else max(1, round(cell.rate * campaign.open_loop_s))
     pgid = driver_for(session).memory_group(handle)  # None where this machine cannot see the server
+    model = cell.model or handle.served_name
+    probe: SwapProbe | None = None
     with httpx.Client(
         base_url=tunnel.base_url, headers=handle.auth_headers(), timeout=campaign.request_timeout_s
     ) as client:
+        if cell.model is not None:  # before the prompts: measuring them loads the model
+            probe = probe_swap(client, tunnel.base_url, api_key, model, fixed, campaign.request_timeout_s)
+            _log_probe(cell, probe)
+        # short random ids: unique prefixes that leave room for small contexts
+        uids = [secrets.token_hex(4) for _ in range(1 + campaign.warmup_requests + campaign.repeats * n)]
         try:
-            factory = PromptFactory(client, session.engine, handle.served_name)
-            # short random ids: unique prefixes that leave room for small contexts
-            uids = [secrets.token_hex(4) for _ in range(1 + campaign.warmup_requests + campaign.repeats * n)]
-            prompts = factory.prompts(uids, cell.context)
+            try:
+                factory = PromptFactory(client, session.engine, model)
+                prompts = factory.prompts(uids, cell.context)
+            except httpx.RemoteProtocolError as exc:
+                if probe is None:
+                    raise
+                # a router right after a swap has been seen to drop a kept-alive connection
+                # unanswered; once more on a new one (a server that is gone fails again)
+                # (httpx drops the failed connection: the retry opens a new one)
+                logger.warning("cell %s: %s; measuring the prompts again on a new connection", cell.key, exc)
+                factory = PromptFactory(client, session.engine, model)
+                prompts = factory.prompts(uids, cell.context)
         except httpx.HTTPError as exc:
             logger.warning("cell %s: %s", cell.key, exc)
-            return _failed_before_sending(cell, exc, session_no)
+            return _failed_before_sending(cell, exc, session_no).model_copy(update=_probe_fields(probe))
         logger.info(
             "cell %s: %d prompts of %d tokens ready (%d tokenizer calls)",
             cell.key,
@@ -155,13 +172,13 @@ def run_benchmark_cell(
             cell.context,
             factory.calls,
         )
-        refused = shape_check(client, handle.served_name, prompts[0][0], fixed)
+        refused = shape_check(client, model, prompts[0][0], fixed)
         if refused is not None:
             status, detail = refused
             logger.info("cell %s: %s before timing: %s", cell.key, status, detail)
-            return cell_result(cell, status, reason=detail, session=session_no)
+            return cell_result(cell, status, reason=detail, session=session_no, **_probe_fields(probe))
         reqs = [
-            StreamRequest(uid, completion_body(handle.served_name, text, fixed), count, cell.output_tokens)
+            StreamRequest(uid, completion_body(model, text, fixed), count, cell.output_tokens)
             for uid, (text, count) in zip(uids[1:], prompts[1:])
         ]
         warm, timed = reqs[: campaign.warmup_requests], reqs[campaign.warmup_requests :]
@@ -194,7 +211,7 @@ def run_benchmark_cell(
 
     result = _verdict(
         cell, timings, duration, counter_delta(before, after), memory, session_no, campaign.slo, saturated, cpu_s
-    )
+    ).model_copy(update=_probe_fields(probe))
     summary = result.summary
     logger.info(
         "cell %s: %s; %d/%d ok, %s output tok/s, mean TTFT %s ms, client CPU %s",
@@ -207,6 +224,28 @@ def run_benchmark_cell(
         "-" if summary.client_cpu_share is None else f"{summary.client_cpu_share:.2f} CPUs",
     )
     return result
+
+
+def _probe_fields(probe: SwapProbe | None) -> dict[str, Any]:
+    """The swap probe's figures as ``CellResult`` fields (none without a probe)."""
+    if probe is None:
+        return {}
+    return {"model_state": probe.state, "swap_ttft_ms": probe.swap_ttft_ms, "warm_ttft_ms": probe.warm_ttft_ms}
+
+
+def _log_probe(cell: Cell, probe: SwapProbe) -> None:
+    logger = get_run_logger()
+    if probe.error:
+        logger.warning("cell %s: model %s was %s; %s", cell.key, cell.model, probe.state, probe.error)
+    elif probe.swap_ttft_ms is not None:
+        logger.info(
+            "cell %s: model %s was %s; first token after the swap in %.1f ms, warm %.1f ms",
+            cell.key,
+            cell.model,
+            probe.state,
+            probe.swap_ttft_ms,
+            probe.warm_ttft_ms,
+        )
 
 
 def _send(

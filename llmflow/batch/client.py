@@ -25,6 +25,7 @@ import httpx
 
 from llmflow.aio import run_sync
 from llmflow.auth import bearer
+from llmflow.batch.by_model import NO_MODEL, BatchReportByModel, ModelTally, model_figures
 from llmflow.batch.jsonl import (
     EMBEDDINGS_URL,
     JsonlAppender,
@@ -43,6 +44,7 @@ Transport = Literal["aiohttp", "httpx"]
 MAX_MOVES = 8  # times one request may move to another replica after failing to reach one
 UNAVAILABLE = frozenset({502, 503, 504})  # "not now", never the line's answer: a rerun sends it again
 ProgressFn = Callable[[int, int], None]
+RetryAnswer = Callable[[int, Any], bool]  # (status, body): an answer that is "not now", sent again like a 503
 
 
 class RetryableError(Exception):
@@ -194,8 +196,12 @@ class _BatchPass:
         progress: ProgressFn | None,
         progress_every_s: float,
         served_name: str | None = None,
+        per_model: bool = False,
+        retry_answer: RetryAnswer | None = None,
     ) -> None:
         self.config = config
+        self.retry_answer = retry_answer
+        self.by_model: dict[str, ModelTally] | None = {} if per_model else None
         self.pool = pool
         # merged into each body (one dict copy, made only when there is something to merge);
         # output-length fields mean nothing to an embedding, the served name means the same
@@ -236,6 +242,8 @@ class _BatchPass:
                 result = await ep.sender.post(path, payload)
                 if result.status >= 500 and (attempt_no < config.max_attempts or result.status in UNAVAILABLE):
                     raise RetryableError(f"HTTP {result.status}: {str(result.body)[:200]}")
+                if self.retry_answer is not None and self.retry_answer(result.status, result.body):
+                    raise RetryableError(f"HTTP {result.status}, not the line's answer: {_message(result.body)}")
                 return result, ep  # a 5xx on the last attempt is the server's final answer to the line
             except RetryableError as exc:
                 if exc.connection and moves < MAX_MOVES and self.pool.connection_failed(ep):
@@ -251,13 +259,16 @@ class _BatchPass:
             await asyncio.sleep(backoff_delay(attempt_no, config.backoff_s, config.backoff_max_s))
             attempt_no += 1
 
-    async def one(self, line: int, custom_id: str, path: str, payload: bytes) -> None:
-        """Send one request and append its record (or, having given up, its error line)."""
+    async def one(self, line: int, custom_id: str, path: str, payload: bytes, model: ModelTally | None = None) -> None:
+        """Send one request and append its record (or, having given up, its error line);
+        ``model``: its model's tally, when the pass counts per model."""
         tally = self.tally
         try:
             result, ep = await self.post(path, payload)
         except (RetryableError, NoReplicaLeft) as exc:
             tally.unfinished += 1
+            if model is not None:
+                model.unfinished += 1
             tally.failing_streak += 1
             if isinstance(exc, NoReplicaLeft) or tally.failing_streak >= self.config.stop_after_failures:
                 tally.stopped_early = True  # the endpoint is down: stop sending, let the caller recover
@@ -269,13 +280,13 @@ class _BatchPass:
             self.errors.write({"line": line, "custom_id": custom_id, "reason": reason})
         else:
             tally.failing_streak = 0
-            prompt, completion = self.record(line, custom_id, result)
+            prompt, completion = self.record(line, custom_id, result, model)
             self.pool.answered(ep, result.status < 300, prompt, completion)
         finally:
             self.gate.release()
             self.tick()
 
-    def record(self, line: int, custom_id: str, result: HttpResult) -> tuple[int, int]:
+    def record(self, line: int, custom_id: str, result: HttpResult, model: ModelTally | None = None) -> tuple[int, int]:
         """Append the answer in the batch output shape; count its status, usage and timings
         (an error answer also goes to the errors file). Returns its (prompt, completion) tokens."""
         tally = self.tally
@@ -285,6 +296,8 @@ class _BatchPass:
         self.out.write_line(output_line(record_id, custom_id, result.status, request_id, result.body, result.raw))
         if result.status >= 300:
             tally.failed_http += 1
+            if model is not None:
+                model.failed_http += 1
             tally.failed_statuses[result.status] = tally.failed_statuses.get(result.status, 0) + 1
             self.errors.write(
                 {
@@ -302,8 +315,15 @@ class _BatchPass:
             completion = usage.get("completion_tokens") or 0
             tally.prompt_tokens += prompt
             tally.completion_tokens += completion
-        if timings := body.get("timings"):  # llama-server's own per-request figures
+        timings = body.get("timings")
+        if timings:  # llama-server's own per-request figures
             add_timings(tally.server_timings, timings)
+        if model is not None:
+            model.succeeded += 1
+            model.prompt_tokens += prompt
+            model.completion_tokens += completion
+            if isinstance(timings, dict):
+                model.add_timings(timings)
         return prompt, completion
 
     async def send_all(self) -> None:
@@ -330,7 +350,12 @@ class _BatchPass:
                 self.gate.release()
                 break
             tally.sent += 1
-            task = asyncio.create_task(self.one(parsed.line, req.custom_id, req.url, payload))
+            model = None
+            if self.by_model is not None:
+                name = body.get("model")
+                model = self.by_model.setdefault(name if isinstance(name, str) else NO_MODEL, ModelTally())
+                model.sent += 1
+            task = asyncio.create_task(self.one(parsed.line, req.custom_id, req.url, payload, model))
             tally.pending.add(task)
             task.add_done_callback(tally.pending.discard)
         if tally.pending:
@@ -356,7 +381,7 @@ class _BatchPass:
 
     def report(self, wall_s: float, waited_s: float = 0.0) -> BatchReport:
         tally = self.tally
-        return BatchReport(
+        report = BatchReport(
             input_path=self.config.input_path,
             output_path=self.config.output_path,
             errors_path=self.errors_path,
@@ -378,6 +403,9 @@ class _BatchPass:
             stopped_early=tally.stopped_early,
             server_timings=timings_summary(tally.server_timings),
         )
+        if self.by_model is None:
+            return report
+        return BatchReportByModel(**dict(report), models=model_figures(self.by_model, wall_s))
 
 
 class ReplicaSource(Watcher, Protocol):
@@ -396,6 +424,8 @@ async def run_batch(
     replicas: ReplicaSource | None = None,
     body_overrides: dict[str, Any] | None = None,
     served_name: str | None = None,
+    per_model: bool = False,
+    retry_answer: RetryAnswer | None = None,
     transport: Transport = "aiohttp",
     progress: ProgressFn | None = None,
     progress_every_s: float = 0.5,
@@ -412,6 +442,10 @@ async def run_batch(
             /v1/embeddings bodies have no output to shape.
         served_name: the session's served model name; with ``config.rewrite_model_to_served_name``
             every body's ``model`` is replaced by it.
+        per_model: count each model the lines name (a router serves several): the report is then
+            a ``BatchReportByModel``.
+        retry_answer: says which answers are "not now" rather than the line's answer (a router's
+            "model is not running" after a swap): retried like a 503, unfinished if they last.
         transport: ``aiohttp`` (default) or ``httpx``.
         progress: called with (finished, total) at most every ``progress_every_s`` and at the end.
     """
@@ -427,7 +461,9 @@ async def run_batch(
     else:
         pool.add("server", base_url, api_key)
     try:
-        return await _BatchPass(config, pool, body_overrides or {}, progress, progress_every_s, served_name).run()
+        return await _BatchPass(
+            config, pool, body_overrides or {}, progress, progress_every_s, served_name, per_model, retry_answer
+        ).run()
     finally:
         if replicas is not None:
             replicas.detach(pool)

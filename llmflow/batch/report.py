@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from llmflow.batch.by_model import BatchReportByModel, merge_model_figures, models_markdown
 from llmflow.batch.summary import SummaryPass, merge_summary, passes_in
 from llmflow.engines.figures import TIMING_FIELDS, timings_summary
 from llmflow.results import Allocation, BatchReport, Teardown, TokPS
@@ -73,7 +74,17 @@ def batch_summary(
         "session_s": round(session_s, 3) if session_s is not None else None,
         "node_hours": teardown.node_hours if teardown else None,
         "gpu_hours": teardown.gpu_hours if teardown else None,
+        **({"models": models_cell(report)} if isinstance(report, BatchReportByModel) else {}),
     }
+
+
+def models_cell(report: BatchReportByModel) -> str:
+    """The per-model figures in one table cell: ``a: 67 ok, 12.3 tok/s, 2 loads, 1 evictions; ...``."""
+    return "; ".join(
+        f"{m.model}: {m.succeeded} ok, {m.failed_http} errors, {m.output_tok_per_s} tok/s, "
+        f"{'?' if m.loads is None else m.loads} loads, {'?' if m.evictions is None else m.evictions} evictions"
+        for m in report.models
+    )
 
 
 def batch_markdown(summary: dict[str, Any], report: BatchReport) -> str:
@@ -123,6 +134,8 @@ def batch_markdown(summary: dict[str, Any], report: BatchReport) -> str:
         lines.append(f"| server counters | {counted} |")
     if report.unfinished or report.invalid_lines or report.failed_http:
         lines.append(f"| failures | per line in `{report.errors_path}` |")
+    if isinstance(report, BatchReportByModel):
+        lines += models_markdown(report)
     return "\n".join(lines) + "\n"
 
 
@@ -155,6 +168,9 @@ def merge_reports(first: BatchReport, later: BatchReport) -> BatchReport:
     statuses = dict(first.failed_statuses)
     for status, n in later.failed_statuses.items():
         statuses[status] = statuses.get(status, 0) + n
+    by_model = {}
+    if isinstance(first, BatchReportByModel) and isinstance(later, BatchReportByModel):
+        by_model = {"models": merge_model_figures(first.models, later.models, summed["wall_s"])}
     # unfinished and invalid lines are whatever the last pass still could not do
     return later.model_copy(
         update={
@@ -163,6 +179,7 @@ def merge_reports(first: BatchReport, later: BatchReport) -> BatchReport:
             "already_done": first.already_done,
             "server_counters": server,
             "server_timings": timings,
+            **by_model,
         }
     )
 

@@ -12,15 +12,16 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, ValidationError, field_validator, model_validator
 
 from llmflow import paths
 from llmflow.bench.capacity import CapacitySearch
 from llmflow.bench.metrics import SLO, Outcome, Saturation
 from llmflow.config import PROJECT_ROOT
 from llmflow.config_files import read_table
-from llmflow.errors import CampaignFileError
+from llmflow.errors import CampaignFileError, ConfigError
 from llmflow.results import CellResult
+from llmflow.router import is_router
 from llmflow.validation import config_problems
 
 DEFAULT_OUTPUT_ROOT = PROJECT_ROOT / "out" / "campaigns"
@@ -33,6 +34,13 @@ class CampaignConfig(BaseModel):
 
     name: str = Field(
         default="campaign", pattern=r"^[A-Za-z0-9_.-]+$", description="Names the output folder and artifacts."
+    )
+    models: list[str] | None = Field(
+        default=None,
+        description=(
+            "A llama-server router tier's models to measure (engine.router): every cell is run for each, in "
+            "turn, and the report has a survival table, tok/s and the swap cost per model. None: the served model."
+        ),
     )
     context_sizes: list[int] = Field(
         default=[32, 64, 128, 240], min_length=1, description="Prompt lengths in tokens, one cell row each."
@@ -162,6 +170,23 @@ class CampaignConfig(BaseModel):
             raise ValueError("values must be distinct")
         return sorted(float(v) for v in values)
 
+    @field_validator("models")
+    @classmethod
+    def _models(cls, values: list[str] | None) -> list[str] | None:
+        if values is None:
+            return None
+        if not values or any(not v.strip() for v in values):
+            raise ValueError("give at least one model name, none empty (or leave models out)")
+        if len(set(values)) != len(values):
+            raise ValueError("model names must be distinct")
+        return values
+
+    @model_validator(mode="after")
+    def _models_without_capacity(self) -> CampaignConfig:
+        if self.models is not None and self.capacity is not None:
+            raise ValueError("models: a capacity search measures one model; drop capacity or models")
+        return self
+
     def resolved_output_dir(self, stamp: str) -> Path:
         return self.output_dir or DEFAULT_OUTPUT_ROOT / f"{self.name}-{stamp}"
 
@@ -185,13 +210,18 @@ class Cell(BaseModel):
     concurrency: int = Field(description="Requests in flight (closed loop), or the cap on them (open loop).")
     output_tokens: int
     rate: float | None = Field(default=None, description="Requests per second of an open-loop cell; None: closed loop.")
+    model: str | None = Field(
+        default=None, description="The router model its requests name (campaign.models); None: the served one."
+    )
 
     @property
     def key(self) -> str:
-        """``ctx128-c4-out8`` closed loop; ``ctx128-r4.0-c64-out8`` open loop at 4 req/s, 64 in flight at most."""
+        """``ctx128-c4-out8`` closed loop; ``ctx128-r4.0-c64-out8`` open loop at 4 req/s, 64 in flight at most;
+        ``malpha-ctx128-c4-out8`` for model alpha of a campaign that lists models."""
+        model = "" if self.model is None else f"m{self.model}-"
         if self.rate is None:
-            return f"ctx{self.context}-c{self.concurrency}-out{self.output_tokens}"
-        return f"ctx{self.context}-r{self.rate:g}-c{self.concurrency}-out{self.output_tokens}"
+            return f"{model}ctx{self.context}-c{self.concurrency}-out{self.output_tokens}"
+        return f"{model}ctx{self.context}-r{self.rate:g}-c{self.concurrency}-out{self.output_tokens}"
 
 
 def cell_result(cell: Cell, status: str, **fields: Any) -> CellResult:
@@ -202,18 +232,23 @@ def cell_result(cell: Cell, status: str, **fields: Any) -> CellResult:
 def grid(campaign: CampaignConfig) -> list[Cell]:
     """Cells in run order: for each output length and concurrency (and rate, lowest first, when
     the campaign has rates), contexts smallest first, so a context that fails can spare the
-    larger ones."""
+    larger ones; with ``models``, each cell for every model in turn (so the models are measured
+    side by side, and a router holding fewer than all of them swaps before each cell)."""
     return [
-        Cell(context=ctx, concurrency=conc, output_tokens=out, rate=rate)
-        for out, conc, rate, ctx in itertools.product(
-            campaign.output_tokens, campaign.concurrencies, campaign.rates or [None], campaign.context_sizes
+        Cell(context=ctx, concurrency=conc, output_tokens=out, rate=rate, model=model)
+        for out, conc, rate, ctx, model in itertools.product(
+            campaign.output_tokens,
+            campaign.concurrencies,
+            campaign.rates or [None],
+            campaign.context_sizes,
+            campaign.models or [None],
         )
     ]
 
 
 def skip_reason(cell: Cell, finished: Iterable[Any], skip_on: list[str]) -> str | None:
     """Why ``cell`` need not run: a smaller context at the same concurrency and output length
-    ended with one of ``skip_on``. ``finished``: results with context, concurrency,
+    (and model) ended with one of ``skip_on``. ``finished``: results with context, concurrency,
     output_tokens and status (``CellResult``)."""
     for done in finished:
         if (
@@ -221,10 +256,32 @@ def skip_reason(cell: Cell, finished: Iterable[Any], skip_on: list[str]) -> str 
             and done.concurrency == cell.concurrency
             and done.output_tokens == cell.output_tokens
             and getattr(done, "rate", None) == cell.rate
+            and getattr(done, "model", None) == cell.model
             and done.context < cell.context
         ):
             return f"context {done.context} was {done.status}"
     return None
+
+
+def check_models(campaign: CampaignConfig, session: Any) -> None:
+    """``ConfigError`` naming ``campaign.models`` when the session cannot serve them: models need a
+    llama-server router (``engine.router``); a models folder on this machine must have a
+    ``<name>.gguf`` (or a ``<name>`` subfolder) for each (a presets file or a cluster's folder is the router's to judge)."""
+    if campaign.models is None:
+        return
+    if not is_router(session.engine):
+        raise ConfigError(
+            f"campaign.models: {', '.join(campaign.models)} need a llama-server router tier "
+            f"(engine.kind llama_server with engine.router); engine {session.engine.kind} serves one model"
+        )
+    folder = Path(session.model.path)
+    if getattr(session.placement, "kind", "local") == "local" and folder.is_dir():
+        served = sorted({p.stem for p in folder.glob("*.gguf")} | {p.name for p in folder.iterdir() if p.is_dir()})
+        missing = [m for m in campaign.models if m not in served]
+        if missing:
+            raise ConfigError(
+                f"campaign.models: {', '.join(missing)} not in {folder} (it serves {', '.join(served) or 'nothing'})"
+            )
 
 
 def campaign_path(value: str | Path) -> Path:

@@ -20,6 +20,7 @@ import httpx
 from llmflow import engines
 from llmflow.config import LlamaCppEngine, LlamaServerEngine, VllmEngine
 from llmflow.errors import PermanentError
+from llmflow.router import is_router
 
 FILLER = ("the", "of", "and", "to", "in", "is", "that", "for", "it", "as", "was", "with", "be", "by", "on", "not")
 PAD = "."
@@ -87,7 +88,18 @@ def known_routes(engine: object) -> list[TokenizeRoute]:
         if key not in seen:
             seen.add(key)
             routes.append(route)
-    return routes
+    return [naming_model(r) for r in routes] if is_router(engine) else routes
+
+
+def naming_model(route: TokenizeRoute) -> TokenizeRoute:
+    """``route`` with the model in its body: a llama-server router sends ``/tokenize`` to the
+    model the body names, and answers 400 without one."""
+
+    def named(text: str, model: str) -> tuple[str, dict[str, Any]] | None:
+        found = route(text, model)
+        return None if found is None else (found[0], {"model": model, **found[1]})
+
+    return named
 
 
 def _count_of(resp: httpx.Response) -> int | None:

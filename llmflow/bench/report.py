@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
 CELL_COLUMNS = (
     "key",
+    "model",
     "context",
     "concurrency",
     "rate",
@@ -32,8 +33,13 @@ CELL_COLUMNS = (
     *(m.name for m in column_metrics()),
     "peak_rss_mib",
     "peak_gpu_mib",
+    "model_state",
+    "swap_ttft_ms",
+    "warm_ttft_ms",
     "reason",
 )
+# Columns only a campaign over a router's models fills (campaign.models): left out when all empty.
+MODEL_COLUMNS = ("model", "model_state", "swap_ttft_ms", "warm_ttft_ms")
 
 
 def cell_record(cell: CellResult) -> dict[str, Any]:
@@ -63,6 +69,7 @@ def cells_table(cells: list[CellResult]) -> pd.DataFrame:
     other figures rounded to ``TABLE_DECIMALS``."""
     frame = cells_frame(cells)
     frame = frame.reindex(columns=[c for c in CELL_COLUMNS if c in frame.columns])
+    frame = frame.drop(columns=[c for c in MODEL_COLUMNS if c in frame.columns and frame[c].isna().all()])
     for col in frame.columns:
         if col in INT_COLUMNS:
             frame[col] = pd.to_numeric(frame[col]).round().astype("Int64")
@@ -89,8 +96,8 @@ def vllm_result(cell: CellResult, rows: pd.DataFrame, meta: dict[str, Any]) -> d
     return {
         "date": meta.get("date"),
         "backend": meta.get("engine"),
-        "model_id": meta.get("model"),
-        "tokenizer_id": meta.get("model"),
+        "model_id": cell.model or meta.get("model"),
+        "tokenizer_id": cell.model or meta.get("model"),
         "num_prompts": cell.requests,
         "request_rate": cell.rate if cell.rate is not None else "inf",
         "max_concurrency": cell.concurrency,
@@ -129,7 +136,8 @@ STATUS_ROW = 0.07
 
 def campaign_figure(cells: pd.DataFrame, title: str) -> Figure:
     """Prefill tok/s, decode tok/s, mean TTFT and the cell's output tok/s against context, one
-    line per concurrency (and output length, when there are several) through the ok cells; every
+    line per concurrency (and output length, when there are several; and model, when the
+    campaign lists models) through the ok cells; every
     other cell is a marker of its status in a band under zero, a row per line, so survival
     shows too. The x ticks are the contexts the campaign has, not powers of two. Built with the
     plain ``Figure`` API (no pyplot, no GUI backend), so it runs headless and tests can read it."""
@@ -139,13 +147,16 @@ def campaign_figure(cells: pd.DataFrame, title: str) -> Figure:
     fig = Figure(figsize=(13, 8), layout="constrained")
     axes = fig.subplots(2, 2).flatten()
     rates = cells["rate"] if "rate" in cells else pd.Series(dtype=float)
-    series = list(cells.assign(rate=rates).groupby(["concurrency", "output_tokens", "rate"], dropna=False))
+    models = cells["model"] if "model" in cells else pd.Series(dtype=object)
+    series = list(
+        cells.assign(rate=rates, model=models).groupby(["concurrency", "output_tokens", "rate", "model"], dropna=False)
+    )
     several_outputs = cells["output_tokens"].nunique() > 1
     colors = [f"C{i % 10}" for i in range(len(series))]
     handles: list[Line2D] = []
-    for i, ((conc, out, rate), group) in enumerate(series):
+    for i, ((conc, out, rate, model), group) in enumerate(series):
         load = f"concurrency {conc}" if pd.isna(rate) else f"{rate:g} req/s (cap {conc})"
-        label = load + (f", output {out}" if several_outputs else "")
+        label = ("" if pd.isna(model) else f"{model}: ") + load + (f", output {out}" if several_outputs else "")
         handles.append(Line2D([], [], color=colors[i], marker="o", label=label))
         for ax, (col, _) in zip(axes, PANELS):
             _draw_series(ax, group.sort_values("context"), col, colors[i], STATUS_ROW * (i + 0.5))
@@ -289,6 +300,7 @@ OUTPUT_NAMES = (
     "requests.parquet",
     "capacity.png",
     "plot.png",
+    "survival/",
     "vllm/",
 )
 

@@ -83,3 +83,63 @@ def test_the_gate_reports_progress_and_its_timeout_names_the_log(tmp_path: Path)
     assert reports[0].endswith("llama_model_load: loading 60%")
     assert "last: connection refused" in str(exc.value)
     assert "log tail (della:/scratch/r/server.log):\nllama_model_load: loading 10%" in str(exc.value)
+
+
+class _Router:
+    """A router as the gate sees it: /health 200 at once, /v1/models its list; POSTs counted."""
+
+    def __init__(self, models: list[str]) -> None:
+        import json
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.posts: list[str] = []
+        router = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:  # noqa: N802 - http.server's name
+                body = b'{"status":"ok"}'
+                if self.path == "/v1/models":
+                    data = [{"id": m, "status": {"value": "unloaded"}} for m in models]
+                    body = json.dumps({"data": data, "object": "list"}).encode()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_POST(self) -> None:  # noqa: N802
+                router.posts.append(self.path)
+                self.send_response(500)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def gate(self) -> object:
+        from llmflow.config import LlamaRouter, LlamaServerEngine
+
+        handle = ServerHandle(engine="llama_server", run_id="r", node="n", host="127.0.0.1", port=1, served_name="m")
+        engine = LlamaServerEngine(router=LlamaRouter(models_max=1))
+        try:
+            return wait_ready(self.url, handle, engine, deadline_s=5, interval_s=0.05, check_alive=lambda: None)
+        finally:
+            self.server.shutdown()
+
+
+def test_a_router_is_ready_when_it_answers_and_lists_models_and_loads_none():
+    """No test completion: served_name names no model of the router, and a completion would load one."""
+    router = _Router(["alpha", "beta"])
+    ready = router.gate()
+    assert ready.models == ["alpha", "beta"] and router.posts == []
+
+
+def test_a_router_with_no_model_to_serve_fails_the_gate():
+    from llmflow.errors import GateFailed
+
+    with pytest.raises(GateFailed, match="the router lists no models: model.path"):
+        _Router([]).gate()
