@@ -8,12 +8,44 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
 from llmflow.config import LlamaCppEngine, ModelConfig, SessionConfig, VllmEngine
+from llmflow.remote.leases import read_lease
+
+
+def requeue_when_busy(
+    out: Path, runs_dir: Path, at_lines: int, timeout_s: float = 300
+) -> tuple[threading.Thread, dict]:
+    """A thread that ``scontrol requeue``s the session's job once ``out`` has ``at_lines`` lines,
+    then lets it start again at once (Slurm holds a requeued job 120 s: BeginTime). The dict gets
+    ``at_lines``: how many lines were written when it was requeued."""
+    requeued: dict = {}
+
+    def requeue() -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if out.exists() and out.read_text().count("\n") >= at_lines:
+                (run_dir,) = runs_dir.iterdir()
+                job = read_lease(run_dir).job_id
+                subprocess.run(["scontrol", "requeue", job], check=True)
+                requeued["at_lines"] = out.read_text().count("\n")
+                while time.monotonic() < deadline:
+                    state = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T|%r"], capture_output=True, text=True)
+                    if state.stdout.startswith("PENDING|BeginTime"):
+                        subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
+                        return
+                    time.sleep(0.2)
+                return
+            time.sleep(0.1)
+
+    thread = threading.Thread(target=requeue, daemon=True)
+    thread.start()
+    return thread, requeued
 
 
 def start_hold(session: SessionConfig, folder: Path, prefect_api_url: str, *args: str) -> subprocess.Popen:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import threading
 import time
 from collections import Counter
@@ -18,10 +17,10 @@ import pytest
 from flows.batch import batch_inference
 from llmflow.config import BatchConfig, LlamaServerEngine, ModelConfig, SessionConfig, SlurmPlacement
 from llmflow.errors import LLMFlowError
-from llmflow.remote.leases import read_lease
 from llmflow.tiny_model import write_tiny_llama
 from tests import fault_matrix
 from tests.conftest import llama_processes, wait_until
+from tests.integration.conftest import requeue_when_busy
 from tests.integration.test_slurm import _jobs_of, _login
 
 pytestmark = pytest.mark.integration
@@ -144,27 +143,7 @@ def test_a_requeued_multi_node_job_starts_its_workers_again_and_the_batch_resume
 ):
     n = 600
     src, out = _input(tmp_path, n, max_tokens=16), tmp_path / "out.jsonl"
-    requeued: dict = {}
-
-    def requeue_when_busy() -> None:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            if out.exists() and out.read_text().count("\n") >= 40:
-                (run_dir,) = (tmp_path / "runs").iterdir()
-                job = read_lease(run_dir).job_id
-                subprocess.run(["scontrol", "requeue", job], check=True)
-                requeued["at_lines"] = out.read_text().count("\n")
-                while time.monotonic() < deadline:  # Slurm holds a requeued job 120 s (BeginTime): start it now
-                    state = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T|%r"], capture_output=True, text=True)
-                    if state.stdout.startswith("PENDING|BeginTime"):
-                        subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
-                        return
-                    time.sleep(0.2)
-                return
-            time.sleep(0.1)
-
-    watcher = threading.Thread(target=requeue_when_busy, daemon=True)
-    watcher.start()
+    watcher, requeued = requeue_when_busy(out, tmp_path / "runs", at_lines=40)
     batch = BatchConfig(
         input_path=src, output_path=out, concurrency=2, max_attempts=2, backoff_s=0.2, stop_after_failures=2
     )

@@ -7,7 +7,6 @@ import os
 import shutil
 import signal
 import subprocess
-import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -34,7 +33,7 @@ from llmflow.remote.leases import read_lease
 from llmflow.remote.shell import SSHShell
 from llmflow.remote.tunnel import OpenSSHForward
 from tests import fault_matrix
-from tests.integration.conftest import read_until, start_hold
+from tests.integration.conftest import read_until, requeue_when_busy, start_hold
 
 pytestmark = pytest.mark.integration
 
@@ -171,31 +170,7 @@ def test_requeue_mid_batch_completes_each_id_once(slurm_session: SessionConfig, 
                 + "\n"
             )
     out = tmp_path / "out.jsonl"
-    requeued: dict[str, object] = {}
-
-    def requeue_when_busy() -> None:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            if out.exists() and out.read_text().count("\n") >= 40:
-                (run_dir,) = (tmp_path / "runs").iterdir()
-                job = read_lease(run_dir).job_id
-                subprocess.run(["scontrol", "requeue", job], check=True)
-                requeued["at_lines"] = out.read_text().count("\n")
-                # Slurm holds a requeued job for 120 s (BeginTime) once it is back to PENDING;
-                # let it start again now rather than make the test wait
-                while time.monotonic() < deadline:
-                    state = subprocess.run(
-                        ["squeue", "-h", "-j", job, "-o", "%T|%r"], capture_output=True, text=True
-                    ).stdout
-                    if state.startswith("PENDING|BeginTime"):
-                        subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
-                        return
-                    time.sleep(0.2)
-                return
-            time.sleep(0.1)
-
-    watcher = threading.Thread(target=requeue_when_busy, daemon=True)
-    watcher.start()
+    watcher, requeued = requeue_when_busy(out, tmp_path / "runs", at_lines=40)
     batch = BatchConfig(
         input_path=src, output_path=out, concurrency=2, max_attempts=2, backoff_s=0.2, stop_after_failures=2
     )
