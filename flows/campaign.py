@@ -229,7 +229,7 @@ def _cells_on_one_server(
     logger = get_run_logger()
     while pending := _plan(campaign, book):
         cell = pending[0]
-        reason = skip_reason(cell, book.results.values(), campaign.skip_larger_on)
+        reason = skip_reason(cell, book.results.values(), campaign.skip_larger_on, campaign.skip_higher_rates)
         if reason:
             book.record(cell_result(cell, "skipped", reason=reason, session=session_no))
             logger.info("cell %s skipped: %s", cell.key, reason)

@@ -119,6 +119,23 @@ def shape_check(client: httpx.Client, model: str, prompt: str, fixed: dict[str, 
     return status, f"shape check: HTTP {resp.status_code}: {resp.text[:400]}"
 
 
+def drain(client: httpx.Client, model: str) -> str:
+    """After a saturated cell, wait until the server has worked off what the cell left behind.
+
+    The cell's requests still queued were abandoned, not all cancelled: a server that does not
+    notice a closed connection (llama-cpp-python) goes on generating them, into the next cell's
+    timing. A 1-token request queues behind them on a server that serialises, so its answer
+    says they are done (a server that cancels them answers at once). Returns a line for the log.
+    """
+    started = time.monotonic()
+    try:
+        resp = client.post("/v1/completions", json={"model": model, "prompt": "drain", "max_tokens": 1})
+        how = f"HTTP {resp.status_code}"
+    except httpx.HTTPError as exc:
+        how = type(exc).__name__
+    return f"drained: a 1-token request answered ({how}) {time.monotonic() - started:.1f}s after the cell ended"
+
+
 @task(name="run-benchmark-cell", timeout_seconds=6 * 3600, persist_result=True, cache_policy=NO_CACHE)
 def run_benchmark_cell(
     session: SessionConfig,
@@ -208,6 +225,8 @@ def run_benchmark_cell(
                         logger.info("cell %s: %s", cell.key, saturated)
                         break
             after = read_counters(spec.metrics_path, tunnel.base_url, api_key, BENCH_COUNTERS)
+        if saturated:
+            logger.info("cell %s: %s", cell.key, drain(client, model))
 
     result = _verdict(
         cell, timings, duration, counter_delta(before, after), memory, session_no, campaign.slo, saturated, cpu_s

@@ -102,6 +102,13 @@ class CampaignConfig(BaseModel):
             "are certain to fail and are recorded as skipped instead of run."
         ),
     )
+    skip_higher_rates: bool = Field(
+        default=True,
+        description=(
+            "Once an open-loop cell is saturated, higher rates at the same context, cap and output length "
+            "are recorded as skipped instead of run (they can only queue more)."
+        ),
+    )
     capacity: CapacitySearch | None = Field(
         default=None,
         description=(
@@ -246,20 +253,31 @@ def grid(campaign: CampaignConfig) -> list[Cell]:
     ]
 
 
-def skip_reason(cell: Cell, finished: Iterable[Any], skip_on: list[str]) -> str | None:
+def skip_reason(cell: Cell, finished: Iterable[Any], skip_on: list[str], skip_higher_rates: bool = True) -> str | None:
     """Why ``cell`` need not run: a smaller context at the same concurrency and output length
-    (and model) ended with one of ``skip_on``. ``finished``: results with context, concurrency,
-    output_tokens and status (``CellResult``)."""
+    (and model) ended with one of ``skip_on``; or, with ``skip_higher_rates``, a lower rate at
+    the same context was already saturated (a higher one can only queue more). ``finished``:
+    results with context, concurrency, output_tokens, rate and status (``CellResult``)."""
     for done in finished:
-        if (
-            done.status in skip_on
-            and done.concurrency == cell.concurrency
+        same_shape = (
+            done.concurrency == cell.concurrency
             and done.output_tokens == cell.output_tokens
-            and getattr(done, "rate", None) == cell.rate
             and getattr(done, "model", None) == cell.model
-            and done.context < cell.context
-        ):
+        )
+        if not same_shape:
+            continue
+        rate = getattr(done, "rate", None)
+        if done.status in skip_on and rate == cell.rate and done.context < cell.context:
             return f"context {done.context} was {done.status}"
+        if (
+            done.status == "saturated"
+            and skip_higher_rates
+            and rate is not None
+            and cell.rate is not None
+            and rate < cell.rate
+            and done.context == cell.context
+        ):
+            return f"rate {rate:g}/s was saturated"
     return None
 
 

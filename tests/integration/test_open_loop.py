@@ -67,7 +67,7 @@ def _check_open_loop(out: Path, cells: list[CellResult], low_rates: list[float],
     assert flooded.summary.duration < 1.5 * OPEN_LOOP_S
     assert flooded.summary.cancelled > flooded.summary.completed
     table = pd.read_csv(out / "cells.csv")
-    assert list(table["status"]) == ["ok"] * len(low_rates) + ["saturated"]
+    assert list(table["status"])[: len(cells)] == ["ok"] * len(low_rates) + ["saturated"]
     assert {"rate", "p99_send_delay_ms", "request_goodput", "slo_met"} <= set(table.columns)
     return rows
 
@@ -92,12 +92,14 @@ def test_llama_cpp_open_loop_rates_and_a_saturated_cell(server_env, prefect_api_
     venv, model = server_env
     rates = [0.5, 1.0, 2.0]
     flood = 50.0  # llama-cpp-python answers one request at a time
-    campaign = _campaign("it-open-llama", tmp_path / "out", [*rates, flood], context=32, output=64)
+    campaign = _campaign("it-open-llama", tmp_path / "out", [*rates, flood, 2 * flood], context=32, output=64)
     session = SessionConfig(
         engine=LlamaCppEngine(venv=venv, n_ctx=256), model=ModelConfig(path=model), runs_dir=tmp_path / "runs"
     )
     result = benchmark_campaign(session=session, campaign=campaign)
-    _check_open_loop(tmp_path / "out", result.cells, rates, flood)
+    *cells, higher = result.cells  # a rate above a saturated one is not run
+    assert (higher.rate, higher.status, higher.reason) == (2 * flood, "skipped", f"rate {flood:g}/s was saturated")
+    _check_open_loop(tmp_path / "out", cells, rates, flood)
     assert not llama_processes(str(tmp_path / "runs"))
 
 

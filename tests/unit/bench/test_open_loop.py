@@ -153,6 +153,13 @@ def test_rates_make_open_loop_cells_and_closed_loop_keys_stay():
     done = [CellResult(key="k", context=32, concurrency=16, output_tokens=8, rate=0.5, status="rejected")]
     assert skip_reason(Cell(context=64, concurrency=16, output_tokens=8, rate=0.5), done, ["rejected"])
     assert skip_reason(Cell(context=64, concurrency=16, output_tokens=8, rate=2.0), done, ["rejected"]) is None
+    # a saturated rate spares the higher rates at the same context, unless told to run them
+    done = [CellResult(key="k", context=32, concurrency=16, output_tokens=8, rate=2.0, status="saturated")]
+    higher = Cell(context=32, concurrency=16, output_tokens=8, rate=8.0)
+    assert skip_reason(higher, done, ["rejected"]) == "rate 2/s was saturated"
+    assert skip_reason(higher, done, ["rejected"], skip_higher_rates=False) is None
+    assert skip_reason(Cell(context=32, concurrency=16, output_tokens=8, rate=0.5), done, ["rejected"]) is None
+    assert skip_reason(Cell(context=64, concurrency=16, output_tokens=8, rate=8.0), done, ["rejected"]) is None
 
 
 SERVICE_S = 0.05  # one request at a time, 50 ms each: 20 requests/s at most
