@@ -83,12 +83,13 @@ def run_batch_inference(
     else:
         assert handle is not None and tunnel is not None
         before = None if router else server_counters(session, tunnel, handle)  # a router's /metrics is per model
-        watch = RouterWatch(tunnel.base_url, handle.api_key()).start() if router else None
+        api_key = handle.api_key()
+        watch = RouterWatch(tunnel.base_url, api_key).start() if router else None
         try:
             result = run_batch_sync(
                 batch,
                 tunnel.base_url,
-                handle.api_key(),
+                api_key,
                 body_overrides=overrides,
                 served_name=session.model.served_name,
                 per_model=router,

@@ -165,14 +165,18 @@ class RemoteDriver(Driver):
         """Start renewing the run's heartbeat on the host (the dead-man switch's flow side)."""
         heartbeat.start(run_id, self.placement.login, remote_dir, self.config.lease_ttl_s)
 
+    def server_host(self) -> str:
+        """The host the server command binds: ``placement.bind_host``, or for ``@node`` the
+        placeholder the supervisor fills with the node's own address, on the node."""
+        bind = self.placement.bind_host
+        return "{bind_host}" if bind == "@node" else bind
+
     def start_args(self, remote_dir: str) -> dict[str, Any]:
         """What the remote start script needs (``remote.start_script.server_start_lines``): the
         engine's setup lines and command, the supervisor's Python and source, the key variable,
         and the run's record in the registry folder beside the run folders (``registry_file``)."""
         spec = engines.spec_for(self.config.engine)
-        bind = self.placement.bind_host
-        # '@node': the supervisor resolves the node's address on the node and puts it in for {bind_host}
-        launch = spec.launch(self.config.model, "{bind_host}" if bind == "@node" else bind, None)  # key: from its file
+        launch = spec.launch(self.config.model, self.server_host(), None)  # key: from its file
         return {
             "run_dir": remote_dir,
             "setup": launch.setup,

@@ -174,9 +174,9 @@ class SlurmDriver(RemoteDriver):
         nodes = self.placement.nodes
         if nodes == 1:
             return {}
-        spec = engines.spec_for(self.config.engine)
-        bind = self.placement.bind_host
-        launch = spec.launch_multinode(self.config.model, "{bind_host}" if bind == "@node" else bind, None, nodes)
+        launch = engines.spec_for(self.config.engine).launch_multinode(
+            self.config.model, self.server_host(), None, nodes
+        )
         return {"multinode": launch, "nodes": nodes, "worker_timeout_s": self.placement.worker_start_timeout_s}
 
     def _log_path(self, remote_dir: str, job_id: str) -> str:
@@ -227,7 +227,7 @@ class SlurmDriver(RemoteDriver):
         def job_running() -> None:
             info = job_info(shell, job_id)
             if info.terminal and (info := settled_info(shell, job_id)).terminal:
-                raise ServerDied(f"job {job_id} ended {info.state} ({info.reason}); {self.log_note(shell, log_path)}")
+                raise self._ended(shell, info, log_path)
 
         try:
             ep = wait_for_endpoint(
@@ -271,9 +271,7 @@ class SlurmDriver(RemoteDriver):
         shell = self.shell(handle.run_id)
         info = settled_info(shell, handle.job_id)
         if info.terminal:
-            raise ServerDied(
-                f"job {handle.job_id} ended {info.state} ({info.reason}); {self.log_note(shell, str(handle.log_path))}"
-            )
+            raise self._ended(shell, info, str(handle.log_path))
 
     def time_left_s(self, handle: ServerHandle) -> float | None:
         assert handle.job_id
@@ -286,20 +284,20 @@ class SlurmDriver(RemoteDriver):
         shell = self.shell(alloc.run_id)
         info = settled_info(shell, handle.job_id)
         if info.terminal:
-            raise ServerDied(
-                f"job {handle.job_id} ended {info.state} ({info.reason}); {self.log_note(shell, str(handle.log_path))}"
-            )
+            raise self._ended(shell, info, str(handle.log_path))
         if info.running and info.restarts == handle.restarts:
             if not self._server_ending(shell, alloc.remote_dir, handle):
                 return None  # same job, same server: the failures were not a requeue
             info = self._job_after_server(shell, handle)
             if info.terminal:
-                raise ServerDied(
-                    f"job {handle.job_id} ended {info.state} ({info.reason}); {self.log_note(shell, str(handle.log_path))}"
-                )
+                raise self._ended(shell, info, str(handle.log_path))
         self._wait_running(shell, handle.job_id, alloc.remote_dir)
         new = self.warm(alloc, min_restarts=max(info.restarts, handle.restarts + 1))
         return new, self.tunnel(new)
+
+    def _ended(self, shell: Shell, info: slurm.JobInfo, log_path: str) -> ServerDied:
+        """The error for a job that ended under its server: its state, reason and log tail."""
+        return ServerDied(f"job {info.job_id} ended {info.state} ({info.reason}); {self.log_note(shell, log_path)}")
 
     def _server_ending(self, shell: Shell, remote_dir: str, handle: ServerHandle, wait_s: float = 10.0) -> bool:
         """Whether the job's supervisor says its server is gone or going (its registry record),
@@ -317,8 +315,9 @@ class SlurmDriver(RemoteDriver):
                 "started",
             ):
                 return True
-            if job_info(shell, handle.job_id or "").terminal or time.monotonic() > deadline:
-                return job_info(shell, handle.job_id or "").terminal
+            terminal = job_info(shell, handle.job_id or "").terminal
+            if terminal or time.monotonic() > deadline:
+                return terminal
             time.sleep(1.0)
 
     def _job_after_server(self, shell: Shell, handle: ServerHandle, timeout_s: float = 60.0) -> slurm.JobInfo:
