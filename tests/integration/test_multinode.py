@@ -68,7 +68,9 @@ def _endpoint(tmp_path: Path) -> dict:
 def test_a_model_split_over_two_rpc_workers_answers_as_on_one_node(rpc_session: SessionConfig, tmp_path: Path):
     src = _input(tmp_path, 200, max_tokens=8)
     out = tmp_path / "out.jsonl"
-    result = batch_inference(session=rpc_session, batch=BatchConfig(input_path=src, output_path=out, concurrency=4))
+    # one request at a time on both sides: how concurrent sequences share a batch changes the sums'
+    # order, and a random model's near-ties can then flip (seen once in a few runs at 4 in flight)
+    result = batch_inference(session=rpc_session, batch=BatchConfig(input_path=src, output_path=out, concurrency=1))
     assert result.report.succeeded == 200 and len(_texts(out)) == 200
 
     # the head and its two workers were three different nodes, and each worker held the head's connection
@@ -86,7 +88,7 @@ def test_a_model_split_over_two_rpc_workers_answers_as_on_one_node(rpc_session: 
         engine=LlamaServerEngine(n_threads=1), model=rpc_session.model, runs_dir=tmp_path / "runs-one-node"
     )
     single = tmp_path / "one-node.jsonl"
-    batch_inference(session=one_node, batch=BatchConfig(input_path=src, output_path=single, concurrency=4))
+    batch_inference(session=one_node, batch=BatchConfig(input_path=src, output_path=single, concurrency=1))
     assert _texts(single) == _texts(out)
     assert _jobs_of(tmp_path) == []
     assert wait_until(lambda: llama_processes(str(tmp_path)) == [], 15)
