@@ -90,7 +90,14 @@ class LoadCounts(BaseModel):
     loads: int = Field(default=0, description="Loads that completed (the model became loaded).")
     evictions: int = Field(
         default=0,
-        description="Times a loaded model was unloaded with a clean exit: to make room (models_max), or on request.",
+        description="Times a loaded model was unloaded: to make room (models_max), or on request.",
+    )
+    forced_evictions: int = Field(
+        default=0,
+        description=(
+            "Of the evictions, those whose child exited non-zero: it did not stop within the router's stop "
+            "timeout and was killed (or it crashed while loaded)."
+        ),
     )
     failed_loads: int = Field(default=0, description="Loads that ended with the child exiting non-zero.")
     load_s: float = Field(
@@ -108,8 +115,10 @@ def count_cycles(events: Iterable[RouterEvent]) -> dict[str, LoadCounts]:
     """Loads and evictions per model from the router's state changes, in the order received.
 
     A load counts when the model becomes ``loaded`` (repeated ``loaded`` events without an unload
-    between count once); an ``unloaded`` after ``loaded`` with exit code 0 (or none) is an
-    eviction; any other ``unloaded`` with a non-zero exit code is a failed load or a crash."""
+    between count once). An ``unloaded`` after ``loaded`` is an eviction whatever the exit code:
+    the router kills a child that ignores its stop command for the stop timeout (10 s), and that
+    child exits 1 (a *forced* eviction). An ``unloaded`` with a non-zero exit code that did not
+    follow ``loaded`` is a failed load."""
     counts: dict[str, LoadCounts] = {}
     last: dict[str, str] = {}
     loading_since: dict[str, float] = {}
@@ -128,10 +137,11 @@ def count_cycles(events: Iterable[RouterEvent]) -> dict[str, LoadCounts]:
                 count.load_s += event.at_s - since
                 count.timed_loads += 1
         elif event.status == UNLOADED and before != UNLOADED:
-            if event.exit_code:
-                count.failed_loads += 1
-            elif before == LOADED or before is None:  # None: loaded before the listener subscribed
+            if before == LOADED or (before is None and not event.exit_code):  # None: loaded before we listened
                 count.evictions += 1
+                count.forced_evictions += bool(event.exit_code)
+            elif event.exit_code:
+                count.failed_loads += 1
         last[event.model] = event.status
     return counts
 

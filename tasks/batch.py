@@ -128,6 +128,11 @@ def run_batch_inference(
             "model %s: %d sent, %d ok, %d errors, %d completion tokens (%.1f tok/s); loaded %s, evicted %s times",
             m.model, m.sent, m.succeeded, m.failed_http, m.completion_tokens, m.output_tok_per_s, m.loads, m.evictions,
         )  # fmt: skip
+        if m.forced_evictions:
+            logger.warning(
+                "model %s: %d of its evictions were forced: its server ignored the router's stop for the stop "
+                "timeout and was killed (each cost that timeout)", m.model, m.forced_evictions,
+            )  # fmt: skip
     if result.invalid_lines or result.unfinished:
         logger.warning("per-line errors are in %s", result.errors_path)
     return result

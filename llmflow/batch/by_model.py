@@ -50,6 +50,9 @@ class ModelFigures(BaseModel):
     )
     loads: int | None = Field(default=None, description="Times the router loaded it during the pass; None: unknown.")
     evictions: int | None = Field(default=None, description="Times the router unloaded it during the pass.")
+    forced_evictions: int | None = Field(
+        default=None, description="Of its evictions, those the router had to kill after its stop timeout (10 s each)."
+    )
     failed_loads: int | None = Field(default=None, description="Loads that ended with the child exiting non-zero.")
     load_s_mean: float | None = Field(
         default=None, description="Mean seconds from the router's 'loading' to 'loaded' for it: what a swap to it cost."
@@ -113,6 +116,7 @@ def _load_fields(count: LoadCounts) -> dict[str, int | float | None]:
     return {
         "loads": count.loads,
         "evictions": count.evictions,
+        "forced_evictions": count.forced_evictions,
         "failed_loads": count.failed_loads,
         "load_s_mean": count.load_s_mean,
     }
@@ -142,7 +146,10 @@ def merge_model_figures(
                 },
                 "unfinished": row.unfinished,
                 "server_timings": timings_summary({k: v for k, v in timings.items() if v}),
-                **{k: _add(getattr(have, k), getattr(row, k)) for k in ("loads", "evictions", "failed_loads")},
+                **{
+                    k: _add(getattr(have, k), getattr(row, k))
+                    for k in ("loads", "evictions", "forced_evictions", "failed_loads")
+                },
                 "load_s_mean": _mean_load(have, row),
             }
         )

@@ -70,6 +70,15 @@ def test_a_load_that_fails_is_not_an_eviction_and_an_early_unload_is():
     assert early["alpha"].evictions == 1
 
 
+def test_an_eviction_the_router_had_to_force_is_still_an_eviction():
+    """A loaded child that ignores the stop command is killed after the stop timeout and exits 1
+    (seen in CI: two requests were proxied to a model the router had just picked for eviction)."""
+    forced = count_cycles(_events(("gamma", "loading"), ("gamma", "loaded"), ("gamma", "unloaded"), exit_code=1))
+    assert (forced["gamma"].evictions, forced["gamma"].forced_evictions, forced["gamma"].failed_loads) == (1, 1, 0)
+    clean = count_cycles(_events(("gamma", "loaded"), ("gamma", "unloaded")))
+    assert (clean["gamma"].evictions, clean["gamma"].forced_evictions) == (1, 0)
+
+
 ROUTER_LOG = """\
 0.04.666.011 I srv          load: spawning server instance with name=alpha on port 56951
 [56951] 0.00.015.847 I srv  llama_server: model loaded
