@@ -22,7 +22,9 @@ def requeue_when_busy(
     out: Path, runs_dir: Path, at_lines: int, timeout_s: float = 300
 ) -> tuple[threading.Thread, dict]:
     """A thread that ``scontrol requeue``s the session's job once ``out`` has ``at_lines`` lines,
-    then lets it start again at once (Slurm holds a requeued job 120 s: BeginTime). The dict gets
+    then lets it start again 2 s later, not the 120 s Slurm holds it (BeginTime). Not at once:
+    slurmd revokes the killed run's credential by the second, and a restart within that second
+    is refused ("Job credential revoked": the job ends FAILED, NonZeroExitCode). The dict gets
     ``at_lines``: how many lines were written when it was requeued."""
     requeued: dict = {}
 
@@ -37,7 +39,7 @@ def requeue_when_busy(
                 while time.monotonic() < deadline:
                     state = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T|%r"], capture_output=True, text=True)
                     if state.stdout.startswith("PENDING|BeginTime"):
-                        subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
+                        subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now+2"], check=True)
                         return
                     time.sleep(0.2)
                 return

@@ -140,14 +140,6 @@ def test_a_killed_worker_fails_the_session_naming_its_node_and_a_rerun_resumes(
     assert (row["lost"], row["duplicates"], row["processes_left"], row["jobs_left"], row["leases_left"]) == (0,) * 5
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason=(
-        "known flaky (issue 16 left open): run after the other tests of this file, 2 of 4 runs saw the requeued "
-        "job as FAILED (NonZeroExitCode) for longer than settled_info's 6 s while its worker steps took up to "
-        "KillWait to end, and the session failed instead of following the requeue"
-    ),
-)
 def test_a_requeued_multi_node_job_starts_its_workers_again_and_the_batch_resumes(
     rpc_session: SessionConfig, tmp_path: Path
 ):
