@@ -494,7 +494,13 @@ class Timeouts(_Strict):
     """HTTP timeouts per phase; seed 000's client splits them the same way."""
 
     connect: PositiveFloat = Field(default=10.0, description="Seconds to open a TCP connection.")
-    read: PositiveFloat = Field(default=300.0, description="Seconds to wait for response bytes.")
+    read: PositiveFloat = Field(
+        default=300.0,
+        description=(
+            "Seconds to wait for a request's answer (a batch's answers are not streamed: they come whole when "
+            "generation ends); a request still waiting is abandoned, within a quarter of this (at most 1 s) after."
+        ),
+    )
     write: PositiveFloat = Field(default=30.0, description="Seconds to send the request.")
     pool: PositiveFloat = Field(default=600.0, description="Seconds to wait for a free connection slot.")
 

@@ -26,6 +26,7 @@ import httpx
 from llmflow.aio import run_sync
 from llmflow.auth import bearer
 from llmflow.batch.by_model import NO_MODEL, BatchReportByModel, ModelTally, model_figures
+from llmflow.batch.deadlines import ReadDeadlines
 from llmflow.batch.jsonl import (
     EMBEDDINGS_URL,
     JsonlAppender,
@@ -93,8 +94,10 @@ class AiohttpSender:
     """aiohttp session; phases mapped from ``Timeouts``.
 
     aiohttp's ``connect`` covers waiting for a pool slot plus the TCP connect, so it gets
-    ``pool + connect``; ``sock_connect`` = connect; ``sock_read`` = read. aiohttp has no write
-    timeout of its own: request bodies are small and ``sock_read`` bounds the wait after them.
+    ``pool + connect``; ``sock_connect`` = connect. The read timeout is ``ReadDeadlines``
+    (one sweep, not aiohttp's ``sock_read`` timer per chunk: see ``llmflow.batch.deadlines``).
+    aiohttp has no write timeout of its own: request bodies are small and the read timeout
+    bounds the wait after them.
     """
 
     def __init__(self, base_url: str, headers: dict[str, str], timeouts: Timeouts, limit: int) -> None:
@@ -103,8 +106,8 @@ class AiohttpSender:
             total=None,
             connect=timeouts.pool + timeouts.connect,
             sock_connect=timeouts.connect,
-            sock_read=timeouts.read,
         )
+        self._deadlines = ReadDeadlines(timeouts.read)
         self._session = aiohttp.ClientSession(
             headers={**headers, "Content-Type": "application/json"},
             timeout=timeout,
@@ -112,18 +115,29 @@ class AiohttpSender:
         )
 
     async def post(self, path: str, payload: bytes) -> HttpResult:
+        task = asyncio.current_task()
+        assert task is not None
+        self._deadlines.begin(task)
         try:
             async with self._session.post(self._base + path, data=payload) as resp:
                 raw = await resp.read()
                 status = resp.status
                 request_id = resp.headers.get("x-request-id", "")
+        except asyncio.CancelledError:
+            if self._deadlines.timed_out(task):
+                limit = self._deadlines.limit_s
+                raise RetryableError(f"TimeoutError: no answer within the read timeout ({limit:g} s)") from None
+            raise
         except TimeoutError as exc:
             raise RetryableError(f"{type(exc).__name__}: {exc}") from exc
         except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
             raise RetryableError(f"{type(exc).__name__}: {exc}", connection=True) from exc
+        finally:
+            self._deadlines.end(task)
         return HttpResult(status, request_id, _decode(raw), raw)
 
     async def aclose(self) -> None:
+        self._deadlines.close()
         await self._session.close()
 
 

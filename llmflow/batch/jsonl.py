@@ -189,6 +189,9 @@ def output_record(
     }
 
 
+_json_str = json.encoder.encode_basestring_ascii  # a str as a JSON string; what json.dumps(str) does, in C
+
+
 def output_line(record_id: str, custom_id: str, status: int, request_id: str, body: Any, raw: bytes) -> bytes:
     """``output_record`` as one JSONL line, splicing the server's own bytes in as ``body``.
 
@@ -197,11 +200,11 @@ def output_line(record_id: str, custom_id: str, status: int, request_id: str, bo
     what ``json.dumps(body)`` would mean), otherwise the record is encoded as usual.
     """
     if status < 400 and isinstance(body, dict) and b"\n" not in raw:
-        head = json.dumps(
-            {"id": record_id, "custom_id": custom_id, "response": {"status_code": status, "request_id": request_id}},
-            separators=(",", ":"),
+        head = (
+            f'{{"id":{_json_str(record_id)},"custom_id":{_json_str(custom_id)},'
+            f'"response":{{"status_code":{int(status)},"request_id":{_json_str(request_id)},"body":'
         )
-        return b"".join((head[:-2].encode(), b',"body":', raw.strip(), b'},"error":null}\n'))
+        return b"".join((head.encode(), raw.strip(), b'},"error":null}\n'))
     record = output_record(custom_id, status, request_id, body, record_id)
     return (json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
 
