@@ -7,7 +7,10 @@ Loads (aiohttp client, as ``vllm bench serve`` uses):
   and 64 requests in flight;
 * streamed completions: 64 streams at once, each 200 token events at a fixed rate
   (``--token-interval-ms``, 10 ms: 100 tokens/s per stream); token events/s delivered and the
-  time to first token each path adds to the direct one (p50, p99).
+  time to first token each path adds to the direct one (p50, p99), twice: all 64 started in
+  the same instant (a campaign's first wave: the 64 requests cross the path as one burst), and
+  steady (one started every stream-length / 64, TTFT of those started once 64 are in flight:
+  a campaign after its first wave, each new request alongside 63 streams' token events).
 
 Each load first opens its connections (one untimed request per connection, all at once), so
 the figures are the data path's, not connection set-up's.
@@ -215,6 +218,30 @@ async def stream_load(base: str, streams: int) -> tuple[float, list[float]]:
         return events / (time.perf_counter() - start), ttfts
 
 
+async def stream_steady(base: str, streams: int, stream_s: float) -> list[float]:
+    """``2 * streams`` streamed completions, one started every ``stream_s / streams``: after
+    the first ``streams`` (the ramp) about ``streams`` are in flight when each starts, as in
+    a campaign once its first requests have finished. The TTFTs (s) of the second half: what
+    a new request waits while the path carries the others' token events."""
+    ttfts: list[float] = []
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=2 * streams)) as session:
+        await _fill_pool(session, base, streams + streams // 4)
+
+        async def one(i: int) -> None:
+            await asyncio.sleep(i * stream_s / streams)
+            sent = time.perf_counter()
+            first = None
+            async with session.post(base + "/v1/completions", data=STREAM_BODY) as resp:
+                async for line in resp.content:
+                    if first is None and line.startswith(b"data: {"):
+                        first = time.perf_counter() - sent
+            if i >= streams:
+                ttfts.append(first if first is not None else float("nan"))
+
+        await asyncio.gather(*(one(i) for i in range(2 * streams)))
+    return ttfts
+
+
 async def bare_loop(base: str, inflight: int, n: int) -> float:
     return await requests_per_s(base, "/v1/completions", inflight, n)
 
@@ -283,6 +310,8 @@ def main() -> None:
                     rate, ttfts = asyncio.run(stream_load(base, args.streams))
                     row.setdefault(f"stream x{args.streams} events/s", []).append(rate)
                     row.setdefault("ttfts", []).extend(ttfts)
+                    stream_s = args.tokens * args.token_interval_ms / 1000
+                    row.setdefault("steady ttfts", []).extend(asyncio.run(stream_steady(base, args.streams, stream_s)))
                 print(f"repeat {r + 1}/{args.repeats} done", file=sys.stderr)
 
             direct = paths["direct"]
@@ -318,18 +347,36 @@ def report(results: dict[str, dict[str, list[float]]], clients: dict[str, list[f
     direct, ossh = results["direct"], results["openssh ssh -L"]
     d50 = pct(direct["ttfts"], 50)
     d99 = pct(direct["ttfts"], 99)
+    s50, s99 = pct(direct["steady ttfts"], 50), pct(direct["steady ttfts"], 99)
     figures: dict[str, dict[str, float]] = {}
-    metrics = [k for k in direct if k != "ttfts"]
+    metrics = [k for k in direct if not k.endswith("ttfts")]
     print(
         f"\nmedians of {args.repeats} interleaved runs; streams: {args.tokens} tokens every {args.token_interval_ms} ms"
     )
-    print(f"{'path':<28}" + "".join(f"{m:>22}" for m in metrics) + f"{'+TTFT p50 ms':>14}{'+TTFT p99 ms':>14}")
+    print(
+        f"{'path':<28}"
+        + "".join(f"{m:>22}" for m in metrics)
+        + "".join(f"{h:>16}" for h in ("+TTFT p50 ms", "+TTFT p99 ms", "steady +p50 ms", "steady +p99 ms"))
+    )
     for name, row in results.items():
         med = {m: median(row[m]) for m in metrics}
-        added50 = 1000 * (pct(row["ttfts"], 50) - d50)
-        added99 = 1000 * (pct(row["ttfts"], 99) - d99)
-        figures[name] = {**med, "added_ttft_p50_ms": added50, "added_ttft_p99_ms": added99}
-        print(f"{name:<28}" + "".join(f"{med[m]:>22,.0f}" for m in metrics) + f"{added50:>14.2f}{added99:>14.2f}")
+        added = {
+            "added_ttft_p50_ms": 1000 * (pct(row["ttfts"], 50) - d50),
+            "added_ttft_p99_ms": 1000 * (pct(row["ttfts"], 99) - d99),
+            "steady_added_ttft_p50_ms": 1000 * (pct(row["steady ttfts"], 50) - s50),
+            "steady_added_ttft_p99_ms": 1000 * (pct(row["steady ttfts"], 99) - s99),
+        }
+        figures[name] = {**med, **added}
+        print(
+            f"{name:<28}"
+            + "".join(f"{med[m]:>22,.0f}" for m in metrics)
+            + "".join(f"{v:>16.2f}" for v in added.values())
+        )
+    print(
+        f"(+TTFT: all {args.streams} streams started at once; steady: one started every "
+        f"{args.tokens * args.token_interval_ms / args.streams:.0f} ms while {args.streams} are in flight; "
+        f"direct TTFT p50 {1000 * d50:.2f} / steady {1000 * s50:.2f} ms)"
+    )
     print("\nratios")
     fwd = figures["llmflow forward"]
     for m in metrics:
