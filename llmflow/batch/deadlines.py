@@ -34,6 +34,7 @@ class ReadDeadlines:
         self.interval_s = min(1.0, limit_s / 4)
         self._sent: dict[asyncio.Task[object], float] = {}
         self._expired: set[asyncio.Task[object]] = set()
+        self._cancelling: dict[asyncio.Task[object], int] = {}  # a task's cancel requests before its request
         self._sweep: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -42,6 +43,8 @@ class ReadDeadlines:
         if self._loop is None:
             self._loop = asyncio.get_running_loop()
         self._sent[task] = self._loop.time()
+        if cancelling := task.cancelling():  # almost never: a request sent by a task being cancelled
+            self._cancelling[task] = cancelling
         if self._sweep is None:
             self._sweep = self._loop.call_later(self.interval_s, self._expire)
 
@@ -49,6 +52,8 @@ class ReadDeadlines:
         """``task``'s request is over, whichever way."""
         self._sent.pop(task, None)
         self._expired.discard(task)
+        if self._cancelling:
+            self._cancelling.pop(task, None)
 
     def timed_out(self, task: asyncio.Task[object]) -> bool:
         """Whether the ``CancelledError`` in ``task`` was the read timeout's, and only that:
@@ -56,7 +61,7 @@ class ReadDeadlines:
         if task not in self._expired:
             return False
         self._expired.discard(task)
-        return task.uncancel() == 0
+        return task.uncancel() <= self._cancelling.get(task, 0)
 
     def _expire(self) -> None:
         """Cancel what waited too long; sweep again while anything is in flight."""

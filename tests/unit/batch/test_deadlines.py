@@ -61,3 +61,21 @@ def test_a_task_timed_out_once_sends_again_with_a_fresh_deadline():
         return [first, second, str(asyncio.current_task().cancelling())]
 
     assert asyncio.run(scenario()) == ["timeout", "answered", "0"]
+
+
+def test_a_timeout_in_a_task_that_already_carried_a_cancel_request_is_still_a_timeout():
+    """The sweep's cancellation is told apart by the count of cancel requests the task had when
+    its request began, not by a count of zero (as ``asyncio.timeout`` does it)."""
+
+    async def scenario() -> tuple[str, int]:
+        deadlines = ReadDeadlines(0.1)
+        task = asyncio.current_task()
+        task.cancel()  # a cancel request the task has not seen yet...
+        try:
+            await asyncio.sleep(0)
+        except asyncio.CancelledError:
+            pass  # ...seen and swallowed, but still counted: cancelling() == 1
+        result = await _request(deadlines, 1.0)
+        return result, task.cancelling()
+
+    assert asyncio.run(scenario()) == ("timeout", 1)
