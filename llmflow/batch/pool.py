@@ -77,6 +77,7 @@ class EndpointPool:
     endpoints: dict[str, Endpoint] = field(default_factory=dict)
     closed: str | None = None
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
+    _retired: list[Any] = field(default_factory=list)  # senders of replaced endpoints, closed with the pool
 
     # -- membership (the replica set calls these on the loop) ---------------------------------
     def add(self, name: str, base_url: str, api_key: str | None) -> None:
@@ -84,6 +85,8 @@ class EndpointPool:
         if old is not None and old.base_url == base_url:
             old.state, old.errors_in_a_row = "ready", 0
         else:
+            if old is not None:  # its requests in flight still use its sender: close it with the pool
+                self._retired.append(old.sender)
             self.endpoints[name] = Endpoint(name, base_url, self.make_sender(base_url, api_key))
         self._changed.set()
 
@@ -150,8 +153,8 @@ class EndpointPool:
         return True
 
     async def aclose(self) -> None:
-        for ep in self.endpoints.values():
-            await ep.sender.aclose()
+        for sender in [*self._retired, *(ep.sender for ep in self.endpoints.values())]:
+            await sender.aclose()
 
     def figures(self) -> list[dict[str, Any]]:
         return [ep.figures() for ep in self.endpoints.values()]

@@ -173,3 +173,33 @@ def test_no_replica_left_stops_the_pass_resumably(tmp_path: Path):
     errors = [json.loads(line) for line in (tmp_path / "out.errors.jsonl").read_text().splitlines()]
     assert any("no replica left: every replica was lost" in e["reason"] for e in errors)
     assert len(_ids(cfg)) + report.unfinished == report.sent
+
+
+def test_a_replaced_endpoints_sender_is_closed_with_the_pool():
+    """A replica that came back at another address gets a new sender; the old one (its requests
+    in flight may still use it) is closed when the pool is, not left open."""
+
+    class Sender:
+        def __init__(self, url: str) -> None:
+            self.url, self.closed = url, False
+
+        async def aclose(self) -> None:
+            self.closed = True
+
+    made: list[Sender] = []
+
+    def make(url: str, key: str | None) -> Sender:
+        made.append(Sender(url))
+        return made[-1]
+
+    async def scenario() -> None:
+        pool = EndpointPool(make)
+        pool.add("r0", "http://127.0.0.1:1", None)
+        pool.add("r0", "http://127.0.0.1:1", None)  # the same address: the same sender
+        pool.add("r0", "http://127.0.0.1:2", None)  # moved: a new sender
+        assert [s.url for s in made] == ["http://127.0.0.1:1", "http://127.0.0.1:2"]
+        assert not any(s.closed for s in made)
+        await pool.aclose()
+
+    asyncio.run(scenario())
+    assert all(s.closed for s in made)
