@@ -42,6 +42,8 @@ from llmflow.engines.figures import add_timings, counter_delta, read_counters, t
 from llmflow.placements import driver_for
 from llmflow.results import CellResult, ServerHandle, Tunnel
 
+PROMPT_ATTEMPTS_AFTER_SWAP = 4  # a router closing connections for a moment after a swap: 0.5, 1, 1.5 s apart
+
 
 def request_row(
     cell: Cell,
@@ -158,8 +160,11 @@ def run_benchmark_cell(
     pgid = driver_for(session).memory_group(handle)  # None where this machine cannot see the server
     model = cell.model or handle.served_name
     probe: SwapProbe | None = None
+    # a router tier (cell.model set) can end a kept-alive connection unanswered around a load or
+    # an eviction, so its cells' set-up requests each get a connection of their own
+    fresh = {"limits": httpx.Limits(max_keepalive_connections=0)} if cell.model is not None else {}
     with httpx.Client(
-        base_url=tunnel.base_url, headers=handle.auth_headers(), timeout=campaign.request_timeout_s
+        base_url=tunnel.base_url, headers=handle.auth_headers(), timeout=campaign.request_timeout_s, **fresh
     ) as client:
         if cell.model is not None:  # before the prompts: measuring them loads the model
             probe = probe_swap(client, tunnel.base_url, api_key, model, fixed, campaign.request_timeout_s)
@@ -167,18 +172,18 @@ def run_benchmark_cell(
         # short random ids: unique prefixes that leave room for small contexts
         uids = [secrets.token_hex(4) for _ in range(1 + campaign.warmup_requests + campaign.repeats * n)]
         try:
-            try:
-                factory = PromptFactory(client, session.engine, model)
-                prompts = factory.prompts(uids, cell.context)
-            except httpx.RemoteProtocolError as exc:
-                if probe is None:
-                    raise
-                # a router right after a swap has been seen to drop a kept-alive connection
-                # unanswered; once more on a new one (a server that is gone fails again)
-                # (httpx drops the failed connection: the retry opens a new one)
-                logger.warning("cell %s: %s; measuring the prompts again on a new connection", cell.key, exc)
-                factory = PromptFactory(client, session.engine, model)
-                prompts = factory.prompts(uids, cell.context)
+            for attempt in range(1, PROMPT_ATTEMPTS_AFTER_SWAP + 1):
+                try:
+                    factory = PromptFactory(client, session.engine, model)
+                    prompts = factory.prompts(uids, cell.context)
+                    break
+                except httpx.RemoteProtocolError as exc:
+                    if probe is None or attempt == PROMPT_ATTEMPTS_AFTER_SWAP:
+                        raise
+                    # a router right after a swap has been seen to close connections unanswered
+                    # for a moment (twice within 20 ms in CI); a server that is gone fails every time
+                    logger.warning("cell %s: %s; measuring the prompts again in %.1f s", cell.key, exc, attempt / 2)
+                    time.sleep(attempt / 2)
         except httpx.HTTPError as exc:
             logger.warning("cell %s: %s", cell.key, exc)
             return _failed_before_sending(cell, exc, session_no).model_copy(update=_probe_fields(probe))
