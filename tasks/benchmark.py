@@ -138,6 +138,24 @@ def drain(client: httpx.Client, model: str) -> str:
     return f"drained: a 1-token request answered ({how}) {time.monotonic() - started:.1f}s after the cell ended"
 
 
+def _measure_prompts(
+    client: httpx.Client, engine: object, model: str, uids: list[str], cell: Cell, attempts: int
+) -> tuple[PromptFactory, list[tuple[str, int]]]:
+    """The cell's prompts, measured; a connection closed unanswered is tried again up to
+    ``attempts`` times in all: a router right after a swap has been seen to close connections
+    for a moment (twice within 20 ms in CI), while a server that is gone fails every time."""
+    for attempt in range(1, attempts + 1):
+        try:
+            factory = PromptFactory(client, engine, model)
+            return factory, factory.prompts(uids, cell.context)
+        except httpx.RemoteProtocolError as exc:
+            if attempt == attempts:
+                raise
+            get_run_logger().warning("cell %s: %s; measuring the prompts again in %.1f s", cell.key, exc, attempt / 2)
+            time.sleep(attempt / 2)
+    raise AssertionError("unreachable: the last attempt returns or raises")
+
+
 @task(name="run-benchmark-cell", timeout_seconds=6 * 3600, persist_result=True, cache_policy=NO_CACHE)
 def run_benchmark_cell(
     session: SessionConfig,
@@ -172,18 +190,8 @@ def run_benchmark_cell(
         # short random ids: unique prefixes that leave room for small contexts
         uids = [secrets.token_hex(4) for _ in range(1 + campaign.warmup_requests + campaign.repeats * n)]
         try:
-            for attempt in range(1, PROMPT_ATTEMPTS_AFTER_SWAP + 1):
-                try:
-                    factory = PromptFactory(client, session.engine, model)
-                    prompts = factory.prompts(uids, cell.context)
-                    break
-                except httpx.RemoteProtocolError as exc:
-                    if probe is None or attempt == PROMPT_ATTEMPTS_AFTER_SWAP:
-                        raise
-                    # a router right after a swap has been seen to close connections unanswered
-                    # for a moment (twice within 20 ms in CI); a server that is gone fails every time
-                    logger.warning("cell %s: %s; measuring the prompts again in %.1f s", cell.key, exc, attempt / 2)
-                    time.sleep(attempt / 2)
+            attempts = PROMPT_ATTEMPTS_AFTER_SWAP if probe is not None else 1
+            factory, prompts = _measure_prompts(client, session.engine, model, uids, cell, attempts)
         except httpx.HTTPError as exc:
             logger.warning("cell %s: %s", cell.key, exc)
             return _failed_before_sending(cell, exc, session_no).model_copy(update=_probe_fields(probe))

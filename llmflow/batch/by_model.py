@@ -112,14 +112,11 @@ def with_load_counts(figures: list[ModelFigures], counts: dict[str, LoadCounts] 
     return rows
 
 
+LOAD_COUNTS = ("loads", "evictions", "forced_evictions", "failed_loads")  # LoadCounts' fields a row carries
+
+
 def _load_fields(count: LoadCounts) -> dict[str, int | float | None]:
-    return {
-        "loads": count.loads,
-        "evictions": count.evictions,
-        "forced_evictions": count.forced_evictions,
-        "failed_loads": count.failed_loads,
-        "load_s_mean": count.load_s_mean,
-    }
+    return {**{k: getattr(count, k) for k in LOAD_COUNTS}, "load_s_mean": count.load_s_mean}
 
 
 def _add(a: int | None, b: int | None) -> int | None:
@@ -146,10 +143,7 @@ def merge_model_figures(
                 },
                 "unfinished": row.unfinished,
                 "server_timings": timings_summary({k: v for k, v in timings.items() if v}),
-                **{
-                    k: _add(getattr(have, k), getattr(row, k))
-                    for k in ("loads", "evictions", "forced_evictions", "failed_loads")
-                },
+                **{k: _add(getattr(have, k), getattr(row, k)) for k in LOAD_COUNTS},
                 "load_s_mean": _mean_load(have, row),
             }
         )

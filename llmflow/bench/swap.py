@@ -54,11 +54,13 @@ def probe_swap(
     fixed: dict[str, Any],
     timeout_s: float,
 ) -> SwapProbe:
-    """The model's state; when it is not loaded, the swap's TTFT and the warm one after it."""
+    """The model's state; when it is not loaded, the swap's TTFT and the warm one after it.
+
+    ``client`` should keep no connection alive (the campaign's router cells use such a client):
+    the router's load that follows can end an idle kept-alive connection, and the cell's next
+    request on it would fail as if the server had gone (seen with models_max 1)."""
     try:
-        # not kept alive: the router's load that follows can end an idle kept-alive connection, and
-        # the cell's next request on it would fail as if the server had gone (seen with models_max 1)
-        resp = client.get("/v1/models", headers={"Connection": "close"})
+        resp = client.get("/v1/models")
         resp.raise_for_status()
         state = model_state(resp.json(), model)
     except (httpx.HTTPError, ValueError) as exc:
