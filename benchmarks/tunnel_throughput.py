@@ -11,6 +11,9 @@ Loads (aiohttp client, as ``vllm bench serve`` uses):
   the same instant (a campaign's first wave: the 64 requests cross the path as one burst), and
   steady (one started every stream-length / 64, TTFT of those started once 64 are in flight:
   a campaign after its first wave, each new request alongside 63 streams' token events).
+  The burst runs ``--bursts`` times per path and repeat and its TTFTs are pooled: one burst's
+  median moves by several ms from one burst to the next on this machine. With it, the CPU time
+  the forward's ssh and the sshd session use per token event carried.
 
 Each load first opens its connections (one untimed request per connection, all at once), so
 the figures are the data path's, not connection set-up's.
@@ -111,6 +114,46 @@ def _wait_port(port: int, timeout_s: float = 20.0) -> None:
                 return
         time.sleep(0.05)
     raise RuntimeError(f"nothing listens on 127.0.0.1:{port}")
+
+
+class ProcessCPU:
+    """CPU time (user + system, s) used since creation by the forward's ssh process and by
+    the test sshd's session processes (the sshd children of ``sshd_pid``; sessions of the other
+    paths are idle while one path is measured)."""
+
+    def __init__(self, ssh_pid: int, sshd_pid: int) -> None:
+        self.ssh_pid, self.sshd_pid = ssh_pid, sshd_pid
+        self.start = self._now()
+
+    @staticmethod
+    def _stat(pid: int) -> list[str]:
+        text = Path(f"/proc/{pid}/stat").read_text()
+        return text[text.rindex(")") + 2 :].split()  # fields from the third on
+
+    def _cpu(self, pid: int) -> float:
+        try:
+            fields = self._stat(pid)
+        except OSError:
+            return 0.0  # a session that ended meanwhile
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+    def _now(self) -> dict[str, float]:
+        sessions = [
+            int(pid)
+            for pid in os.listdir("/proc")
+            if pid.isdigit() and pid != str(self.sshd_pid) and self._parent(int(pid)) == self.sshd_pid
+        ]
+        return {"ssh": self._cpu(self.ssh_pid), "sshd": sum(self._cpu(pid) for pid in sessions)}
+
+    def _parent(self, pid: int) -> int | None:
+        try:
+            return int(self._stat(pid)[1])
+        except (OSError, ValueError):
+            return None  # gone meanwhile
+
+    def used(self) -> dict[str, float]:
+        now = self._now()
+        return {k: now[k] - self.start[k] for k in now}
 
 
 # -- paths ------------------------------------------------------------------------------------
@@ -284,6 +327,9 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=200)
     parser.add_argument("--token-interval-ms", type=float, default=10.0)
     parser.add_argument("--streams", type=int, default=64)
+    parser.add_argument(
+        "--bursts", type=int, default=5, help="stream loads per path and repeat (TTFTs pooled: one burst is noisy)"
+    )
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
 
@@ -294,8 +340,10 @@ def main() -> None:
         workdir = Path(tmp)
         server, port = start_server(workdir, args.tokens, args.token_interval_ms / 1000)
         paths, closers = open_paths(login, port)
+        project_pid, sshd_pid = closers[0].pid, int((ROOT / "build" / "testcluster" / "sshd.pid").read_text())
         results: dict[str, dict[str, list[float]]] = {p: {} for p in paths}
         clients: dict[str, list[float]] = {}
+        forward_cpu: dict[str, list[float]] = {}
         try:
             for base in paths.values():  # warm every path once
                 asyncio.run(requests_per_s(base, "/fast", 16, 200))
@@ -307,9 +355,16 @@ def main() -> None:
                         row.setdefault(f"fast c{inflight} req/s", []).append(rate)
                         rate = asyncio.run(requests_per_s(base, "/slow", inflight, args.slow_requests))
                         row.setdefault(f"50ms c{inflight} req/s", []).append(rate)
-                    rate, ttfts = asyncio.run(stream_load(base, args.streams))
-                    row.setdefault(f"stream x{args.streams} events/s", []).append(rate)
-                    row.setdefault("ttfts", []).extend(ttfts)
+                    cpu = ProcessCPU(project_pid, sshd_pid) if name == "llmflow forward" else None
+                    for _ in range(args.bursts):
+                        rate, ttfts = asyncio.run(stream_load(base, args.streams))
+                        row.setdefault(f"stream x{args.streams} events/s", []).append(rate)
+                        row.setdefault("ttfts", []).extend(ttfts)
+                    if cpu is not None:  # ssh's and sshd's CPU time per token event carried
+                        for proc, used in cpu.used().items():
+                            forward_cpu.setdefault(proc, []).append(
+                                1e6 * used / (args.bursts * args.streams * args.tokens)
+                            )
                     stream_s = args.tokens * args.token_interval_ms / 1000
                     row.setdefault("steady ttfts", []).extend(asyncio.run(stream_steady(base, args.streams, stream_s)))
                 print(f"repeat {r + 1}/{args.repeats} done", file=sys.stderr)
@@ -340,10 +395,15 @@ def main() -> None:
             server.terminate()
             server.wait(10)
 
-    report(results, clients, args)
+    report(results, clients, forward_cpu, args)
 
 
-def report(results: dict[str, dict[str, list[float]]], clients: dict[str, list[float]], args) -> None:
+def report(
+    results: dict[str, dict[str, list[float]]],
+    clients: dict[str, list[float]],
+    forward_cpu: dict[str, list[float]],
+    args,
+) -> None:
     direct, ossh = results["direct"], results["openssh ssh -L"]
     d50 = pct(direct["ttfts"], 50)
     d99 = pct(direct["ttfts"], 99)
@@ -384,6 +444,12 @@ def report(results: dict[str, dict[str, list[float]]], clients: dict[str, list[f
             f"  {m:<24} forward/direct {fwd[m] / figures['direct'][m]:.3f}   "
             f"forward/openssh {fwd[m] / median(ossh[m]):.3f}"
         )
+    cpu = {k: median(v) for k, v in forward_cpu.items()}
+    print(
+        f"  the forward's CPU per token event at {args.streams} streams: ssh {cpu['ssh']:.1f} us, "
+        f"sshd {cpu['sshd']:.1f} us (a direct connection: none; on this machine they share the cores "
+        "with the client and the server)"
+    )
     print("\nclients, direct to the server, medians of", args.client_repeats)
     cmed = {k: median(v) for k, v in clients.items()}
     for k, v in cmed.items():
@@ -393,7 +459,13 @@ def report(results: dict[str, dict[str, list[float]]], clients: dict[str, list[f
         f"stream client CPU per event / bare {cmed['llmflow stream client CPU us/event'] / cmed['bare SSE loop CPU us/event']:.3f}"
     )
     if args.json:
-        args.json.write_text(json.dumps({"paths": figures, "clients": cmed, "args": vars(args)}, default=str, indent=1))
+        args.json.write_text(
+            json.dumps(
+                {"paths": figures, "forward_cpu_us_per_event": cpu, "clients": cmed, "args": vars(args)},
+                default=str,
+                indent=1,
+            )
+        )
 
 
 if __name__ == "__main__":
