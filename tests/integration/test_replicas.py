@@ -141,7 +141,7 @@ def test_a_cancelled_replica_is_replaced_and_its_requests_move(
     tmp_path: Path,
     request,
 ):
-    n = 3000
+    n = 9000  # 3,000 once all finished (in 18 s) before the replacement was ready
     out = tmp_path / "out.jsonl"
     session = _whole_node(slurm_session, 3, max_replacements=1)
     watch = _Watch(tmp_path, test_cluster["LLMFLOW_TEST_SSH_PORT"])
