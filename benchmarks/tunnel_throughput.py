@@ -1,10 +1,12 @@
 """The data path, side by side in one run: a direct connection, the project's SSH forward,
-plain OpenSSH ``ssh -L`` and the older in-process paramiko forward, all through the test sshd.
+the same with two forwards (two SSH connections, requests dealt round-robin over their local
+ports), plain OpenSSH ``ssh -L`` and the older in-process paramiko forward, all through the
+test sshd.
 
 Loads (aiohttp client, as ``vllm bench serve`` uses):
 
 * requests/s against a server that answers at once, and one that answers after 50 ms, at 16
-  and 64 requests in flight;
+  and 64 requests in flight (``--slow-waves`` rounds of 50 ms at either);
 * streamed completions: 64 streams at once, each 200 token events at a fixed rate
   (``--token-interval-ms``, 10 ms: 100 tokens/s per stream); token events/s delivered and the
   time to first token each path adds to the direct one (p50, p99), twice: all 64 started in
@@ -121,8 +123,8 @@ class ProcessCPU:
     the test sshd's session processes (the sshd children of ``sshd_pid``; sessions of the other
     paths are idle while one path is measured)."""
 
-    def __init__(self, ssh_pid: int, sshd_pid: int) -> None:
-        self.ssh_pid, self.sshd_pid = ssh_pid, sshd_pid
+    def __init__(self, ssh_pids: list[int], sshd_pid: int) -> None:
+        self.ssh_pids, self.sshd_pid = ssh_pids, sshd_pid
         self.start = self._now()
 
     @staticmethod
@@ -143,7 +145,7 @@ class ProcessCPU:
             for pid in os.listdir("/proc")
             if pid.isdigit() and pid != str(self.sshd_pid) and self._parent(int(pid)) == self.sshd_pid
         ]
-        return {"ssh": self._cpu(self.ssh_pid), "sshd": sum(self._cpu(pid) for pid in sessions)}
+        return {"ssh": sum(self._cpu(pid) for pid in self.ssh_pids), "sshd": sum(self._cpu(pid) for pid in sessions)}
 
     def _parent(self, pid: int) -> int | None:
         try:
@@ -188,67 +190,78 @@ class PlainOpenSSH:
         self.proc.wait(5)
 
 
-def open_paths(login, port: int) -> tuple[dict[str, str], list]:
-    """Base URL per path, and what to close afterwards."""
+def open_paths(login, port: int) -> tuple[dict[str, str | list[str]], list, dict[str, list[int]]]:
+    """Base URL(s) per path, what to close afterwards, and each forward's ssh pids."""
     from llmflow.remote.shell import SSHShell
     from llmflow.remote.tunnel import LocalForward, OpenSSHForward
 
     project = OpenSSHForward(login, "127.0.0.1", port)
+    pair = [OpenSSHForward(login, "127.0.0.1", port) for _ in range(2)]
     plain = PlainOpenSSH(login, port)
     shell = SSHShell(login)
     old = LocalForward(lambda: shell.transport, "127.0.0.1", port)
     paths = {
         "direct": f"http://127.0.0.1:{port}",
         "llmflow forward": f"http://127.0.0.1:{project.local_port}",
+        "llmflow forward x2": [f"http://127.0.0.1:{f.local_port}" for f in pair],
         "openssh ssh -L": f"http://127.0.0.1:{plain.local_port}",
         "paramiko forward (before)": f"http://127.0.0.1:{old.local_port}",
     }
-    return paths, [project, plain, old, shell]
+    pids = {"llmflow forward": [project.pid], "llmflow forward x2": [f.pid for f in pair]}
+    return paths, [project, *pair, plain, old, shell], pids
 
 
 # -- loads --------------------------------------------------------------------------------------
-async def requests_per_s(base: str, path: str, inflight: int, n: int) -> float:
-    """``n`` POSTs with ``inflight`` at a time; requests per second."""
+async def requests_per_s(bases: str | list[str], path: str, inflight: int, n: int) -> float:
+    """``n`` POSTs with ``inflight`` at a time, dealt round-robin over ``bases``; requests per second."""
+    bases = _as_list(bases)
     slots = asyncio.Semaphore(inflight)
     body = json.dumps({"model": "bench", "prompt": "hi", "max_tokens": 16}).encode()
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=inflight)) as session:
 
-        async def one() -> None:
-            async with slots, session.post(base + path, data=body) as resp:
+        async def one(i: int) -> None:
+            async with slots, session.post(bases[i % len(bases)] + path, data=body) as resp:
                 await resp.read()
                 assert resp.status == 200
 
-        await _fill_pool(session, base, inflight)
+        await _fill_pool(session, bases, inflight)
         start = time.perf_counter()
-        await asyncio.gather(*(one() for _ in range(n)))
+        await asyncio.gather(*(one(i) for i in range(n)))
         return n / (time.perf_counter() - start)
 
 
-async def _fill_pool(session: aiohttp.ClientSession, base: str, connections: int) -> None:
+def _as_list(bases: str | list[str]) -> list[str]:
+    return [bases] if isinstance(bases, str) else bases
+
+
+async def _fill_pool(session: aiohttp.ClientSession, bases: str | list[str], connections: int) -> None:
     """Open ``connections`` kept-alive connections before timing (one request each at once), as
     a batch or campaign does after its first requests: what is timed is the data path, not
     connection set-up (through a forward each new connection is a new SSH channel)."""
+    bases = _as_list(bases)
     body = json.dumps({"model": "bench", "prompt": "hi"}).encode()
 
-    async def one() -> None:
-        async with session.post(base + "/v1/completions", data=body) as resp:
+    async def one(i: int) -> None:
+        async with session.post(bases[i % len(bases)] + "/v1/completions", data=body) as resp:
             await resp.read()
 
-    await asyncio.gather(*(one() for _ in range(connections)))
+    await asyncio.gather(*(one(i) for i in range(connections)))
 
 
-async def stream_load(base: str, streams: int) -> tuple[float, list[float]]:
-    """``streams`` streamed completions at once; token events per second and each TTFT (s)."""
+async def stream_load(bases: str | list[str], streams: int) -> tuple[float, list[float]]:
+    """``streams`` streamed completions at once, dealt round-robin over ``bases``; token events
+    per second and each TTFT (s)."""
+    bases = _as_list(bases)
     ttfts: list[float] = []
     events = 0
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=streams)) as session:
-        await _fill_pool(session, base, streams)
+        await _fill_pool(session, bases, streams)
 
-        async def one() -> None:
+        async def one(i: int) -> None:
             nonlocal events
             sent = time.perf_counter()
             first = None
-            async with session.post(base + "/v1/completions", data=STREAM_BODY) as resp:
+            async with session.post(bases[i % len(bases)] + "/v1/completions", data=STREAM_BODY) as resp:
                 async for line in resp.content:
                     if line.startswith(b"data: {") and b'"text":"x"' in line:
                         events += 1
@@ -257,24 +270,25 @@ async def stream_load(base: str, streams: int) -> tuple[float, list[float]]:
             ttfts.append(first if first is not None else float("nan"))
 
         start = time.perf_counter()
-        await asyncio.gather(*(one() for _ in range(streams)))
+        await asyncio.gather(*(one(i) for i in range(streams)))
         return events / (time.perf_counter() - start), ttfts
 
 
-async def stream_steady(base: str, streams: int, stream_s: float) -> list[float]:
+async def stream_steady(bases: str | list[str], streams: int, stream_s: float) -> list[float]:
     """``2 * streams`` streamed completions, one started every ``stream_s / streams``: after
     the first ``streams`` (the ramp) about ``streams`` are in flight when each starts, as in
     a campaign once its first requests have finished. The TTFTs (s) of the second half: what
     a new request waits while the path carries the others' token events."""
+    bases = _as_list(bases)
     ttfts: list[float] = []
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=2 * streams)) as session:
-        await _fill_pool(session, base, streams + streams // 4)
+        await _fill_pool(session, bases, streams + streams // 4)
 
         async def one(i: int) -> None:
             await asyncio.sleep(i * stream_s / streams)
             sent = time.perf_counter()
             first = None
-            async with session.post(base + "/v1/completions", data=STREAM_BODY) as resp:
+            async with session.post(bases[i % len(bases)] + "/v1/completions", data=STREAM_BODY) as resp:
                 async for line in resp.content:
                     if first is None and line.startswith(b"data: {"):
                         first = time.perf_counter() - sent
@@ -323,7 +337,12 @@ def main() -> None:
     parser.add_argument("--client-repeats", type=int, default=5, help="repeats of the client comparison")
     parser.add_argument("--client-requests", type=int, default=10000, help="requests per run of the batch clients")
     parser.add_argument("--fast-requests", type=int, default=3000)
-    parser.add_argument("--slow-requests", type=int, default=640)
+    parser.add_argument(
+        "--slow-waves",
+        type=int,
+        default=40,
+        help="requests to the 50 ms server per in-flight slot (64 in flight: 2,560 requests, about 2.5 s)",
+    )
     parser.add_argument("--tokens", type=int, default=200)
     parser.add_argument("--token-interval-ms", type=float, default=10.0)
     parser.add_argument("--streams", type=int, default=64)
@@ -339,11 +358,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         server, port = start_server(workdir, args.tokens, args.token_interval_ms / 1000)
-        paths, closers = open_paths(login, port)
-        project_pid, sshd_pid = closers[0].pid, int((ROOT / "build" / "testcluster" / "sshd.pid").read_text())
+        paths, closers, ssh_pids = open_paths(login, port)
+        sshd_pid = int((ROOT / "build" / "testcluster" / "sshd.pid").read_text())
         results: dict[str, dict[str, list[float]]] = {p: {} for p in paths}
         clients: dict[str, list[float]] = {}
-        forward_cpu: dict[str, list[float]] = {}
+        forward_cpu: dict[str, dict[str, list[float]]] = {}
         try:
             for base in paths.values():  # warm every path once
                 asyncio.run(requests_per_s(base, "/fast", 16, 200))
@@ -353,16 +372,17 @@ def main() -> None:
                     for inflight in (16, 64):
                         rate = asyncio.run(requests_per_s(base, "/fast", inflight, args.fast_requests))
                         row.setdefault(f"fast c{inflight} req/s", []).append(rate)
-                        rate = asyncio.run(requests_per_s(base, "/slow", inflight, args.slow_requests))
+                        n = args.slow_waves * inflight  # as many 50 ms rounds at 16 and at 64 in flight
+                        rate = asyncio.run(requests_per_s(base, "/slow", inflight, n))
                         row.setdefault(f"50ms c{inflight} req/s", []).append(rate)
-                    cpu = ProcessCPU(project_pid, sshd_pid) if name == "llmflow forward" else None
+                    cpu = ProcessCPU(ssh_pids[name], sshd_pid) if name in ssh_pids else None
                     for _ in range(args.bursts):
                         rate, ttfts = asyncio.run(stream_load(base, args.streams))
                         row.setdefault(f"stream x{args.streams} events/s", []).append(rate)
                         row.setdefault("ttfts", []).extend(ttfts)
                     if cpu is not None:  # ssh's and sshd's CPU time per token event carried
                         for proc, used in cpu.used().items():
-                            forward_cpu.setdefault(proc, []).append(
+                            forward_cpu.setdefault(name, {}).setdefault(proc, []).append(
                                 1e6 * used / (args.bursts * args.streams * args.tokens)
                             )
                     stream_s = args.tokens * args.token_interval_ms / 1000
@@ -401,7 +421,7 @@ def main() -> None:
 def report(
     results: dict[str, dict[str, list[float]]],
     clients: dict[str, list[float]],
-    forward_cpu: dict[str, list[float]],
+    forward_cpu: dict[str, dict[str, list[float]]],
     args,
 ) -> None:
     direct, ossh = results["direct"], results["openssh ssh -L"]
@@ -437,19 +457,20 @@ def report(
         f"{args.tokens * args.token_interval_ms / args.streams:.0f} ms while {args.streams} are in flight; "
         f"direct TTFT p50 {1000 * d50:.2f} / steady {1000 * s50:.2f} ms)"
     )
-    print("\nratios")
-    fwd = figures["llmflow forward"]
-    for m in metrics:
+    cpu = {name: {k: median(v) for k, v in procs.items()} for name, procs in forward_cpu.items()}
+    for name in cpu:
+        fwd = figures[name]
+        print(f"\nratios, {name}")
+        for m in metrics:
+            print(
+                f"  {m:<24} forward/direct {fwd[m] / figures['direct'][m]:.3f}   "
+                f"forward/openssh {fwd[m] / median(ossh[m]):.3f}"
+            )
         print(
-            f"  {m:<24} forward/direct {fwd[m] / figures['direct'][m]:.3f}   "
-            f"forward/openssh {fwd[m] / median(ossh[m]):.3f}"
+            f"  CPU per token event at {args.streams} streams: ssh {cpu[name]['ssh']:.1f} us, "
+            f"sshd {cpu[name]['sshd']:.1f} us (a direct connection: none; on this machine they share the "
+            "cores with the client and the server)"
         )
-    cpu = {k: median(v) for k, v in forward_cpu.items()}
-    print(
-        f"  the forward's CPU per token event at {args.streams} streams: ssh {cpu['ssh']:.1f} us, "
-        f"sshd {cpu['sshd']:.1f} us (a direct connection: none; on this machine they share the cores "
-        "with the client and the server)"
-    )
     print("\nclients, direct to the server, medians of", args.client_repeats)
     cmed = {k: median(v) for k, v in clients.items()}
     for k, v in cmed.items():
