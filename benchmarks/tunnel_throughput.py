@@ -203,11 +203,11 @@ def open_paths(login, port: int) -> tuple[dict[str, str | list[str]], list, dict
     paths = {
         "direct": f"http://127.0.0.1:{port}",
         "llmflow forward": f"http://127.0.0.1:{project.local_port}",
-        "llmflow forward x2": [f"http://127.0.0.1:{f.local_port}" for f in pair],
+        "two llmflow forwards": [f"http://127.0.0.1:{f.local_port}" for f in pair],
         "openssh ssh -L": f"http://127.0.0.1:{plain.local_port}",
         "paramiko forward (before)": f"http://127.0.0.1:{old.local_port}",
     }
-    pids = {"llmflow forward": [project.pid], "llmflow forward x2": [f.pid for f in pair]}
+    pids = {"llmflow forward": [project.pid], "two llmflow forwards": [f.pid for f in pair]}
     return paths, [project, *pair, plain, old, shell], pids
 
 
