@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -104,6 +105,11 @@ def start_server(workdir: Path, tokens: int, interval_s: float) -> tuple[subproc
     )  # fmt: skip
     _wait_port(port)
     return proc, port
+
+
+def _stop(server: subprocess.Popen) -> None:
+    server.terminate()
+    server.wait(10)
 
 
 def _wait_port(port: int, timeout_s: float = 20.0) -> None:
@@ -190,16 +196,23 @@ class PlainOpenSSH:
         self.proc.wait(5)
 
 
-def open_paths(login, port: int) -> tuple[dict[str, str | list[str]], list, dict[str, list[int]]]:
-    """Base URL(s) per path, what to close afterwards, and each forward's ssh pids."""
+def open_paths(
+    login, port: int, cleanup: contextlib.ExitStack
+) -> tuple[dict[str, str | list[str]], dict[str, list[int]]]:
+    """Base URL(s) per path and each forward's ssh pids; each path is closed by ``cleanup``
+    as soon as it is open, so one that fails to open leaves none of the others running."""
     from llmflow.remote.shell import SSHShell
     from llmflow.remote.tunnel import LocalForward, OpenSSHForward
 
-    project = OpenSSHForward(login, "127.0.0.1", port)
-    pair = [OpenSSHForward(login, "127.0.0.1", port) for _ in range(2)]
-    plain = PlainOpenSSH(login, port)
-    shell = SSHShell(login)
-    old = LocalForward(lambda: shell.transport, "127.0.0.1", port)
+    def opened(thing):
+        cleanup.callback(thing.close)
+        return thing
+
+    project = opened(OpenSSHForward(login, "127.0.0.1", port))
+    pair = [opened(OpenSSHForward(login, "127.0.0.1", port)) for _ in range(2)]
+    plain = opened(PlainOpenSSH(login, port))
+    shell = opened(SSHShell(login))
+    old = opened(LocalForward(lambda: shell.transport, "127.0.0.1", port))
     paths = {
         "direct": f"http://127.0.0.1:{port}",
         "llmflow forward": f"http://127.0.0.1:{project.local_port}",
@@ -208,7 +221,7 @@ def open_paths(login, port: int) -> tuple[dict[str, str | list[str]], list, dict
         "paramiko forward (before)": f"http://127.0.0.1:{old.local_port}",
     }
     pids = {"llmflow forward": [project.pid], "two llmflow forwards": [f.pid for f in pair]}
-    return paths, [project, *pair, plain, old, shell], pids
+    return paths, pids
 
 
 # -- loads --------------------------------------------------------------------------------------
@@ -355,65 +368,60 @@ def main() -> None:
     from llmflow.bench.stream import StreamRequest, run_requests
 
     login = test_login()
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as cleanup:
         workdir = Path(tmp)
         server, port = start_server(workdir, args.tokens, args.token_interval_ms / 1000)
-        paths, closers, ssh_pids = open_paths(login, port)
+        cleanup.callback(_stop, server)
+        paths, ssh_pids = open_paths(login, port, cleanup)
         sshd_pid = int((ROOT / "build" / "testcluster" / "sshd.pid").read_text())
         results: dict[str, dict[str, list[float]]] = {p: {} for p in paths}
         clients: dict[str, list[float]] = {}
         forward_cpu: dict[str, dict[str, list[float]]] = {}
-        try:
-            for base in paths.values():  # warm every path once
-                asyncio.run(requests_per_s(base, "/fast", 16, 200))
-            for r in range(args.repeats):
-                for name, base in paths.items():
-                    row = results[name]
-                    for inflight in (16, 64):
-                        rate = asyncio.run(requests_per_s(base, "/fast", inflight, args.fast_requests))
-                        row.setdefault(f"fast c{inflight} req/s", []).append(rate)
-                        n = args.slow_waves * inflight  # as many 50 ms rounds at 16 and at 64 in flight
-                        rate = asyncio.run(requests_per_s(base, "/slow", inflight, n))
-                        row.setdefault(f"50ms c{inflight} req/s", []).append(rate)
-                    cpu = ProcessCPU(ssh_pids[name], sshd_pid) if name in ssh_pids else None
-                    for _ in range(args.bursts):
-                        rate, ttfts = asyncio.run(stream_load(base, args.streams))
-                        row.setdefault(f"stream x{args.streams} events/s", []).append(rate)
-                        row.setdefault("ttfts", []).extend(ttfts)
-                    if cpu is not None:  # ssh's and sshd's CPU time per token event carried
-                        for proc, used in cpu.used().items():
-                            forward_cpu.setdefault(name, {}).setdefault(proc, []).append(
-                                1e6 * used / (args.bursts * args.streams * args.tokens)
-                            )
-                    stream_s = args.tokens * args.token_interval_ms / 1000
-                    row.setdefault("steady ttfts", []).extend(asyncio.run(stream_steady(base, args.streams, stream_s)))
-                print(f"repeat {r + 1}/{args.repeats} done", file=sys.stderr)
+        for base in paths.values():  # warm every path once
+            asyncio.run(requests_per_s(base, "/fast", 16, 200))
+        for r in range(args.repeats):
+            for name, base in paths.items():
+                row = results[name]
+                for inflight in (16, 64):
+                    rate = asyncio.run(requests_per_s(base, "/fast", inflight, args.fast_requests))
+                    row.setdefault(f"fast c{inflight} req/s", []).append(rate)
+                    n = args.slow_waves * inflight  # as many 50 ms rounds at 16 and at 64 in flight
+                    rate = asyncio.run(requests_per_s(base, "/slow", inflight, n))
+                    row.setdefault(f"50ms c{inflight} req/s", []).append(rate)
+                cpu = ProcessCPU(ssh_pids[name], sshd_pid) if name in ssh_pids else None
+                for _ in range(args.bursts):
+                    rate, ttfts = asyncio.run(stream_load(base, args.streams))
+                    row.setdefault(f"stream x{args.streams} events/s", []).append(rate)
+                    row.setdefault("ttfts", []).extend(ttfts)
+                if cpu is not None:  # ssh's and sshd's CPU time per token event carried
+                    for proc, used in cpu.used().items():
+                        forward_cpu.setdefault(name, {}).setdefault(proc, []).append(
+                            1e6 * used / (args.bursts * args.streams * args.tokens)
+                        )
+                stream_s = args.tokens * args.token_interval_ms / 1000
+                row.setdefault("steady ttfts", []).extend(asyncio.run(stream_steady(base, args.streams, stream_s)))
+            print(f"repeat {r + 1}/{args.repeats} done", file=sys.stderr)
 
-            direct = paths["direct"]
-            reqs = [StreamRequest(f"s{i}", STREAM_BODY, 8, args.tokens) for i in range(args.streams)]
-            for _ in range(args.client_repeats):
-                clients.setdefault("bare aiohttp loop req/s", []).append(
-                    asyncio.run(bare_loop(direct, 16, args.client_requests))
-                )
-                clients.setdefault("llmflow batch client req/s", []).append(
-                    batch_client(direct, 16, args.client_requests, workdir)
-                )
-                before = time.process_time()
-                rate, ttfts = asyncio.run(stream_load(direct, args.streams))
-                clients.setdefault("bare SSE loop CPU us/event", []).append(
-                    1e6 * (time.process_time() - before) / (args.streams * args.tokens)
-                )
-                before = time.process_time()
-                done, _ = asyncio.run(run_requests(direct, None, reqs, args.streams, 60.0))
-                assert all(t.outcome == "ok" for _, t in done), [t.error for _, t in done if t.outcome != "ok"][:3]
-                clients.setdefault("llmflow stream client CPU us/event", []).append(
-                    1e6 * (time.process_time() - before) / (args.streams * args.tokens)
-                )
-        finally:
-            for c in closers:
-                c.close()
-            server.terminate()
-            server.wait(10)
+        direct = paths["direct"]
+        reqs = [StreamRequest(f"s{i}", STREAM_BODY, 8, args.tokens) for i in range(args.streams)]
+        for _ in range(args.client_repeats):
+            clients.setdefault("bare aiohttp loop req/s", []).append(
+                asyncio.run(bare_loop(direct, 16, args.client_requests))
+            )
+            clients.setdefault("llmflow batch client req/s", []).append(
+                batch_client(direct, 16, args.client_requests, workdir)
+            )
+            before = time.process_time()
+            rate, ttfts = asyncio.run(stream_load(direct, args.streams))
+            clients.setdefault("bare SSE loop CPU us/event", []).append(
+                1e6 * (time.process_time() - before) / (args.streams * args.tokens)
+            )
+            before = time.process_time()
+            done, _ = asyncio.run(run_requests(direct, None, reqs, args.streams, 60.0))
+            assert all(t.outcome == "ok" for _, t in done), [t.error for _, t in done if t.outcome != "ok"][:3]
+            clients.setdefault("llmflow stream client CPU us/event", []).append(
+                1e6 * (time.process_time() - before) / (args.streams * args.tokens)
+            )
 
     report(results, clients, forward_cpu, args)
 
